@@ -1,0 +1,80 @@
+"""Parallel layouts (TP/PP/DP/EP) for the local harness and their validation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+
+class LayoutError(ValueError):
+    """A parallel layout that Megatron-Core cannot build."""
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """How the ranks of a job are divided, in Megatron-Core's terms.
+
+    Megatron carves expert parallelism out of data (and tensor) parallelism, so the world size is
+    ``tp * pp * dp`` and ``ep`` must divide ``tp * dp``.
+    """
+
+    tp: int = 1
+    """Tensor-parallel size."""
+
+    pp: int = 1
+    """Pipeline-parallel size (number of stages)."""
+
+    dp: int = 1
+    """Data-parallel size of the non-expert parameters."""
+
+    ep: int = 1
+    """Expert-parallel size (ranks the experts of a layer are spread over)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "dp", "ep"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LayoutError(f"ParallelLayout.{name}={value!r} is invalid: use an int >= 1")
+        if (self.tp * self.dp) % self.ep != 0:
+            raise LayoutError(
+                f"ParallelLayout ep={self.ep} does not divide tp*dp={self.tp * self.dp}: "
+                "Megatron-Core takes expert-parallel ranks out of the data-parallel ranks; "
+                "choose ep so that it divides tp*dp"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks the layout needs."""
+        return self.tp * self.pp * self.dp
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert parameters."""
+        return self.tp * self.dp // self.ep
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def parse(cls, text: str) -> "ParallelLayout":
+        """Parses ``"pp2xdp2xep2"``-style strings (case-insensitive, any order, ``x`` separated).
+
+        ``"1"`` or ``"single"`` is the one-rank layout.
+        """
+        text = text.strip().lower()
+        if text in ("1", "single", ""):
+            return cls()
+        sizes = {}
+        for part in re.split(r"[x*,\s]+", text):
+            match = re.fullmatch(r"(tp|pp|dp|ep)(\d+)", part)
+            if not match:
+                raise LayoutError(
+                    f"cannot parse layout part {part!r} of {text!r}: write e.g. 'pp2xdp2xep2'"
+                )
+            sizes[match.group(1)] = int(match.group(2))
+        if "dp" not in sizes and "ep" in sizes:
+            sizes["dp"] = sizes["ep"]  # "ep2" alone means two data-parallel ranks holding experts
+        return cls(**sizes)
+
+    def __str__(self) -> str:
+        return f"tp{self.tp}xpp{self.pp}xdp{self.dp}xep{self.ep}"

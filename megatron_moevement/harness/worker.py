@@ -1,0 +1,107 @@
+"""Entry point of one harness process: ``python -m megatron_moevement.harness.worker SPEC.json``.
+
+The spec is a :class:`WorkerSpec` as JSON. The worker joins the gloo process group from the
+``env://`` variables its launcher set, builds the Megatron-Core job and trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from megatron_moevement.harness.layout import ParallelLayout
+from megatron_moevement.harness.model import TinyMoEConfig
+from megatron_moevement.logging_utils import configure_logging, get_logger
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class WorkerSpec:
+    """What a harness job runs, shared by all of its processes."""
+
+    layout: dict = field(default_factory=dict)
+    """:class:`ParallelLayout` fields."""
+
+    model: dict = field(default_factory=dict)
+    """:class:`TinyMoEConfig` fields."""
+
+    iterations: int = 8
+    """Iterations to train (iterations are numbered from 0)."""
+
+    output_dir: str = ""
+    """Where each rank writes ``state_rank<r>.pt`` and ``result_rank<r>.json``; empty = nowhere."""
+
+    log_level: str = "WARNING"
+    """Logging level of the workers."""
+
+    timeout_s: float = 120.0
+    """Timeout of collective operations."""
+
+    def save(self, path: Path) -> Path:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "WorkerSpec":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def init_distributed(timeout_s: float) -> None:
+    """Joins the job's gloo process group from ``RANK``/``WORLD_SIZE``/``MASTER_*``."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        backend="gloo",
+        init_method="env://",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def run_training(spec: WorkerSpec) -> None:
+    """Trains ``spec.iterations`` iterations and writes this rank's final state and losses."""
+    import torch.distributed as dist
+
+    from megatron_moevement.harness.trainer import HarnessTrainer
+
+    layout = ParallelLayout(**spec.layout)
+    trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), layout)
+    results = []
+    for it in range(spec.iterations):
+        res = trainer.train_iteration(it)
+        results.append(asdict(res))
+        if res.loss is not None:
+            logger.info("iteration %d loss %.6f grad_norm %.4f", it, res.loss, res.grad_norm)
+    if spec.output_dir:
+        out = Path(spec.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rank = dist.get_rank()
+        torch.save(trainer.capture_state(), out / f"state_rank{rank}.pt")
+        (out / f"result_rank{rank}.json").write_text(json.dumps(results))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("spec", type=Path, help="WorkerSpec JSON file")
+    args = parser.parse_args(argv)
+    spec = WorkerSpec.load(args.spec)
+    configure_logging(spec.log_level)
+    import torch.distributed as dist
+
+    init_distributed(spec.timeout_s)
+    try:
+        run_training(spec)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

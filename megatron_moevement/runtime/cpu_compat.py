@@ -1,0 +1,295 @@
+"""CPU/gloo support for Megatron-Core 0.16.1: the only place this package patches Megatron.
+
+Megatron-Core assumes CUDA throughout: ``device="cuda"`` literals, ``torch.cuda.current_device()``
+as a device argument, CUDA streams and events, and a CUDA RNG tracker. None of that is needed for
+the *semantics* of training, so on a machine without CUDA :func:`apply_cpu_compat` redirects these
+code paths to the CPU. Each redirection below carries a one-line reason. Nothing is applied when
+CUDA is available: on GPUs Megatron runs unmodified.
+
+The redirections are:
+
+* :class:`CudaToCpuDeviceMode` (a ``TorchFunctionMode``) rewrites CUDA device arguments of tensor
+  factories and ``Tensor.cuda``/``Tensor.to`` to the CPU, because more than a hundred call sites in
+  Megatron-Core pass ``device="cuda"`` or ``torch.cuda.current_device()``.
+* ``torch.cuda`` stream/event/synchronize/current_device shims, because the all-to-all dispatcher,
+  DDP and p2p layer call them unconditionally.
+* :class:`CpuRNGStatesTracker`, because Megatron's tracker forks CUDA generator states.
+* the all-to-all dispatcher's device-to-host step, because on CPU the split sizes stay tensors and
+  gloo's ``all_to_all_single`` needs them as host sequences.
+* ``te_general_gemm`` defined as ``None`` in ``moe_utils`` when Transformer Engine is absent.
+* ``Tensor.type()`` seen from ``megatron.core.optimizer``, whose classes check parameters against
+  ``torch.cuda.*Tensor`` names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_moevement.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+_APPLIED = False
+_LOCK = threading.Lock()
+_OPTIMIZER_PACKAGE = "megatron.core.optimizer"
+
+
+def _is_cuda_device(device: Any) -> bool:
+    """True for every spelling of a CUDA device: "cuda", "cuda:0", 0, torch.device("cuda")."""
+    if isinstance(device, bool):
+        return False
+    if isinstance(device, int):
+        return True  # An integer device index means a CUDA ordinal in Megatron's call sites.
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return False
+
+
+class CudaToCpuDeviceMode(TorchFunctionMode):
+    """Redirects CUDA placements requested by Megatron-Core to the CPU.
+
+    Reason: Megatron-Core 0.16.1 hard-codes CUDA placements in ~100 call sites (buffers, optimizer
+    scalars, p2p shape tensors, schedules); rewriting the device at the torch API boundary keeps
+    the library code itself untouched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.record_stream:
+            return None
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            result = func(*args)
+            if _called_from(_OPTIMIZER_PACKAGE) and result.startswith("torch."):
+                # The optimizers check param.type() against 'torch.cuda.*Tensor' names.
+                return result.replace("torch.", "torch.cuda.", 1)
+            return result
+        return func(*args, **kwargs)
+
+
+def _called_from(module_name: str, depth: int = 4) -> bool:
+    """True if one of the ``depth`` callers of the redirected function is in ``module_name``."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if str(frame.f_globals.get("__name__", "")).startswith(module_name):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class _HostStream:
+    """Stand-in for ``torch.cuda.Stream`` on CPU: work is synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        del args, kwargs
+
+    def wait_stream(self, stream: Any) -> None:
+        del stream
+
+    def wait_event(self, event: Any) -> None:
+        del event
+
+    def record_event(self, event: Any = None) -> "_HostEvent":
+        return event if event is not None else _HostEvent()
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _HostStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+class _HostEvent:
+    """Stand-in for ``torch.cuda.Event`` on CPU: every event is complete when recorded."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        del args, kwargs
+
+    def record(self, stream: Any = None) -> None:
+        del stream
+
+    def wait(self, stream: Any = None) -> None:
+        del stream
+
+    def synchronize(self) -> None:
+        return None
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
+
+
+def _patch_torch_cuda() -> None:
+    # Reason: the dispatcher, DDP and the p2p layer call these unconditionally; on CPU all work is
+    # synchronous, so a single host "stream" with always-complete events is exact.
+    cuda = torch.cuda
+    cuda.Stream = _HostStream  # type: ignore[assignment,misc]
+    cuda.Event = _HostEvent  # type: ignore[assignment,misc]
+    cuda.current_stream = lambda device=None: _HOST_STREAM  # type: ignore[assignment]
+    cuda.default_stream = lambda device=None: _HOST_STREAM  # type: ignore[assignment]
+    cuda.stream = lambda stream=None: contextlib.nullcontext()  # type: ignore[assignment]
+    cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    # current_device() is passed straight to ``device=`` (also inside autograd backward, where
+    # no torch-function mode is active), so it must name the CPU itself.
+    cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    cuda.set_device = lambda device: None  # type: ignore[assignment]
+    cuda.empty_cache = lambda: None  # type: ignore[assignment]
+    cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+
+
+class CpuRNGStatesTracker:
+    """Megatron's named RNG-state tracker, backed by the CPU default generator.
+
+    Reason: Megatron's ``CudaRNGStatesTracker`` forks CUDA generator states; on CPU the ops that
+    consume randomness (dropout, init) draw from the CPU generator, so that is what must be forked.
+    The API (``add``/``fork``/``get_states``/``set_states``/``reset``) matches Megatron's.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        del args, kwargs
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = False
+        self.reset()
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def reset(self) -> None:
+        self._is_initialized = False
+        self.states_: dict[str, torch.Tensor] = {}
+        self.seeds_: set[int] = set()
+        self._current_state_name = "default-rng"
+
+    def get_states(self) -> dict[str, torch.Tensor]:
+        return dict(self.states_)
+
+    def set_states(self, states: dict[str, torch.Tensor]) -> None:
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name: str, seed: int) -> None:
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise RuntimeError(f"RNG seed {seed} is already tracked; seeds must be unique")
+        if name in self.states_:
+            raise RuntimeError(f"RNG state {name!r} already exists")
+        self.seeds_.add(seed)
+        original = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(original)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise RuntimeError(f"RNG state {name!r} is not tracked; call add() first")
+        original = torch.get_rng_state()
+        previous_name = self._current_state_name
+        if previous_name != "default-rng":
+            self.states_[previous_name] = original
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            if previous_name != "default-rng":
+                original = self.states_[previous_name]
+            torch.set_rng_state(original)
+            self._current_state_name = previous_name
+
+
+def _patch_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def initialize_rng_tracker(*args, force_reset: bool = False, **kwargs) -> None:
+        del args, kwargs
+        if mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED and not force_reset:
+            return
+        mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # Reason: Megatron's tracker reads and writes CUDA generator states.
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+def _patch_moe() -> None:
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        # Reason: moe_utils references te_general_gemm unguarded when Transformer Engine is absent.
+        moe_utils.te_general_gemm = None
+
+    def _host_dtoh_and_synchronize(self, point: str, tokens_per_expert=None):
+        # Reason: on CPU the split sizes are already host tensors, but gloo's all_to_all_single
+        # needs them as host sequences (the CUDA path turns them into numpy arrays here).
+        if self.drop_and_pad or point != self.cuda_dtoh_point:
+            return tokens_per_expert
+        for attr in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, attr, None)
+            if torch.is_tensor(value):
+                setattr(self, attr, value.numpy())
+        return tokens_per_expert
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = (
+        _host_dtoh_and_synchronize
+    )
+
+
+_DEVICE_MODE: CudaToCpuDeviceMode | None = None
+
+
+def cpu_compat_needed() -> bool:
+    """True when CUDA is unavailable, i.e. when Megatron-Core needs the CPU redirections."""
+    return not torch.cuda.is_available()
+
+
+def apply_cpu_compat() -> bool:
+    """Applies the CPU redirections once per process (a no-op when CUDA is available).
+
+    The device-redirect mode is entered on the calling thread and stays active for the life of the
+    process; call this from the thread that runs Megatron-Core (the main thread of a worker).
+
+    Returns:
+        True if the redirections are active in this process.
+    """
+    global _APPLIED, _DEVICE_MODE
+    if not cpu_compat_needed():
+        return False
+    with _LOCK:
+        if _APPLIED:
+            return True
+        _patch_torch_cuda()
+        _patch_rng_tracker()
+        _patch_moe()
+        _DEVICE_MODE = CudaToCpuDeviceMode()
+        _DEVICE_MODE.__enter__()
+        _APPLIED = True
+    logger.debug("Megatron-Core CPU redirections applied")
+    return True
