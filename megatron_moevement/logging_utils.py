@@ -46,3 +46,5 @@ def configure_logging(level: int | str = logging.INFO) -> None:
     handler.addFilter(_RankFilter())
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Megatron-Core logs its whole configuration and parameter lists at INFO; keep it quieter.
+    logging.getLogger("megatron").setLevel(max(level, logging.WARNING))

@@ -170,3 +170,23 @@ class LocalJob:
 
     def __exit__(self, *exc) -> None:
         self.terminate()
+
+
+def run_worker_job(spec, output_dir: Path, timeout: float, spares: int = 0) -> list[int]:
+    """Runs a :class:`~megatron_moevement.harness.worker.WorkerSpec` on ``world_size`` local
+    processes (plus ``spares``), logging each to ``output_dir/logs``; raises on failure/timeout."""
+    from megatron_moevement.harness.layout import ParallelLayout
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    spec.output_dir = str(output_dir)
+    spec_path = spec.save(output_dir / "spec.json")
+    nprocs = ParallelLayout(**spec.layout).world_size + spares
+    with LocalJob(
+        nprocs,
+        "megatron_moevement.harness.worker",
+        [str(spec_path)],
+        spares=spares,
+        log_dir=output_dir / "logs",
+    ) as job:
+        return job.check(timeout=timeout)

@@ -26,6 +26,9 @@ logger = get_logger(__name__)
 class WorkerSpec:
     """What a harness job runs, shared by all of its processes."""
 
+    job: str = "train"
+    """What to run: a key of :data:`JOBS` ("train", "registry")."""
+
     layout: dict = field(default_factory=dict)
     """:class:`ParallelLayout` fields."""
 
@@ -38,7 +41,7 @@ class WorkerSpec:
     output_dir: str = ""
     """Where each rank writes ``state_rank<r>.pt`` and ``result_rank<r>.json``; empty = nowhere."""
 
-    log_level: str = "WARNING"
+    log_level: str = "INFO"
     """Logging level of the workers."""
 
     timeout_s: float = 120.0
@@ -88,6 +91,52 @@ def run_training(spec: WorkerSpec) -> None:
         (out / f"result_rank{rank}.json").write_text(json.dumps(results))
 
 
+def run_registry_report(spec: WorkerSpec) -> None:
+    """Trains ``spec.iterations`` iterations, then writes this rank's operator registry as JSON:
+    every operator with its parameters and bytes per kind, and the model/optimizer totals counted
+    independently of the registry."""
+    import torch.distributed as dist
+
+    from megatron_moevement.harness.trainer import HarnessTrainer
+    from megatron_moevement.operators import OperatorRegistry, model_and_optimizer_bytes
+
+    layout = ParallelLayout(**spec.layout)
+    model_cfg = TinyMoEConfig.from_dict(spec.model)
+    trainer = HarnessTrainer(model_cfg, layout)
+    for it in range(spec.iterations):
+        trainer.train_iteration(it)
+    registry = OperatorRegistry(
+        trainer.gpt_model, trainer.optimizer, trainer.ep_rank, model_cfg.num_experts
+    )
+    report = {
+        "rank": dist.get_rank(),
+        "pp_rank": trainer.pp_rank,
+        "ep_rank": trainer.ep_rank,
+        "dp_rank": trainer.dp_rank,
+        "model_param_names": [n for n, _ in trainer.named_parameters()],
+        "operators": [
+            {
+                "name": op.name,
+                "kind": op.kind,
+                "layer": op.layer,
+                "expert": op.expert,
+                "owner_ep_rank": op.owner_ep_rank,
+                "params": op.param_names,
+                "bytes": op.bytes_by_kind(),
+            }
+            for op in registry
+        ],
+        "bytes": registry.bytes_report(),
+        "independent_totals": model_and_optimizer_bytes(trainer.gpt_model, trainer.optimizer),
+    }
+    out = Path(spec.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"registry_rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
+
+
+JOBS = {"train": run_training, "registry": run_registry_report}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("spec", type=Path, help="WorkerSpec JSON file")
@@ -98,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
 
     init_distributed(spec.timeout_s)
     try:
-        run_training(spec)
+        if spec.job not in JOBS:
+            raise ValueError(f"unknown job {spec.job!r}; use one of {sorted(JOBS)}")
+        JOBS[spec.job](spec)
     finally:
         dist.destroy_process_group()
 
