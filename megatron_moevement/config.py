@@ -20,7 +20,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Dict, Mapping, NoReturn, Optional, Union
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
@@ -40,7 +40,7 @@ class MoEvementConfigError(ValueError):
     """Raised for an invalid :class:`MoEvementConfig` value; the message names field and fix."""
 
 
-def _fail(field_name: str, value: Any, problem: str, fix: str) -> None:
+def _fail(field_name: str, value: Any, problem: str, fix: str) -> NoReturn:
     raise MoEvementConfigError(
         f"MoEvementConfig.{field_name}={value!r} is invalid: {problem}. Fix: {fix}."
     )
@@ -167,50 +167,90 @@ class MoEvementConfig:
                 )
         elif _is_int(ws):
             if ws < 1:
-                _fail("window_size", ws, "a window must span at least one iteration",
-                      "use an integer >= 1 or 'auto'")
+                _fail(
+                    "window_size",
+                    ws,
+                    "a window must span at least one iteration",
+                    "use an integer >= 1 or 'auto'",
+                )
             self.window_size = int(ws)
         else:
-            _fail("window_size", ws, f"expected 'auto' or an int, got {type(ws).__name__}",
-                  "use window_size='auto' or an integer >= 1")
+            _fail(
+                "window_size",
+                ws,
+                f"expected 'auto' or an int, got {type(ws).__name__}",
+                "use window_size='auto' or an integer >= 1",
+            )
 
         policies = _known_ordering_policies()
         if not isinstance(self.ordering, str) or self.ordering not in policies:
-            _fail("ordering", self.ordering, "unknown ordering policy",
-                  f"use one of {', '.join(repr(p) for p in policies)} (or register a custom "
-                  "policy with megatron_moevement.popularity.register_ordering_policy)")
+            _fail(
+                "ordering",
+                self.ordering,
+                "unknown ordering policy",
+                f"use one of {', '.join(repr(p) for p in policies)} (or register a custom "
+                "policy with megatron_moevement.popularity.register_ordering_policy)",
+            )
 
-        self.ema_decay = self._real_in_range("ema_decay", self.ema_decay, 0.0, 1.0,
-                                             low_open=True, high_open=True,
-                                             fix="use a decay in (0, 1), e.g. 0.9")
-        if not _is_real(self.reorder_threshold) or not math.isfinite(self.reorder_threshold) \
-                or self.reorder_threshold <= 0:
-            _fail("reorder_threshold", self.reorder_threshold,
-                  "must be a finite number > 0 (a relative change, 0.10 = 10%)",
-                  "use e.g. reorder_threshold=0.10")
+        self.ema_decay = self._real_in_range(
+            "ema_decay",
+            self.ema_decay,
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=True,
+            fix="use a decay in (0, 1), e.g. 0.9",
+        )
+        if (
+            not _is_real(self.reorder_threshold)
+            or not math.isfinite(self.reorder_threshold)
+            or self.reorder_threshold <= 0
+        ):
+            _fail(
+                "reorder_threshold",
+                self.reorder_threshold,
+                "must be a finite number > 0 (a relative change, 0.10 = 10%)",
+                "use e.g. reorder_threshold=0.10",
+            )
         self.reorder_threshold = float(self.reorder_threshold)
         self.reorder_fraction = self._real_in_range(
-            "reorder_fraction", self.reorder_fraction, 0.0, 1.0, low_open=True,
-            high_open=False, fix="use a fraction in (0, 1], e.g. 0.25 (25% of experts)")
+            "reorder_fraction",
+            self.reorder_fraction,
+            0.0,
+            1.0,
+            low_open=True,
+            high_open=False,
+            fix="use a fraction in (0, 1], e.g. 0.25 (25% of experts)",
+        )
 
     def _validate_storage(self) -> None:
         if not _is_int(self.replication_factor) or self.replication_factor < 0:
-            _fail("replication_factor", self.replication_factor,
-                  "must be an integer >= 0 (number of peer replicas)",
-                  "use replication_factor=1 (default) or another integer >= 0")
+            _fail(
+                "replication_factor",
+                self.replication_factor,
+                "must be an integer >= 0 (number of peer replicas)",
+                "use replication_factor=1 (default) or another integer >= 0",
+            )
         self.replication_factor = int(self.replication_factor)
 
         if self.ranks_per_node is not None:
             if not _is_int(self.ranks_per_node) or self.ranks_per_node < 1:
-                _fail("ranks_per_node", self.ranks_per_node, "must be an integer >= 1 or None",
-                      "set it to the number of GPUs per node, or None to read LOCAL_WORLD_SIZE")
+                _fail(
+                    "ranks_per_node",
+                    self.ranks_per_node,
+                    "must be an integer >= 1 or None",
+                    "set it to the number of GPUs per node, or None to read LOCAL_WORLD_SIZE",
+                )
             self.ranks_per_node = int(self.ranks_per_node)
 
         if self.host_memory_budget_bytes is not None:
             if not _is_int(self.host_memory_budget_bytes) or self.host_memory_budget_bytes <= 0:
-                _fail("host_memory_budget_bytes", self.host_memory_budget_bytes,
-                      "must be a positive integer number of bytes or None",
-                      "pass e.g. 64 * 2**30 for 64 GiB, or None to disable the check")
+                _fail(
+                    "host_memory_budget_bytes",
+                    self.host_memory_budget_bytes,
+                    "must be a positive integer number of bytes or None",
+                    "pass e.g. 64 * 2**30 for 64 GiB, or None to disable the check",
+                )
             self.host_memory_budget_bytes = int(self.host_memory_budget_bytes)
 
         for name in ("d2h_bandwidth_bytes_per_s", "iteration_time_s"):
@@ -218,39 +258,66 @@ class MoEvementConfig:
             if value is None:
                 continue
             if not _is_real(value) or not math.isfinite(value) or value <= 0:
-                _fail(name, value, "must be a finite number > 0 or None",
-                      "pass the assumed value (e.g. 10e9 bytes/s, 1.5 s) or None to measure it")
+                _fail(
+                    name,
+                    value,
+                    "must be a finite number > 0 or None",
+                    "pass the assumed value (e.g. 10e9 bytes/s, 1.5 s) or None to measure it",
+                )
             setattr(self, name, float(value))
 
         if self.durable_dir is not None:
             if isinstance(self.durable_dir, os.PathLike):
                 self.durable_dir = os.fspath(self.durable_dir)
             if not isinstance(self.durable_dir, str) or not self.durable_dir.strip():
-                _fail("durable_dir", self.durable_dir, "must be a non-empty path or None",
-                      "pass a directory path on shared storage, or None to disable the tier")
+                _fail(
+                    "durable_dir",
+                    self.durable_dir,
+                    "must be a non-empty path or None",
+                    "pass a directory path on shared storage, or None to disable the tier",
+                )
             if self.durable_interval is None:
-                _fail("durable_interval", None, "durable_dir is set but no interval is given",
-                      "set durable_interval to the number of iterations between durable saves "
-                      "(>= 1), or set durable_dir=None")
+                _fail(
+                    "durable_interval",
+                    None,
+                    "durable_dir is set but no interval is given",
+                    "set durable_interval to the number of iterations between durable saves "
+                    "(>= 1), or set durable_dir=None",
+                )
         if self.durable_interval is not None:
             if not _is_int(self.durable_interval) or self.durable_interval < 1:
-                _fail("durable_interval", self.durable_interval, "must be an integer >= 1",
-                      "use e.g. durable_interval=1000")
+                _fail(
+                    "durable_interval",
+                    self.durable_interval,
+                    "must be an integer >= 1",
+                    "use e.g. durable_interval=1000",
+                )
             if self.durable_dir is None:
-                _fail("durable_interval", self.durable_interval,
-                      "an interval is set but durable_dir is None, so nothing would be saved",
-                      "set durable_dir to a directory, or durable_interval=None")
+                _fail(
+                    "durable_interval",
+                    self.durable_interval,
+                    "an interval is set but durable_dir is None, so nothing would be saved",
+                    "set durable_dir to a directory, or durable_interval=None",
+                )
             self.durable_interval = int(self.durable_interval)
 
     def _validate_flags(self) -> None:
         for name in ("upstream_logging", "snapshot_async"):
             value = getattr(self, name)
             if not isinstance(value, bool):
-                _fail(name, value, f"expected a bool, got {type(value).__name__}",
-                      f"use {name}=True or {name}=False")
+                _fail(
+                    name,
+                    value,
+                    f"expected a bool, got {type(value).__name__}",
+                    f"use {name}=True or {name}=False",
+                )
         if not isinstance(self.checksum, str) or self.checksum not in CHECKSUM_ALGORITHMS:
-            _fail("checksum", self.checksum, "unknown checksum algorithm",
-                  f"use one of {', '.join(repr(a) for a in CHECKSUM_ALGORITHMS)}")
+            _fail(
+                "checksum",
+                self.checksum,
+                "unknown checksum algorithm",
+                f"use one of {', '.join(repr(a) for a in CHECKSUM_ALGORITHMS)}",
+            )
 
     @staticmethod
     def _real_in_range(

@@ -28,7 +28,17 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
+from typing import (
+    Any,
+    ClassVar,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    Union,
+)
 
 import torch
 
@@ -116,8 +126,10 @@ class ExpertPopularity:
     """
 
     def __init__(self, ema_decay: float = 0.9) -> None:
-        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)) or not (
-            0.0 < float(ema_decay) < 1.0
+        if (
+            isinstance(ema_decay, bool)
+            or not isinstance(ema_decay, (int, float))
+            or not (0.0 < float(ema_decay) < 1.0)
         ):
             raise PopularityError(
                 f"ExpertPopularity(ema_decay={ema_decay!r}) is invalid: the decay must lie in "
@@ -183,9 +195,9 @@ class ExpertPopularity:
                 if isinstance(capacity, bool):
                     raise PopularityError("ExpertPopularity.update: capacity must be a number.")
                 device = counts.device
-                cap = torch.full(
-                    (num_experts,), 0.0, dtype=torch.float64, device=device
-                ).add_(torch.as_tensor(capacity, dtype=torch.float64, device=device))
+                cap = torch.full((num_experts,), 0.0, dtype=torch.float64, device=device).add_(
+                    torch.as_tensor(capacity, dtype=torch.float64, device=device)
+                )
             self._accumulate("capacity", layer, cap)
 
     def update_from_routing(
@@ -258,9 +270,11 @@ class ExpertPopularity:
             updates after the last :meth:`step` are not included.
         """
         entries: List[Tuple[str, int, torch.Tensor]] = [
-            (kind, layer, t) for kind in _STAT_KINDS for layer, t in sorted(self._stats[kind].items())
+            (kind, layer, t)
+            for kind in _STAT_KINDS
+            for layer, t in sorted(self._stats[kind].items())
         ]
-        if group is not None and entries:
+        if group is not None:
             entries = self._all_reduce(entries, group)
         snap = PopularitySnapshot(iterations=self._iterations)
         for kind, layer, tensor in entries:
@@ -282,10 +296,15 @@ class ExpertPopularity:
         return {
             "ema_decay": self.ema_decay,
             "iterations": snap.iterations,
-            **{kind: {int(k): v.tolist() for k, v in getattr(snap, kind).items()} for kind in _STAT_KINDS},
+            **{
+                kind: {int(k): v.tolist() for k, v in getattr(snap, kind).items()}
+                for kind in _STAT_KINDS
+            },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], device: Optional[torch.device] = None) -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], device: Optional[torch.device] = None
+    ) -> None:
         """Restores a state produced by :meth:`state_dict` (pending updates are discarded).
 
         Args:
@@ -351,6 +370,8 @@ class ExpertPopularity:
                 "ExpertPopularity.snapshot(group=...) needs an initialized torch.distributed "
                 "process group. Fix: call it after init_process_group, or pass group=None."
             )
+        if not entries:
+            return entries
         device = entries[0][2].device
         flat = torch.cat([t.to(device).reshape(-1) for _, _, t in entries])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -395,11 +416,14 @@ def register_ordering_policy(cls: Type[OrderingPolicy]) -> Type[OrderingPolicy]:
         PopularityError: when the name is empty or already registered by another class.
     """
     if not (isinstance(cls, type) and issubclass(cls, OrderingPolicy)):
-        raise PopularityError(f"register_ordering_policy expects an OrderingPolicy subclass, got {cls!r}.")
+        raise PopularityError(
+            f"register_ordering_policy expects an OrderingPolicy subclass, got {cls!r}."
+        )
     name = cls.name
     if not isinstance(name, str) or not name:
         raise PopularityError(
-            f"{cls.__name__}.name must be a non-empty string. Fix: set a class attribute name='...'."
+            f"{cls.__name__}.name must be a non-empty string. Fix: set a class attribute "
+            "name='...'."
         )
     existing = _POLICIES.get(name)
     if existing is not None and existing is not cls:
@@ -582,7 +606,9 @@ def count_drifted_experts(
         if normalize:
             o, n = _shares(o), _shares(n)
         both_zero = (o == 0) & (n == 0)
-        rel = torch.where(o != 0, (n - o).abs() / o.abs().clamp_min(1e-300), torch.full_like(o, math.inf))
+        rel = torch.where(
+            o != 0, (n - o).abs() / o.abs().clamp_min(1e-300), torch.full_like(o, math.inf)
+        )
         rel = torch.where(both_zero | (o == n), torch.zeros_like(rel), rel)
         drifted += int((rel > threshold).sum())
     return drifted, total

@@ -35,6 +35,9 @@ class WorkerSpec:
     model: dict = field(default_factory=dict)
     """:class:`TinyMoEConfig` fields."""
 
+    moevement: dict = field(default_factory=dict)
+    """:class:`~megatron_moevement.config.MoEvementConfig` fields (MoEvement jobs)."""
+
     iterations: int = 8
     """Iterations to train (iterations are numbered from 0)."""
 
@@ -134,7 +137,13 @@ def run_registry_report(spec: WorkerSpec) -> None:
     (out / f"registry_rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
 
 
-JOBS = {"train": run_training, "registry": run_registry_report}
+def _snapshot_check(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.snapshot_check import run_snapshot_check
+
+    run_snapshot_check(spec)
+
+
+JOBS = {"train": run_training, "registry": run_registry_report, "snapshot_check": _snapshot_check}
 
 
 def main(argv: list[str] | None = None) -> None:

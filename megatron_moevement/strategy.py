@@ -1,0 +1,271 @@
+"""``MoEvementStrategy``: the one object a Megatron-Core training loop talks to.
+
+Usage in a custom loop::
+
+    strategy = MoEvementStrategy(gpt_model, optimizer, MoEvementConfig(replication_factor=1))
+    for iteration in range(start, end):
+        train_step(...)                        # forward/backward + optimizer.step()
+        strategy.after_optimizer_step(iteration)
+    strategy.shutdown()
+
+Behind it: the operator registry, the EP/DP-aware sharder, the Algorithm 1 scheduler with
+popularity tracking, the asynchronous snapshot engine and the peer replicator. The strategy wraps
+``optimizer.step`` so that a step never mutates state that a snapshot copy is still reading.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.operators import OperatorRegistry
+from megatron_moevement.popularity import ExpertPopularity
+from megatron_moevement.replication import PeerReplicator
+from megatron_moevement.scheduler import ScheduleManager
+from megatron_moevement.sharding import ShardingContext, plan_shards
+from megatron_moevement.snapshot import SnapshotEngine, SparseCheckpoint, allocate_host_buffer
+
+logger = get_logger(__name__)
+
+# Bytes per parameter of the full state, for the rank-independent sizes the schedule is cut
+# with: FP32 main param (4) + two FP32 Adam moments (8).
+_FULL_STATE_BYTES_PER_PARAM = 12
+
+
+@dataclass(frozen=True)
+class ScheduledOperator:
+    """An operator as the scheduler sees it: sizes that are the same on every replica, so that
+    all ranks of a stage cut the same slices."""
+
+    name: str
+    kind: str
+    layer: int | None
+    expert: int | None
+    compute_bytes: int
+    full_state_bytes: int
+
+
+def _scheduled(op) -> ScheduledOperator:
+    numel = sum(p.param.numel() for p in op.params)
+    return ScheduledOperator(op.name, op.kind, op.layer, op.expert, op.compute_bytes,
+                             numel * _FULL_STATE_BYTES_PER_PARAM)
+
+
+def measure_d2h_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
+    """Device-to-host copy bandwidth in bytes/s into a pinned buffer (host memcpy on CPU)."""
+    dst = allocate_host_buffer(nbytes)
+    if torch.cuda.is_available():
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8)
+        dst.copy_(src)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+    return nbytes * repeats / max(time.perf_counter() - start, 1e-9)
+
+
+class MoEvementStrategy:
+    """Sparse checkpointing for one rank of a Megatron-Core MoE job.
+
+    Args:
+        gpt_model: The unwrapped Megatron-Core ``GPTModel`` stage of this rank.
+        optimizer: Its Megatron optimizer (any of plain, mixed-precision, distributed, chained).
+        config: MoEvement settings.
+        num_experts: Experts per MoE layer (defaults to the model config's).
+    """
+
+    def __init__(self, gpt_model, optimizer, config: MoEvementConfig | None = None,
+                 num_experts: int | None = None) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        self.config = config or MoEvementConfig()
+        self.gpt_model = gpt_model
+        self.optimizer = optimizer
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        num_experts = num_experts or getattr(gpt_model.config, "num_moe_experts", None)
+        self.registry = OperatorRegistry(gpt_model, optimizer, ps.get_expert_model_parallel_rank(),
+                                         num_experts)
+        self.sharding = ShardingContext(
+            dp_rank=ps.get_data_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(),
+            expert_dp_rank=ps.get_expert_data_parallel_rank(),
+            expert_dp_size=ps.get_expert_data_parallel_world_size(),
+            distributed_optimizer=hasattr(_first_leaf(optimizer), "shard_fp32_groups"),
+        )
+        self.shard_plan = plan_shards(self.registry.operators, self.sharding)
+        self.popularity = ExpertPopularity(ema_decay=self.config.ema_decay)
+        self._hooks = self._install_router_hooks()
+        bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth()
+        self.d2h_bandwidth = bandwidth
+        self.scheduler: ScheduleManager | None = None
+        self._scheduler_kwargs = dict(
+            d2h_bandwidth_bytes_per_s=bandwidth,
+            agree_window_size=self._agree_window_size,
+            popularity_group=ps.get_data_parallel_group(),
+        )
+        self.engine = SnapshotEngine(self.registry, self.shard_plan, self.rank,
+                                     self.config.checksum)
+        ranks_per_node = self.config.ranks_per_node or _local_world_size()
+        group = dist.new_group(backend="gloo") if self.config.replication_factor > 0 else None
+        self.replicator = PeerReplicator(self.rank, self.world_size,
+                                         self.config.replication_factor, ranks_per_node, group)
+        self.checkpoints: list[SparseCheckpoint] = []  # oldest first: [persisted, in flight]
+        self._window_count = 0
+        self._last_step_end: float | None = None
+        self.iteration_times: list[float] = []
+        self._wrap_optimizer_step()
+        logger.info(
+            "MoEvement on rank %d: %d operators, %d full-state / %d compute on this rank, "
+            "replicas to %s, d2h %.2f GB/s",
+            self.rank, len(self.registry), len(self.shard_plan.full_state),
+            len(self.shard_plan.compute), self.replicator.peers, bandwidth / 1e9,
+        )
+
+    # ------------------------------------------------------------------ wiring
+    def _wrap_optimizer_step(self) -> None:
+        original = self.optimizer.step
+        engine = self.engine
+
+        def step(*args, **kwargs):
+            engine.wait_for_copies()  # never mutate state a snapshot is still reading
+            return original(*args, **kwargs)
+
+        self.optimizer.step = step
+        self._original_step = original
+
+    def _install_router_hooks(self) -> list:
+        handles = []
+        for name, module in self.gpt_model.named_modules():
+            if not name.endswith("mlp.router"):
+                continue
+            layer_module = _owning_layer(self.gpt_model, name)
+            layer = int(layer_module.layer_number) - 1
+
+            def hook(mod, args, output, layer=layer):
+                probs, routing_map = output[0], output[1]
+                self.popularity.update_from_routing(layer, routing_map, probs)
+
+            handles.append(module.register_forward_hook(hook))
+        return handles
+
+    def _agree_window_size(self, w: int) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([w], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    # ------------------------------------------------------------------ per iteration
+    def after_optimizer_step(self, iteration: int) -> None:
+        """Captures this iteration's slot; call once per iteration right after the step."""
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            self.iteration_times.append(now - self._last_step_end)
+        self._last_step_end = now
+        self.popularity.step()
+        if self.replicator.error is not None:
+            raise RuntimeError(f"peer replication failed: {self.replicator.error}")
+        if self.scheduler is None:
+            self.scheduler = ScheduleManager(
+                [_scheduled(op) for op in self.registry.operators],
+                self.config,
+                self.popularity,
+                iteration_time_s=self._iteration_time_estimate(),
+                start_iteration=iteration,
+                **self._scheduler_kwargs,
+            )
+        elif self.iteration_times and self.config.auto_window:
+            self.scheduler.update_measurements(iteration_time_s=self._iteration_time_estimate())
+        assignment = self.scheduler.slot_for_iteration(iteration)
+        if assignment.slot == 0:
+            self._start_window(assignment)
+        ckpt = self.checkpoints[-1]
+        slot = self.engine.capture(ckpt, assignment.slot, iteration)
+        self.replicator.replicate(ckpt, slot)
+
+    def _iteration_time_estimate(self) -> float:
+        if self.iteration_times:
+            recent = self.iteration_times[-5:]
+            return sorted(recent)[len(recent) // 2]
+        return self.config.iteration_time_s or 1.0
+
+    def _start_window(self, assignment) -> None:
+        # Keep one persisted and one in flight: the previous window must finish replicating
+        # before its predecessor can be dropped.
+        if self.checkpoints and not self.checkpoints[-1].persisted:
+            self.engine.drain()
+            self.replicator.drain()
+        ckpt = self.engine.begin_window(assignment.schedule, assignment.iteration,
+                                        self._window_count)
+        self._window_count += 1
+        self.checkpoints.append(ckpt)
+        while len(self.checkpoints) > 2:
+            dropped = self.checkpoints.pop(0)
+            logger.debug("freed sparse checkpoint of window %d", dropped.generation)
+
+    # ------------------------------------------------------------------ inspection
+    @property
+    def persisted_checkpoint(self) -> SparseCheckpoint | None:
+        """The newest sparse checkpoint whose slots are all captured and replicated."""
+        for ckpt in reversed(self.checkpoints):
+            if ckpt.persisted:
+                return ckpt
+        return None
+
+    @property
+    def in_flight_checkpoint(self) -> SparseCheckpoint | None:
+        last = self.checkpoints[-1] if self.checkpoints else None
+        return None if last is None or last.persisted else last
+
+    def host_memory_bytes(self) -> dict[str, int]:
+        """Host bytes held: snapshot buffers, peer replicas, and their sum."""
+        snap = self.engine.pool.nbytes
+        repl = self.replicator.host_bytes
+        return {"snapshots": snap, "replicas": repl, "total": snap + repl}
+
+    def flush(self) -> None:
+        """Waits for every pending copy and replication (e.g. before a planned shutdown)."""
+        self.engine.drain()
+        self.replicator.drain()
+
+    def shutdown(self) -> None:
+        """Flushes, removes hooks and restores ``optimizer.step``."""
+        try:
+            self.flush()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self.optimizer.step = self._original_step
+            self.engine.shutdown()
+            self.replicator.shutdown()
+
+
+def _first_leaf(optimizer):
+    from megatron_moevement.optim_view import iter_optimizers
+
+    return iter_optimizers(optimizer)[0]
+
+
+def _owning_layer(model, module_name: str):
+    parts = module_name.split(".")
+    idx = parts.index("layers")
+    return model.get_submodule(".".join(parts[: idx + 2]))
+
+
+def _local_world_size() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
