@@ -121,6 +121,11 @@ class MoEvementConfig:
     iteration_time_s: Optional[float] = None
     """Assumed training iteration time (s) for choosing W. ``None`` measures it."""
 
+    snapshot_budget_fraction: Optional[float] = None
+    """Fraction of one iteration that a slot's snapshot may take at the measured bandwidth when
+    choosing W. ``None`` picks 1.0 on CUDA (copies run on the copy engine and overlap fully with
+    compute) and 0.05 on CPU (copies and checksums run on the same cores that train)."""
+
     durable_dir: Optional[str] = None
     """Directory for the optional third tier (periodic ``dist_checkpointing`` save). ``None``
     disables the durable tier."""
@@ -213,6 +218,16 @@ class MoEvementConfig:
                 "use e.g. reorder_threshold=0.10",
             )
         self.reorder_threshold = float(self.reorder_threshold)
+        if self.snapshot_budget_fraction is not None:
+            self.snapshot_budget_fraction = self._real_in_range(
+                "snapshot_budget_fraction",
+                self.snapshot_budget_fraction,
+                0.0,
+                1.0,
+                low_open=True,
+                high_open=False,
+                fix="use a fraction in (0, 1], or None for the device default",
+            )
         self.reorder_fraction = self._real_in_range(
             "reorder_fraction",
             self.reorder_fraction,

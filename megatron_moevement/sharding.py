@@ -89,7 +89,9 @@ def plan_shards(operators: Sequence, ctx: ShardingContext) -> ShardPlan:
 
     Args:
         operators: This rank's operators (objects with ``name``, ``kind``, ``compute_bytes`` and
-            ``full_state_bytes``); the same list, up to expert identity, on every replica.
+            ``full_state_bytes``); the same list, up to expert identity, on every replica, and
+            with sizes that are the same on every replica (not this rank's optimizer shard),
+            or replicas would disagree on the split.
         ctx: This rank's place in the data- and expert-parallel groups.
     """
     experts = [op for op in operators if op.kind == "expert"]

@@ -3,8 +3,10 @@
 At the end of iteration ``t`` (after the optimizer step) slot ``k`` of the current window captures
 
 * the **full state** (FP32 main parameters and optimizer state) of the operators of slice ``k``,
-* the **compute weights** of the operators of slices ``k+1 .. W``, which are still to be captured
-  with full state in this window (they are *frozen* when this slot is loaded for replay),
+* the **compute weights** of the operators of slices ``k .. W-1``: those of later slices are still
+  to be captured with full state in this window (they are *frozen* when this slot is loaded for
+  replay); those of slice ``k`` itself make its restore exact without re-deriving them from
+  (possibly sharded) main parameters,
 
 restricted to what this rank is responsible for (:mod:`megatron_moevement.sharding`).
 
@@ -93,6 +95,10 @@ class SlotSnapshot:
     algorithm: str = "crc32"
     owner_rank: int = -1
     """Global rank that captured the slot (differs from the holder for a peer replica)."""
+    window_start: int = -1
+    """First iteration of the slot's window."""
+    schedule: dict | None = field(default=None, repr=False)
+    """The window's schedule (kept with every slot so a peer replica is self-describing)."""
     ready: threading.Event = field(default_factory=threading.Event, repr=False)
     error: BaseException | None = field(default=None, repr=False)
 
@@ -139,6 +145,7 @@ class SlotSnapshot:
             generation=self.generation, slot=self.slot, iteration=self.iteration,
             full_state_ops=list(self.full_state_ops), compute_ops=list(self.compute_ops),
             algorithm=self.algorithm, owner_rank=self.owner_rank,
+            window_start=self.window_start, schedule=self.schedule,
             records=[r.to_dict() for r in self.records.values()],
         )
 
@@ -149,6 +156,7 @@ class SlotSnapshot:
             iteration=manifest["iteration"], full_state_ops=tuple(manifest["full_state_ops"]),
             compute_ops=tuple(manifest["compute_ops"]), algorithm=manifest["algorithm"],
             owner_rank=manifest["owner_rank"], buffer=buffer,
+            window_start=manifest.get("window_start", -1), schedule=manifest.get("schedule"),
             records={d["key"]: TensorRecord.from_dict(d) for d in manifest["records"]},
         )
         slot.ready.set()
@@ -187,6 +195,18 @@ class SparseCheckpoint:
     @property
     def nbytes(self) -> int:
         return sum(s.nbytes for s in self.slots if s is not None)
+
+    @classmethod
+    def from_slots(cls, slots: list[SlotSnapshot]) -> "SparseCheckpoint":
+        """Rebuilds a checkpoint from self-describing slots (e.g. a peer's replicas)."""
+        if not slots or any(s is None for s in slots):
+            raise SnapshotError("cannot rebuild a sparse checkpoint from an incomplete window")
+        first = slots[0]
+        ckpt = cls(generation=first.generation, start_iteration=first.window_start,
+                   window_size=len(slots), schedule=first.schedule, owner_rank=first.owner_rank,
+                   slots=list(slots))
+        ckpt.replicated = set(range(len(slots)))
+        return ckpt
 
     def slot_for_iteration(self, iteration: int) -> SlotSnapshot:
         index = iteration - self.start_iteration
@@ -227,7 +247,11 @@ class _HostBufferPool:
 
 
 def _operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
-    """(key, live tensor) pairs of operator ``op`` for the given kinds (compute/main/optim)."""
+    """(key, live tensor) pairs of operator ``op`` for the given kinds (compute/main/optim).
+
+    When the optimizer steps the model parameter itself (plain FP32 training), the compute weight
+    *is* the main parameter: it is listed once, as ``compute``.
+    """
     out: list[tuple[str, torch.Tensor]] = []
     for p in op.params:
         if "compute" in kinds:
@@ -235,7 +259,7 @@ def _operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]
         state = p.state
         if state is None or state.main_param is None:
             continue
-        if "main" in kinds:
+        if "main" in kinds and not state.main_is_model:
             out.append((f"{op.name}/main/{p.name}", state.main_param.detach()))
         if "optim" in kinds:
             for skey in sorted(state.optimizer_state):
@@ -361,8 +385,10 @@ class SnapshotEngine:
         self.registry.refresh()
         slices: list[list[str]] = ckpt.schedule["slices"]
         full_ops = [n for n in slices[slot_index] if self.plan.captures_full(n)]
-        later = [n for s in slices[slot_index + 1 :] for n in s]
-        compute_ops = [n for n in later if self.plan.captures_compute(n)]
+        # Compute weights of the slice itself too: restoring them from the snapshot is exact
+        # even where the main parameters are data-parallel shards (distributed optimizer).
+        current_and_later = [n for s in slices[slot_index:] for n in s]
+        compute_ops = [n for n in current_and_later if self.plan.captures_compute(n)]
 
         live: list[tuple[str, torch.Tensor]] = []
         for name in full_ops:
@@ -382,7 +408,7 @@ class SnapshotEngine:
             generation=ckpt.generation, slot=slot_index, iteration=iteration,
             full_state_ops=tuple(full_ops), compute_ops=tuple(compute_ops),
             records={r.key: r for r in records}, buffer=buffer, algorithm=self.algorithm,
-            owner_rank=self.rank,
+            owner_rank=self.rank, window_start=ckpt.start_iteration, schedule=ckpt.schedule,
         )
         ckpt.slots[slot_index] = slot
         self.bytes_captured_last = sum(r.nbytes for r in records)

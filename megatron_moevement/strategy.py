@@ -21,6 +21,17 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.conversion import (
+    ScalarLog,
+    SlotLoader,
+    StepScalars,
+    default_operator_groups,
+    frozen_main_params,
+    frozen_operators,
+    learning_rates,
+    replay_optimizer_step,
+    restore_scaler_state,
+)
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.operators import OperatorRegistry
 from megatron_moevement.popularity import ExpertPopularity
@@ -55,8 +66,16 @@ def _scheduled(op) -> ScheduledOperator:
                              numel * _FULL_STATE_BYTES_PER_PARAM)
 
 
-def measure_d2h_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
-    """Device-to-host copy bandwidth in bytes/s into a pinned buffer (host memcpy on CPU)."""
+def measure_d2h_bandwidth(nbytes: int = 32 << 20, repeats: int = 3,
+                          checksum_algorithm: str | None = None) -> float:
+    """Effective snapshot throughput in bytes/s, as Algorithm 1 needs it.
+
+    On CUDA: device-to-host copies into a pinned buffer (checksums run on the host, off the
+    device's critical path). On CPU the "device" is the host, and a slot is done only once it is
+    copied *and* checksummed on the same cores that train, so both are timed together.
+    """
+    from megatron_moevement.serialization import checksum
+
     dst = allocate_host_buffer(nbytes)
     if torch.cuda.is_available():
         src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -72,6 +91,8 @@ def measure_d2h_bandwidth(nbytes: int = 32 << 20, repeats: int = 3) -> float:
         start = time.perf_counter()
         for _ in range(repeats):
             dst.copy_(src)
+            if checksum_algorithm:
+                checksum(dst, checksum_algorithm)
     return nbytes * repeats / max(time.perf_counter() - start, 1e-9)
 
 
@@ -105,20 +126,26 @@ class MoEvementStrategy:
             expert_dp_size=ps.get_expert_data_parallel_world_size(),
             distributed_optimizer=hasattr(_first_leaf(optimizer), "shard_fp32_groups"),
         )
-        self.shard_plan = plan_shards(self.registry.operators, self.sharding)
+        # Sizes that are the same on every replica, so all replicas compute the same split.
+        self.shard_plan = plan_shards([_scheduled(op) for op in self.registry.operators],
+                                      self.sharding)
         self.popularity = ExpertPopularity(ema_decay=self.config.ema_decay)
         self._hooks = self._install_router_hooks()
-        bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth()
+        bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth(
+            checksum_algorithm=self.config.checksum)
         self.d2h_bandwidth = bandwidth
         self.scheduler: ScheduleManager | None = None
+        self._replaying = False
         self._scheduler_kwargs = dict(
             d2h_bandwidth_bytes_per_s=bandwidth,
             agree_window_size=self._agree_window_size,
             popularity_group=ps.get_data_parallel_group(),
+            include_compute_in_full_slot=True,
         )
         self.engine = SnapshotEngine(self.registry, self.shard_plan, self.rank,
                                      self.config.checksum)
         ranks_per_node = self.config.ranks_per_node or _local_world_size()
+        self.replicator_ranks_per_node = ranks_per_node
         group = dist.new_group(backend="gloo") if self.config.replication_factor > 0 else None
         self.replicator = PeerReplicator(self.rank, self.world_size,
                                          self.config.replication_factor, ranks_per_node, group)
@@ -126,6 +153,15 @@ class MoEvementStrategy:
         self._window_count = 0
         self._last_step_end: float | None = None
         self.iteration_times: list[float] = []
+        self.scalar_log = ScalarLog()
+        self._pending_scalars: StepScalars | None = None
+        self._replay_iteration: int | None = None
+        self._frozen_mains: list = []
+        self.replay_reports: list[dict] = []
+        self.replay_uses_scalar_log = True
+        """Diagnostics only: False recomputes the grad norm from a replay's partial gradients."""
+        self.replay_probe = None
+        """Diagnostics only: ``f(iteration, frozen_main_params)`` called before a replayed step."""
         self._wrap_optimizer_step()
         logger.info(
             "MoEvement on rank %d: %d operators, %d full-state / %d compute on this rank, "
@@ -141,7 +177,25 @@ class MoEvementStrategy:
 
         def step(*args, **kwargs):
             engine.wait_for_copies()  # never mutate state a snapshot is still reading
-            return original(*args, **kwargs)
+            if self._replay_iteration is not None:
+                if self.replay_probe is not None:
+                    self.replay_probe(self._replay_iteration, self._frozen_mains)
+                return replay_optimizer_step(
+                    self.optimizer, self.scalar_log.get(self._replay_iteration),
+                    self._frozen_mains, use_logged_norm=self.replay_uses_scalar_log,
+                )
+            lrs = learning_rates(self.optimizer)  # at step time: schedulers move them after
+            scaler = _scaler_state(self.optimizer)
+            result = original(*args, **kwargs)
+            update_successful, grad_norm = bool(result[0]), result[1]
+            self._pending_scalars = StepScalars(
+                iteration=-1,
+                grad_norm=None if grad_norm is None else float(grad_norm),
+                update_successful=update_successful,
+                learning_rates=lrs,
+                scaler_state=scaler,
+            )
+            return result
 
         self.optimizer.step = step
         self._original_step = original
@@ -155,6 +209,8 @@ class MoEvementStrategy:
             layer = int(layer_module.layer_number) - 1
 
             def hook(mod, args, output, layer=layer):
+                if self._replaying or not mod.training:
+                    return  # replayed tokens were counted by the original run; eval is not training
                 probs, routing_map = output[0], output[1]
                 self.popularity.update_from_routing(layer, routing_map, probs)
 
@@ -175,6 +231,14 @@ class MoEvementStrategy:
         if self._last_step_end is not None:
             self.iteration_times.append(now - self._last_step_end)
         self._last_step_end = now
+        if self._pending_scalars is None:
+            raise RuntimeError(
+                "after_optimizer_step() was called without an optimizer.step() since the last "
+                "call; call it exactly once per iteration, right after the step"
+            )
+        self._pending_scalars.iteration = iteration
+        self.scalar_log.record(self._pending_scalars)
+        self._pending_scalars = None
         self.popularity.step()
         if self.replicator.error is not None:
             raise RuntimeError(f"peer replication failed: {self.replicator.error}")
@@ -197,10 +261,15 @@ class MoEvementStrategy:
         self.replicator.replicate(ckpt, slot)
 
     def _iteration_time_estimate(self) -> float:
+        """The time budget of one slot: the (median recent) iteration time, scaled by the
+        share of an iteration a snapshot may take."""
+        fraction = self.config.snapshot_budget_fraction
+        if fraction is None:
+            fraction = 1.0 if torch.cuda.is_available() else 0.05
         if self.iteration_times:
             recent = self.iteration_times[-5:]
-            return sorted(recent)[len(recent) // 2]
-        return self.config.iteration_time_s or 1.0
+            return fraction * sorted(recent)[len(recent) // 2]
+        return fraction * (self.config.iteration_time_s or 1.0)
 
     def _start_window(self, assignment) -> None:
         # Keep one persisted and one in flight: the previous window must finish replicating
@@ -215,6 +284,113 @@ class MoEvementStrategy:
         while len(self.checkpoints) > 2:
             dropped = self.checkpoints.pop(0)
             logger.debug("freed sparse checkpoint of window %d", dropped.generation)
+        # Scalars older than the oldest kept checkpoint can never be replayed again.
+        self.scalar_log.discard_before(self.checkpoints[0].start_iteration)
+
+    # ------------------------------------------------------------------ replay
+    def rollback_and_replay(self, target_iteration: int, train_iteration, ckpt=None) -> dict:
+        """Rebuilds the dense state of ``target_iteration`` from a sparse checkpoint.
+
+        Loads slot 0 of ``ckpt`` (default: the persisted checkpoint), replays the next iteration
+        with the operators of later slices frozen, loads slot 1, ... until every operator is
+        active (the dense state of the window's last iteration), then replays on, all active, to
+        ``target_iteration``. Every replayed optimizer step uses the original run's logged
+        scalars. All ranks that hold replicas of the replayed operators must call this together.
+
+        Args:
+            target_iteration: Last iteration to replay (the last one completed before the fault).
+            train_iteration: ``f(iteration)`` that runs one training iteration (forward/backward
+                over the iteration's microbatches and ``optimizer.step()``), e.g.
+                ``HarnessTrainer.train_iteration``.
+            ckpt: The sparse checkpoint to start from.
+
+        Returns:
+            A report: window, iterations replayed, and per-iteration frozen operator counts.
+        """
+        ckpt = ckpt or self.persisted_checkpoint
+        if ckpt is None:
+            raise RuntimeError(
+                "no persisted sparse checkpoint to roll back to (the first window has not been "
+                "captured and replicated yet); restart from the durable tier"
+            )
+        self.flush()
+        start, window = ckpt.start_iteration, ckpt.window_size
+        if target_iteration < start + window - 1:
+            raise ValueError(
+                f"target iteration {target_iteration} precedes the end of window "
+                f"{ckpt.generation} ({start}..{start + window - 1})"
+            )
+        loader = SlotLoader(self.registry, self.shard_plan, self.sharding,
+                            default_operator_groups())
+        slices = ckpt.schedule["slices"]
+        frozen_counts: dict[int, int] = {}
+        replayed: list[int] = []
+        self._replaying = True
+        try:
+            for k in range(window):
+                loader.apply(ckpt, k)
+                iteration = start + k + 1
+                if k == window - 1 or iteration > target_iteration:
+                    break
+                frozen = [n for sl in slices[k + 1 :] for n in sl]
+                with frozen_operators(self.registry, frozen):
+                    self._frozen_mains = frozen_main_params(self.registry, frozen)
+                    self._replay_iteration = iteration
+                    restore_scaler_state(self.optimizer, self.scalar_log.get(iteration))
+                    train_iteration(iteration)
+                frozen_counts[iteration] = len(frozen)
+                replayed.append(iteration)
+            self._frozen_mains = []
+            for iteration in range(start + window, target_iteration + 1):
+                self._replay_iteration = iteration
+                restore_scaler_state(self.optimizer, self.scalar_log.get(iteration))
+                train_iteration(iteration)
+                frozen_counts[iteration] = 0
+                replayed.append(iteration)
+        finally:
+            self._replay_iteration = None
+            self._frozen_mains = []
+            self._replaying = False
+        report = dict(window=ckpt.generation, window_start=start, window_size=window,
+                      target_iteration=target_iteration, iterations_replayed=replayed,
+                      frozen_operators=frozen_counts)
+        self.replay_reports.append(report)
+        logger.info("replayed iterations %s from window %d (start %d, W=%d)", replayed,
+                    ckpt.generation, start, window)
+        return report
+
+    # ------------------------------------------------------------------ recovery support
+    def abandon(self) -> None:
+        """Drops this strategy after a failure without waiting on collectives that may never
+        complete; its host memory (checkpoints, replicas, scalar log) stays readable."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.engine._copier._executor.shutdown(wait=False, cancel_futures=True)
+        self.replicator._executor.shutdown(wait=False, cancel_futures=True)
+
+    def adopt_host_state(self, old: "MoEvementStrategy") -> None:
+        """Takes over a failed-over predecessor's host state: its sparse checkpoints, the replicas
+        it holds for peers, the scalar log and the popularity statistics."""
+        for ckpt in old.checkpoints:
+            for slot in ckpt.slots:
+                if slot is not None:
+                    slot.ready.wait(timeout=60)
+        self.checkpoints = list(old.checkpoints)
+        self.scalar_log = old.scalar_log
+        self.replicator.replicas.update(old.replicator.replicas)
+        self.popularity.load_state_dict(old.popularity.state_dict())
+        self._window_count = old._window_count
+
+    def resume_after_recovery(self, committed: int, window_count: int, ckpt) -> None:
+        """After a rollback to ``ckpt`` and a replay to ``committed``: keep ``ckpt`` as the
+        persisted checkpoint and start a fresh window at the next iteration (on every rank)."""
+        self.checkpoints = [ckpt]
+        self._window_count = window_count
+        self.scheduler = None
+        self._last_step_end = None
+        self.iteration_times = []
+        self._pending_scalars = None
 
     # ------------------------------------------------------------------ inspection
     @property
@@ -251,6 +427,15 @@ class MoEvementStrategy:
             self.optimizer.step = self._original_step
             self.engine.shutdown()
             self.replicator.shutdown()
+
+
+def _scaler_state(optimizer) -> dict | None:
+    """The fp16 dynamic loss scaler's state as plain numbers (``None`` without a scaler)."""
+    scaler = getattr(_first_leaf(optimizer), "grad_scaler", None)
+    if scaler is None:
+        return None
+    return {k: (float(v.item()) if torch.is_tensor(v) else v)
+            for k, v in scaler.state_dict().items()}
 
 
 def _first_leaf(optimizer):

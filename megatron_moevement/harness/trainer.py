@@ -86,6 +86,9 @@ class HarnessTrainer:
         ensure_runtime()
         self.model_config = model_config
         self.layout = layout
+        self.microbatch_hook: Callable[[int, int], None] | None = None
+        """Optional ``f(iteration, microbatch)`` called before each microbatch's forward (fault
+        injection in tests and demos)."""
         self.data = SyntheticTokenData(
             model_config.vocab_size,
             model_config.seq_length,
@@ -169,6 +172,14 @@ class HarnessTrainer:
         The data of the iteration is addressed by ``iteration``, so the same call can replay it.
         """
         cfg = self.model_config
+        if forward_step_func is None and self.microbatch_hook is not None:
+            counter = iter(range(cfg.num_microbatches))
+            hook = self.microbatch_hook
+
+            def forward_step_func(data_iterator, model):
+                hook(iteration, next(counter))
+                return _forward_step(data_iterator, model)
+
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()

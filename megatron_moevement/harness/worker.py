@@ -143,7 +143,32 @@ def _snapshot_check(spec: WorkerSpec) -> None:
     run_snapshot_check(spec)
 
 
-JOBS = {"train": run_training, "registry": run_registry_report, "snapshot_check": _snapshot_check}
+def _overhead(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.overhead import run_overhead
+
+    run_overhead(spec)
+
+
+def _replay_check(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.replay_check import run_replay_check
+
+    run_replay_check(spec)
+
+
+def _replay_cost(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.replay_cost import run_replay_cost
+
+    run_replay_cost(spec)
+
+
+JOBS = {
+    "replay_cost": _replay_cost,
+    "replay_check": _replay_check,
+    "train": run_training,
+    "registry": run_registry_report,
+    "snapshot_check": _snapshot_check,
+    "overhead": _overhead,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(spec.log_level)
     import torch.distributed as dist
 
+    if spec.job == "resilient":
+        # Elastic jobs manage their own process-group generations (see recovery.py).
+        from megatron_moevement.harness.resilient import run_resilient
+
+        run_resilient(spec)
+        return
     init_distributed(spec.timeout_s)
     try:
         if spec.job not in JOBS:

@@ -1,0 +1,86 @@
+"""Snapshot overhead: no checkpointing vs dense in-memory snapshots vs MoEvement, side by side.
+
+Runs three jobs of the same model on the local CPU harness, one per mode, in one invocation, and
+reports the median iteration time of each (after warm-up), the ratios to no checkpointing, and the
+bytes snapshotted per iteration (summed over ranks). Results go to JSON.
+
+    python benchmarks/snapshot_overhead.py --layout ep2 --output results/snapshot_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from megatron_moevement.harness.launcher import run_worker_job
+from megatron_moevement.harness.layout import ParallelLayout
+from megatron_moevement.harness.worker import WorkerSpec
+
+MODES = ("none", "dense", "moevement")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layout", default="ep2")
+    parser.add_argument("--iterations", type=int, default=24)
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--ffn-hidden-size", type=int, default=1024)
+    parser.add_argument("--num-experts", type=int, default=8)
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--window-size", default="auto",
+                        help='MoEvement window: "auto" (Algorithm 1) or an int')
+    parser.add_argument("--d2h-bandwidth", type=float, default=None,
+                        help="bytes/s assumed by Algorithm 1 (default: measured)")
+    parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--output", type=Path, default=Path("results/snapshot_overhead.json"))
+    args = parser.parse_args()
+
+    layout = ParallelLayout.parse(args.layout)
+    model = dict(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+                 num_experts=args.num_experts, num_layers=args.num_layers, precision="bf16",
+                 num_attention_heads=8, seq_length=64, micro_batch_size=4, num_microbatches=4)
+    window = args.window_size if args.window_size == "auto" else int(args.window_size)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="moevement-bench-") as tmp:
+        for mode in MODES:
+            moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
+            if args.d2h_bandwidth:
+                moe["d2h_bandwidth_bytes_per_s"] = args.d2h_bandwidth
+            spec = WorkerSpec(job="overhead", layout=layout.to_dict(), model=model,
+                              moevement=moe, iterations=args.iterations, log_level="WARNING")
+            out = Path(tmp) / mode
+            print(f"running {mode} ...", flush=True)
+            run_worker_job(spec, out, timeout=1200)
+            data = json.loads((out / "overhead.json").read_text())
+            steady = data["iteration_times"][args.warmup :]
+            results[mode] = dict(
+                window_size=data["window_size"],
+                median_iteration_s=statistics.median(steady),
+                mean_iteration_s=statistics.fmean(steady),
+                snapshot_bytes_per_iteration=statistics.fmean(
+                    data["snapshot_bytes_per_iteration"][args.warmup :]),
+                iteration_times=data["iteration_times"],
+            )
+    base = results["none"]["median_iteration_s"]
+    for mode in MODES:
+        results[mode]["ratio_to_none"] = results[mode]["median_iteration_s"] / base
+    print(f"\nlayout {layout}, model {model}")
+    print(f"{'mode':<10} {'W':>4} {'median it (s)':>14} {'x no-ckpt':>10} {'MB/iteration':>13}")
+    for mode in MODES:
+        r = results[mode]
+        w = "-" if r["window_size"] is None else r["window_size"]
+        print(f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
+              f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(dict(layout=str(layout), model=model, results=results),
+                                      indent=1))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Harness job ``overhead``: iteration time and snapshot bytes of one checkpointing mode.
+
+Modes: ``none`` (no checkpointing), ``dense`` (a full in-memory snapshot of every operator every
+iteration through the same engine: window size 1, Gemini-style), ``moevement`` (sparse snapshots
+with the configured window). Every rank times each iteration end to end (forward/backward,
+optimizer step including any wait for a pending copy, and the snapshot call); rank 0 writes the
+job-wide maximum per iteration, which is what the slowest rank imposes on everyone.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def run_overhead(spec) -> None:
+    import torch.distributed as dist
+
+    from megatron_moevement.config import MoEvementConfig
+    from megatron_moevement.harness.layout import ParallelLayout
+    from megatron_moevement.harness.model import TinyMoEConfig
+    from megatron_moevement.harness.trainer import HarnessTrainer
+    from megatron_moevement.strategy import MoEvementStrategy
+
+    mode = spec.moevement.get("mode", "moevement")
+    layout = ParallelLayout(**spec.layout)
+    trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), layout)
+    strategy = None
+    if mode != "none":
+        fields = {k: v for k, v in spec.moevement.items() if k != "mode"}
+        if mode == "dense":
+            fields["window_size"] = 1
+        strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer,
+                                     MoEvementConfig.from_dict(fields))
+    times, snap_bytes = [], []
+    for it in range(spec.iterations):
+        dist.barrier()
+        start = time.perf_counter()
+        trainer.train_iteration(it)
+        if strategy is not None:
+            strategy.after_optimizer_step(it)
+            snap_bytes.append(strategy.engine.bytes_captured_last)
+        else:
+            snap_bytes.append(0)
+        times.append(time.perf_counter() - start)
+    if strategy is not None:
+        strategy.flush()
+    t = torch.tensor(times, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    b = torch.tensor(snap_bytes, dtype=torch.float64)
+    dist.all_reduce(b, op=dist.ReduceOp.SUM)
+    window = strategy.scheduler.schedule.window_size if strategy is not None else None
+    if strategy is not None:
+        strategy.shutdown()
+    if dist.get_rank() == 0:
+        out = Path(spec.output_dir)
+        (out / "overhead.json").write_text(json.dumps(dict(
+            mode=mode, window_size=window, iteration_times=t.tolist(),
+            snapshot_bytes_per_iteration=b.tolist(),
+        )))

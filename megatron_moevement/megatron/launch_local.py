@@ -1,0 +1,283 @@
+"""Local (single-node) launcher for Megatron-LM pretrain scripts with MoEvement and spares.
+
+The single-node counterpart of the SLURM templates: starts ``--nprocs`` ranks plus ``--spares``
+spare processes of a script with :class:`~megatron_moevement.harness.launcher.LocalJob` (env://
+rendezvous on 127.0.0.1, one log file per process, every process killed by pid when the launcher
+exits), and adds the same MoEvement options the templates pass::
+
+    python -m megatron_moevement.megatron.launch_local --nprocs 8 --spares 1 \\
+        --log-dir /tmp/run1 --host-memory-budget 64GiB -- \\
+        /opt/Megatron-LM/pretrain_gpt.py --num-layers 4 --num-experts 8 ...
+
+(``scripts/launch_local.sh`` wraps this.) Each rank gets ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Spare processes get
+``MOEVEMENT_SPARE=1`` and no rank. Automatic spare join is not implemented yet, so a spare logs
+that and exits with status 0; ``--spares`` only exercises the plumbing for now.
+
+Megatron-LM's ``megatron.training`` needs CUDA; on a CPU-only machine use the library harness
+(``megatron_moevement.harness``) instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
+from megatron_moevement.harness.launcher import JobFailed, JobTimeout, LocalJob
+from megatron_moevement.logging_utils import configure_logging, get_logger
+from megatron_moevement.megatron.args import parse_byte_size
+
+__all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_rank"]
+
+MODULE = "megatron_moevement.megatron.launch_local"
+"""This module's import name (``__name__`` is ``__main__`` when it runs with ``-m``)."""
+
+logger = get_logger(MODULE)
+
+DEFAULT_TIMEOUT_S = 7 * 24 * 3600.0
+
+RANK_COMMAND = "_rank"
+"""First argument of the per-process entry point (``python -m ... _rank SCRIPT ARGS...``)."""
+
+
+_OPTION_OF_FIELD = {
+    "host_memory_budget_bytes": "--host-memory-budget",
+    "replication_factor": "--replication-factor",
+    "ranks_per_node": "--nprocs",
+    "window_size": "--window-size",
+}
+
+
+def moevement_flags(
+    nprocs: int,
+    window_size: str = "auto",
+    replication_factor: int = 1,
+    host_memory_budget: str = "none",
+) -> List[str]:
+    """The ``--ckpt-strategy moevement --moevement-*`` flags for a local job of ``nprocs`` ranks.
+
+    Values are checked with :class:`MoEvementConfig`'s rules, and the replication factor
+    against the number of ranks.
+
+    Raises:
+        ValueError: An invalid value; the message names the launcher option.
+    """
+    window = str(window_size).strip().lower()
+    budget = str(host_memory_budget).strip().lower()
+    try:
+        window_value = window if window == "auto" else int(window)
+    except ValueError:
+        raise ValueError(
+            f"--window-size={window_size!r} is invalid. Fix: use auto or an integer >= 1."
+        ) from None
+    budget_bytes = None
+    if budget != "none":
+        try:
+            budget_bytes = int(parse_byte_size(budget))
+        except ValueError as exc:
+            raise ValueError(f"--host-memory-budget is invalid: {exc}.") from None
+    try:
+        MoEvementConfig(
+            window_size=window_value,
+            replication_factor=replication_factor,
+            ranks_per_node=nprocs,
+            host_memory_budget_bytes=budget_bytes,
+        )
+    except MoEvementConfigError as exc:
+        message = str(exc)
+        for field, option in _OPTION_OF_FIELD.items():
+            message = message.replace(f"MoEvementConfig.{field}", option)
+            message = message.replace(field, option)
+        raise ValueError(f"invalid launcher option: {message}") from None
+    if replication_factor > nprocs - 1:
+        raise ValueError(
+            f"--replication-factor={replication_factor} needs more ranks than --nprocs={nprocs} "
+            f"(each replica goes to another rank). Fix: use at most {nprocs - 1}."
+        )
+    return [
+        "--ckpt-strategy",
+        "moevement",
+        "--moevement-window-size",
+        str(window_value),
+        "--moevement-replication-factor",
+        str(replication_factor),
+        "--moevement-ranks-per-node",
+        str(nprocs),
+        "--moevement-host-memory-budget-bytes",
+        "none" if budget_bytes is None else str(budget_bytes),
+    ]
+
+
+def build_job(
+    script: str,
+    script_args: Sequence[str],
+    nprocs: int,
+    spares: int = 0,
+    log_dir: Optional[Path] = None,
+    moevement: bool = True,
+    window_size: str = "auto",
+    replication_factor: int = 1,
+    host_memory_budget: str = "none",
+) -> LocalJob:
+    """An unstarted :class:`LocalJob` running ``script`` on ``nprocs`` ranks plus ``spares``.
+
+    Args:
+        script: Path of the training script (e.g. Megatron-LM's ``pretrain_gpt.py``).
+        script_args: Its arguments.
+        nprocs: Training ranks.
+        spares: Spare processes.
+        log_dir: Folder for ``proc<i>.log`` (``None``: inherit the launcher's streams).
+        moevement: Append the MoEvement flags (:func:`moevement_flags`); with ``False`` the
+            script arguments are passed unchanged.
+        window_size: ``--moevement-window-size``.
+        replication_factor: ``--moevement-replication-factor``.
+        host_memory_budget: ``--moevement-host-memory-budget-bytes`` (bytes, ``64GiB``, ``none``).
+
+    Raises:
+        ValueError: ``nprocs`` < 1, ``spares`` < 0, a missing script or an invalid MoEvement
+            value (the message names the option).
+    """
+    if not isinstance(nprocs, int) or nprocs < 1:
+        raise ValueError(f"--nprocs={nprocs!r} is invalid. Fix: pass an integer >= 1.")
+    if not isinstance(spares, int) or spares < 0:
+        raise ValueError(f"--spares={spares!r} is invalid. Fix: pass an integer >= 0.")
+    path = Path(script)
+    if not path.is_file():
+        raise ValueError(
+            f"training script {script!r} does not exist. Fix: pass the path of e.g. "
+            "Megatron-LM's pretrain_gpt.py (patched with scripts/apply_megatron_patch.sh)."
+        )
+    args = list(script_args)
+    if moevement:
+        if "--ckpt-strategy" in args:
+            raise ValueError(
+                "the script arguments already contain --ckpt-strategy. Fix: drop it, or pass "
+                "--no-moevement to the launcher to forward the script arguments unchanged."
+            )
+        args += moevement_flags(nprocs, window_size, replication_factor, host_memory_budget)
+    return LocalJob(
+        nprocs=nprocs + spares,
+        module=MODULE,
+        args=[RANK_COMMAND, str(path.resolve()), *args],
+        spares=spares,
+        log_dir=log_dir,
+        env={"LOCAL_WORLD_SIZE": str(nprocs)},
+    )
+
+
+def run_rank(script: str, script_args: Sequence[str]) -> int:
+    """Runs ``script`` as ``__main__`` in this process, as one rank of a local job.
+
+    Sets ``LOCAL_RANK`` from ``RANK`` (one node) when the launcher did not, puts the script's
+    folder first on ``sys.path`` (Megatron-LM's scripts import their neighbours) and restores
+    ``sys.argv``/``sys.path`` afterwards. A spare process (``MOEVEMENT_SPARE=1``) does not run the
+    script: spare join is not implemented yet, so it logs that and returns 0.
+
+    Returns:
+        The process exit status (0, or the script's ``SystemExit`` code).
+    """
+    if os.environ.get("MOEVEMENT_SPARE") == "1":
+        logger.warning(
+            "spare process %d: automatic spare join is not implemented yet; exiting without "
+            "joining the job",
+            os.getpid(),
+        )
+        return 0
+    if "RANK" not in os.environ:
+        raise RuntimeError(
+            "RANK is not set. Fix: start ranks through "
+            "python -m megatron_moevement.megatron.launch_local (or torchrun/srun)."
+        )
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    saved_argv, saved_path = list(sys.argv), list(sys.path)
+    sys.argv = [script, *script_args]
+    sys.path.insert(0, str(Path(script).resolve().parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_moevement.megatron.launch_local",
+        description="Run a Megatron-LM pretrain script on local processes with MoEvement and "
+        "spare processes.",
+    )
+    parser.add_argument("--nprocs", type=int, required=True, help="training ranks")
+    parser.add_argument("--spares", type=int, default=0, help="spare processes (default: 0)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="per-process logs")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT_S,
+        help="seconds before every process is killed (default: 7 days)",
+    )
+    parser.add_argument("--window-size", default="auto", help="--moevement-window-size")
+    parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--host-memory-budget", default="none", help="e.g. 64GiB, or none")
+    parser.add_argument(
+        "--no-moevement",
+        dest="moevement",
+        action="store_false",
+        help="do not add --ckpt-strategy moevement and the --moevement-* flags",
+    )
+    parser.add_argument("script", help="training script, e.g. Megatron-LM's pretrain_gpt.py")
+    parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m megatron_moevement.megatron.launch_local``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == RANK_COMMAND:
+        if len(argv) < 2:
+            raise SystemExit(f"usage: {RANK_COMMAND} SCRIPT [ARGS...]")
+        if os.environ.get("MOEVEMENT_SPARE") == "1":
+            configure_logging()  # a rank's training script configures logging itself
+        return run_rank(argv[1], argv[2:])
+    configure_logging()
+    parser = _parser()
+    args = parser.parse_args(argv)
+    script_args = args.script_args[1:] if args.script_args[:1] == ["--"] else args.script_args
+    try:
+        job = build_job(
+            args.script,
+            script_args,
+            args.nprocs,
+            args.spares,
+            args.log_dir,
+            args.moevement,
+            args.window_size,
+            args.replication_factor,
+            args.host_memory_budget,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    logger.info(
+        "starting %d rank(s) + %d spare(s) of %s%s",
+        args.nprocs,
+        args.spares,
+        args.script,
+        f", logs in {args.log_dir}" if args.log_dir else "",
+    )
+    with job:
+        try:
+            job.check(timeout=args.timeout)
+        except (JobFailed, JobTimeout) as exc:
+            logger.error("%s", exc)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""Failure detection, spare join, group rebuild and rollback recovery.
+
+Mechanism (chosen over a home-made protocol): torch.distributed's own ``TCPStore`` and
+``PrefixStore``. The job's agent (the local launcher, or the per-node launcher under SLURM) hosts
+the store, so it outlives any worker. Each process-group *generation* ``g`` is initialized on
+``PrefixStore("gen<g>/", store)``; after a failure the survivors and the spares that replace the
+failed ranks initialize generation ``g+1`` on the same store, keeping their in-memory state. The
+agent, which sees its children die, announces a generation with the failed ranks (``gen/<g>``) and
+assigns spares (``spare/<id>``). This is the same pattern as torchrun's rendezvous and
+nvidia-resiliency-ext's in-job restart, without their extra daemons (neither is needed on the
+CPU/gloo harness; on GPUs the store and generations are unchanged and NCCL groups are rebuilt the
+same way).
+
+Detection: a dead peer makes gloo (and NCCL with async error handling) raise in the survivors
+that talk to it within milliseconds; each survivor then destroys its process group, which closes
+its connections and makes every other rank's pending collective fail too, so the whole job notices
+without waiting for timeouts. Collective timeouts remain the last resort.
+
+Recovery (:meth:`RecoveryDriver.recover`):
+
+1. tear down Megatron state and the process group, keep host memory (sparse checkpoints, peer
+   replicas, the scalar log);
+2. wait for the agent's announcement and join the next generation (spares take the failed ranks);
+3. agree on the last committed iteration and on the newest sparse checkpoint persisted everywhere;
+4. rebuild model, optimizer and MoEvement strategy on the new groups; spares fetch their sparse
+   checkpoint from a surviving peer replica and the scalar log from a survivor;
+5. roll back to that checkpoint and replay to the last committed iteration (sparse-to-dense
+   conversion, then all-active replay with logged scalars); training resumes after it.
+
+A failure during recovery restarts it on the next generation with the widened set of failed ranks.
+The rollback here is *global* (every rank replays): it needs no upstream logs and is the fallback
+tier of MoEvement's localized recovery. When no surviving replica holds a failed rank's
+checkpoint, recovery stops with an error that names the missing replica and the next tier.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from typing import Callable
+
+import torch
+
+from megatron_moevement.logging_utils import get_logger
+
+logger = get_logger(__name__)
+
+_POLL_S = 0.05
+
+
+class RecoveryError(RuntimeError):
+    """Recovery is impossible at this tier (the message says why and what to fall back to)."""
+
+
+def connect_store(timeout_s: float = 300.0):
+    """Client connection to the job's store (hosted by the agent at MASTER_ADDR:MASTER_PORT)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )
+
+
+def _get_json(store, key: str):
+    return json.loads(store.get(key).decode())
+
+
+def _has(store, key: str) -> bool:
+    return store.check([key])
+
+
+@dataclass
+class ElasticContext:
+    """This process's place in the job across process-group generations."""
+
+    store: object
+    rank: int
+    world_size: int
+    generation: int = 0
+    timeout_s: float = 120.0
+
+    @classmethod
+    def from_env(cls, timeout_s: float = 120.0, wait_s: float = 600.0) -> "ElasticContext":
+        """Joins as ``RANK`` or, for a spare (``MOEVEMENT_SPARE=1``), waits to be assigned."""
+        store = connect_store()
+        world = int(os.environ["WORLD_SIZE"])
+        if os.environ.get("MOEVEMENT_SPARE") == "1":
+            key = f"spare/{os.environ['LOCAL_PROC_ID']}"
+            deadline = time.monotonic() + wait_s
+            while not _has(store, key):
+                if _has(store, "job/done") or time.monotonic() > deadline:
+                    raise SystemExit(0)  # the job finished without needing this spare
+                time.sleep(_POLL_S)
+            assignment = _get_json(store, key)
+            logger.warning("spare %s takes rank %d in generation %d",
+                           os.environ["LOCAL_PROC_ID"], assignment["rank"],
+                           assignment["generation"])
+            return cls(store, assignment["rank"], world, assignment["generation"], timeout_s)
+        return cls(store, int(os.environ["RANK"]), world, 0, timeout_s)
+
+    @property
+    def is_spare_join(self) -> bool:
+        return self.generation > 0
+
+    def init_process_group(self) -> None:
+        import torch.distributed as dist
+
+        dist.init_process_group(
+            backend="gloo",
+            store=dist.PrefixStore(f"gen{self.generation}/", self.store),
+            rank=self.rank,
+            world_size=self.world_size,
+            timeout=timedelta(seconds=self.timeout_s),
+        )
+
+    def wait_for_generation(self, after: int, wait_s: float = 120.0) -> dict:
+        """The agent's announcement of the first generation after ``after``."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            key = f"gen/{after + 1}"
+            if _has(self.store, key):
+                info = _get_json(self.store, key)
+                # Skip generations that were superseded before this rank got here.
+                while _has(self.store, f"gen/{info['generation'] + 1}"):
+                    info = _get_json(self.store, f"gen/{info['generation'] + 1}")
+                return info
+            if time.monotonic() > deadline:
+                raise RecoveryError(
+                    f"no new process-group generation after {after} was announced within "
+                    f"{wait_s:.0f}s: the agent did not see a failed process (a hang rather than "
+                    "a crash?). Restart the job from the durable tier."
+                )
+            time.sleep(_POLL_S)
+
+
+@dataclass
+class RecoveryReport:
+    """What one recovery did, for logs and tests."""
+
+    generation: int
+    failed_ranks: list[int]
+    scope: str
+    """"global": every rank rolled back and replayed."""
+    tier: str
+    """Where the state came from: "sparse-checkpoint" (local + peer replicas)."""
+    committed_iteration: int
+    """Last iteration every survivor had completed; training resumes after it."""
+    window: int
+    window_start: int
+    iterations_replayed: list[int]
+    microbatches_replayed: int
+    spare: bool
+    """Whether this rank joined as a spare."""
+    times_s: dict = field(default_factory=dict)
+    """detect, rebuild, fetch, replay (seconds)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Creates Adam state (step, moments) for parameters that have none yet, as torch's Adam does
+    at its first step, so a rebuilt optimizer has tensors to restore into."""
+    from megatron_moevement.optim_view import iter_optimizers
+
+    for leaf in iter_optimizers(optimizer):
+        for group in leaf.optimizer.param_groups:
+            for p in group["params"]:
+                state = leaf.optimizer.state[p]
+                if state:
+                    continue
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _send_bytes(payload: bytes, dst: int) -> None:
+    import torch.distributed as dist
+
+    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
+    dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst)
+    if data.numel():
+        dist.send(data, dst)
+
+
+def _recv_bytes(src: int) -> bytes:
+    import torch.distributed as dist
+
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.recv(n, src)
+    data = torch.empty(int(n.item()), dtype=torch.uint8)
+    if data.numel():
+        dist.recv(data, src)
+    return bytes(data.numpy())
+
+
+class RecoveryDriver:
+    """Runs a training loop that survives killed ranks.
+
+    Args:
+        ctx: This process's :class:`ElasticContext`.
+        build: ``build() -> (trainer, strategy)`` constructs Megatron state and a
+            :class:`~megatron_moevement.strategy.MoEvementStrategy` on the current process group;
+            ``trainer.train_iteration(i)`` runs one iteration.
+        fault_hook: Optional ``f(iteration, phase, driver)`` called at fault-injection points.
+    """
+
+    def __init__(self, ctx: ElasticContext, build: Callable, fault_hook: Callable | None = None):
+        self.ctx = ctx
+        self.build = build
+        self.fault_hook = fault_hook or (lambda *a: None)
+        self.trainer = None
+        self.strategy = None
+        self.committed = -1
+        self.reports: list[RecoveryReport] = []
+        self.joined_as_spare = ctx.is_spare_join
+        self.has_state = not ctx.is_spare_join
+        """False until a spare has received its state (a failure during its recovery keeps it
+        stateless for the next attempt)."""
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self.ctx.init_process_group()
+        if self.joined_as_spare:
+            self._recover_as_spare(time.perf_counter())
+        else:
+            self.trainer, self.strategy = self.build()
+
+    def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
+        """Trains until ``iterations`` iterations are committed, recovering from failures."""
+        iteration = self.committed + 1
+        while iteration < iterations:
+            try:
+                self.fault_hook(iteration, "before", self)
+                self.trainer.train_iteration(iteration)
+                self.fault_hook(iteration, "after_step", self)
+                self.strategy.after_optimizer_step(iteration)
+                self.committed = iteration
+                self.fault_hook(iteration, "after_snapshot", self)
+                if on_iteration is not None:
+                    on_iteration(iteration, self)
+            except (RuntimeError, ConnectionError) as exc:
+                if isinstance(exc, RecoveryError):
+                    raise
+                self.recover(exc)
+            iteration = self.committed + 1
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self, exc: BaseException) -> RecoveryReport:
+        """Recovers from ``exc`` (a collective that failed because a peer died)."""
+        t0 = time.perf_counter()
+        logger.warning("rank %d: failure detected at generation %d (%s); recovering",
+                       self.ctx.rank, self.ctx.generation, str(exc).splitlines()[0][:160])
+        while True:
+            old = self.strategy
+            self._teardown()
+            info = self.ctx.wait_for_generation(self.ctx.generation)
+            self.ctx.generation = info["generation"]
+            try:
+                self.ctx.init_process_group()
+                return self._recover_in_generation(old, info, t0)
+            except (RuntimeError, ConnectionError) as again:
+                if isinstance(again, RecoveryError):
+                    raise
+                logger.warning("rank %d: failure during recovery (%s); widening and restarting",
+                               self.ctx.rank, str(again).splitlines()[0][:160])
+                if self.has_state:
+                    self.strategy = old  # keep the host state of the interrupted attempt
+
+    def _teardown(self) -> None:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        if self.strategy is not None:
+            self.strategy.abandon()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as exc:  # pragma: no cover - best effort on a broken group
+                logger.debug("destroy_process_group failed: %s", exc)
+        parallel_state.destroy_model_parallel()
+        self.trainer = None
+
+    def _agree(self, value: int, op) -> int:
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=op)
+        return int(t.item())
+
+    def _recover_as_spare(self, t0: float) -> None:
+        info = _get_json(self.ctx.store, f"gen/{self.ctx.generation}")
+        try:
+            self._recover_in_generation(None, info, t0)
+        except (RuntimeError, ConnectionError) as exc:
+            if isinstance(exc, RecoveryError):
+                raise
+            self.recover(exc)
+
+    def _recover_in_generation(self, old, info: dict, t0: float) -> RecoveryReport:
+        import torch.distributed as dist
+
+        failed = sorted(info["failed"])
+        spare = old is None or not self.has_state
+        t_detect = time.perf_counter() - t0
+        big = 1 << 62
+        # 1. The last iteration every survivor committed; the newest window persisted everywhere.
+        committed = self._agree(big if spare else self.committed, dist.ReduceOp.MIN)
+        persisted = -1 if spare or old.persisted_checkpoint is None else (
+            old.persisted_checkpoint.generation)
+        window = self._agree(big if spare else persisted, dist.ReduceOp.MIN)
+        window_count = self._agree(0 if spare else old._window_count, dist.ReduceOp.MAX)
+        if window < 0:
+            raise RecoveryError(
+                "no sparse checkpoint is persisted on every surviving rank yet (failure in the "
+                "first window); restart from the durable tier"
+            )
+        # 2. Rebuild Megatron state and the strategy on the new groups.
+        t1 = time.perf_counter()
+        self.trainer, self.strategy = self.build()
+        ensure_optimizer_state(self.trainer.optimizer)
+        self.strategy.registry.refresh()
+        t_rebuild = time.perf_counter() - t1
+        # 3. Host state: survivors adopt theirs; spares fetch from peer replicas and survivors.
+        t2 = time.perf_counter()
+        if not spare:
+            self.strategy.adopt_host_state(old)
+        ckpt = self._exchange_checkpoints(failed, window, spare)
+        self._exchange_scalar_log(failed, spare)
+        t_fetch = time.perf_counter() - t2
+        # 4. Roll back and replay to the committed iteration.
+        t3 = time.perf_counter()
+        def replay_iteration(it: int) -> None:
+            self.fault_hook(it, "replay", self)
+            self.trainer.train_iteration(it)
+
+        replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
+        t_replay = time.perf_counter() - t3
+        self.strategy.resume_after_recovery(committed, window_count, ckpt)
+        self.committed = committed
+        self.has_state = True
+        self.ctx.store.add(f"stable/{self.ctx.generation}", 1)
+        report = RecoveryReport(
+            generation=self.ctx.generation,
+            failed_ranks=failed,
+            scope="global",
+            tier="sparse-checkpoint",
+            committed_iteration=committed,
+            window=ckpt.generation,
+            window_start=ckpt.start_iteration,
+            iterations_replayed=replay["iterations_replayed"],
+            microbatches_replayed=len(replay["iterations_replayed"])
+            * self.trainer.model_config.num_microbatches,
+            spare=spare,
+            times_s=dict(detect=t_detect, rebuild=t_rebuild, fetch=t_fetch, replay=t_replay),
+        )
+        self.reports.append(report)
+        logger.warning(
+            "rank %d recovered (generation %d, failed %s, %s rollback to window %d): replayed "
+            "iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs replay %.3fs",
+            self.ctx.rank, report.generation, failed, report.scope, report.window,
+            report.iterations_replayed, t_detect, t_rebuild, t_fetch, t_replay,
+        )
+        return report
+
+    def _exchange_checkpoints(self, failed: list[int], window: int, spare: bool):
+        """Each failed rank's replacement receives its window-``window`` slots from the lowest
+        surviving rank that holds a replica; returns this rank's checkpoint of that window."""
+        import torch.distributed as dist
+
+        from megatron_moevement.replication import choose_peers
+        from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, allocate_host_buffer
+
+        cfg = self.strategy.config
+        world = self.ctx.world_size
+        ranks_per_node = self.strategy.replicator_ranks_per_node
+        for lost in failed:
+            holders = [p for p in choose_peers(lost, world, cfg.replication_factor, ranks_per_node)
+                       if p not in failed]
+            if not holders:
+                raise RecoveryError(
+                    f"rank {lost}'s sparse checkpoint has no surviving replica (its peers "
+                    f"{choose_peers(lost, world, cfg.replication_factor, ranks_per_node)} failed "
+                    "too); fall back to the durable tier (MoEvementConfig.durable_dir) or raise "
+                    "replication_factor"
+                )
+            sender = holders[0]
+            if self.ctx.rank == sender:
+                slots = self.strategy.replicator.replicas[lost].windows.get(window)
+                if slots is None or any(s is None for s in slots):
+                    raise RecoveryError(
+                        f"rank {sender} lacks a complete replica of rank {lost}'s window {window}"
+                    )
+                _send_bytes(json.dumps(len(slots)).encode(), lost)
+                for slot in slots:
+                    slot.verify()
+                    used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
+                    _send_bytes(json.dumps(slot.manifest()).encode(), lost)
+                    _send_bytes(bytes(slot.buffer[:used].numpy()), lost)
+            elif self.ctx.rank == lost:
+                count = json.loads(_recv_bytes(sender))
+                slots = []
+                for _ in range(count):
+                    manifest = json.loads(_recv_bytes(sender))
+                    payload = _recv_bytes(sender)
+                    buf = allocate_host_buffer(len(payload))
+                    if payload:
+                        buf[: len(payload)].copy_(torch.frombuffer(bytearray(payload),
+                                                                   dtype=torch.uint8))
+                    slot = SlotSnapshot.from_manifest(manifest, buf)
+                    slot.verify()
+                    slots.append(slot)
+                ckpt = SparseCheckpoint.from_slots(slots)
+                self.strategy.checkpoints = [ckpt]
+        mine = [c for c in self.strategy.checkpoints if c.generation == window]
+        if not mine:
+            raise RecoveryError(f"rank {self.ctx.rank} has no sparse checkpoint of window {window}")
+        return mine[0]
+
+    def _exchange_scalar_log(self, failed: list[int], spare: bool) -> None:
+        """The lowest surviving rank sends its scalar log (global values) to each replacement."""
+        survivors = [r for r in range(self.ctx.world_size) if r not in failed]
+        if not survivors:
+            raise RecoveryError("every rank failed at once; restart from the durable tier")
+        source = survivors[0]
+        for lost in failed:
+            if self.ctx.rank == source:
+                _send_bytes(json.dumps(self.strategy.scalar_log.to_dict()).encode(), lost)
+            elif self.ctx.rank == lost:
+                self.strategy.scalar_log.load_dict(json.loads(_recv_bytes(source)))
