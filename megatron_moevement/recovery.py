@@ -109,9 +109,21 @@ class ElasticContext:
     def is_spare_join(self) -> bool:
         return self.generation > 0
 
+    def job_hosts(self) -> set[str]:
+        """Addresses of every rank's host, as published in the store."""
+        hosts: set[str] = set()
+        for rank in range(self.world_size):
+            key = f"hosts/{rank}"
+            if _has(self.store, key):
+                hosts.update(_get_json(self.store, key))
+        return hosts
+
     def init_process_group(self) -> None:
         import torch.distributed as dist
 
+        from megatron_moevement.runtime.connections import local_addresses
+
+        self.store.set(f"hosts/{self.rank}", json.dumps(sorted(local_addresses())))
         dist.init_process_group(
             backend="gloo",
             store=dist.PrefixStore(f"gen{self.generation}/", self.store),
@@ -181,6 +193,11 @@ def ensure_optimizer_state(optimizer) -> None:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
 def _send_bytes(payload: bytes, dst: int) -> None:
     import torch.distributed as dist
 
@@ -222,6 +239,8 @@ class RecoveryDriver:
         self.reports: list[RecoveryReport] = []
         self.joined_as_spare = ctx.is_spare_join
         self.has_state = not ctx.is_spare_join
+        self._received_ckpt = None  # a replacement's fetched checkpoint, kept across attempts
+        self._received_log: dict | None = None
         """False until a spare has received its state (a failure during its recovery keeps it
         stateless for the next attempt)."""
 
@@ -234,59 +253,88 @@ class RecoveryDriver:
             self.trainer, self.strategy = self.build()
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
-        """Trains until ``iterations`` iterations are committed, recovering from failures."""
-        iteration = self.committed + 1
-        while iteration < iterations:
+        """Trains until ``iterations`` iterations are committed on every rank and the last
+        snapshots are flushed, recovering from failures on the way (also during the flush)."""
+        import torch.distributed as dist
+
+        while True:
+            iteration = self.committed + 1
+            failure = None
             try:
-                self.fault_hook(iteration, "before", self)
-                self.trainer.train_iteration(iteration)
-                self.fault_hook(iteration, "after_step", self)
-                self.strategy.after_optimizer_step(iteration)
-                self.committed = iteration
-                self.fault_hook(iteration, "after_snapshot", self)
-                if on_iteration is not None:
-                    on_iteration(iteration, self)
+                if iteration < iterations:
+                    self.fault_hook(iteration, "before", self)
+                    self.trainer.train_iteration(iteration)
+                    self.fault_hook(iteration, "after_step", self)
+                    self.strategy.after_optimizer_step(iteration)
+                    self.committed = iteration
+                    self.fault_hook(iteration, "after_snapshot", self)
+                    if on_iteration is not None:
+                        on_iteration(iteration, self)
+                    continue
+                # Done: finish in-flight copies/replication and make sure every rank got here.
+                self.strategy.flush()
+                dist.barrier()
+                return
             except (RuntimeError, ConnectionError) as exc:
                 if isinstance(exc, RecoveryError):
                     raise
-                self.recover(exc)
-            iteration = self.committed + 1
+                failure = _describe(exc)
+            # Outside the except block: the traceback (and the training frames it keeps alive,
+            # with their process groups) must be gone before the teardown.
+            self.recover(failure)
 
     # ------------------------------------------------------------------ recovery
-    def recover(self, exc: BaseException) -> RecoveryReport:
-        """Recovers from ``exc`` (a collective that failed because a peer died)."""
+    def recover(self, failure: str) -> RecoveryReport:
+        """Recovers from a failed collective (``failure`` describes it)."""
         t0 = time.perf_counter()
         logger.warning("rank %d: failure detected at generation %d (%s); recovering",
-                       self.ctx.rank, self.ctx.generation, str(exc).splitlines()[0][:160])
+                       self.ctx.rank, self.ctx.generation, failure)
+        old = self.strategy
         while True:
-            old = self.strategy
             self._teardown()
             info = self.ctx.wait_for_generation(self.ctx.generation)
             self.ctx.generation = info["generation"]
+            again = None
             try:
                 self.ctx.init_process_group()
-                return self._recover_in_generation(old, info, t0)
-            except (RuntimeError, ConnectionError) as again:
-                if isinstance(again, RecoveryError):
+                return self._recover_in_generation(old if self.has_state else None, info, t0)
+            except (RuntimeError, ConnectionError) as exc:
+                if isinstance(exc, RecoveryError):
                     raise
-                logger.warning("rank %d: failure during recovery (%s); widening and restarting",
-                               self.ctx.rank, str(again).splitlines()[0][:160])
-                if self.has_state:
-                    self.strategy = old  # keep the host state of the interrupted attempt
+                again = _describe(exc)
+            logger.warning("rank %d: failure during recovery (%s); widening and restarting",
+                           self.ctx.rank, again)
 
     def _teardown(self) -> None:
+        """Destroys every process group *and every reference to one*, so that the gloo/NCCL
+        connections really close: that is what makes peers blocked on this rank fail fast."""
+        import gc
+
         import torch.distributed as dist
         from megatron.core import parallel_state
 
         if self.strategy is not None:
             self.strategy.abandon()
         if dist.is_initialized():
+            # Abort every group first: it closes the connections even while something still
+            # references the group objects.
+            for group in list(dist.distributed_c10d._world.pg_map.keys()):
+                try:
+                    group.abort()
+                except Exception as exc:  # pragma: no cover - best effort
+                    logger.debug("abort of a process group failed: %s", exc)
+            if dist.get_backend() == "gloo":
+                from megatron_moevement.runtime.connections import sever_connections
+
+                n = sever_connections([int(os.environ["MASTER_PORT"])], self.ctx.job_hosts())
+                logger.debug("severed %d gloo connections", n)
             try:
                 dist.destroy_process_group()
             except Exception as exc:  # pragma: no cover - best effort on a broken group
                 logger.debug("destroy_process_group failed: %s", exc)
         parallel_state.destroy_model_parallel()
         self.trainer = None
+        gc.collect()
 
     def _agree(self, value: int, op) -> int:
         import torch.distributed as dist
@@ -297,12 +345,15 @@ class RecoveryDriver:
 
     def _recover_as_spare(self, t0: float) -> None:
         info = _get_json(self.ctx.store, f"gen/{self.ctx.generation}")
+        failure = None
         try:
             self._recover_in_generation(None, info, t0)
         except (RuntimeError, ConnectionError) as exc:
             if isinstance(exc, RecoveryError):
                 raise
-            self.recover(exc)
+            failure = _describe(exc)
+        if failure is not None:
+            self.recover(failure)
 
     def _recover_in_generation(self, old, info: dict, t0: float) -> RecoveryReport:
         import torch.distributed as dist
@@ -313,9 +364,12 @@ class RecoveryDriver:
         big = 1 << 62
         # 1. The last iteration every survivor committed; the newest window persisted everywhere.
         committed = self._agree(big if spare else self.committed, dist.ReduceOp.MIN)
-        persisted = -1 if spare or old.persisted_checkpoint is None else (
-            old.persisted_checkpoint.generation)
-        window = self._agree(big if spare else persisted, dist.ReduceOp.MIN)
+        if spare:
+            persisted = big if self._received_ckpt is None else self._received_ckpt.generation
+        else:
+            ckpt_old = old.persisted_checkpoint
+            persisted = -1 if ckpt_old is None else ckpt_old.generation
+        window = self._agree(persisted, dist.ReduceOp.MIN)
         window_count = self._agree(0 if spare else old._window_count, dist.ReduceOp.MAX)
         if window < 0:
             raise RecoveryError(
@@ -332,8 +386,15 @@ class RecoveryDriver:
         t2 = time.perf_counter()
         if not spare:
             self.strategy.adopt_host_state(old)
-        ckpt = self._exchange_checkpoints(failed, window, spare)
-        self._exchange_scalar_log(failed, spare)
+        elif self._received_ckpt is not None:
+            self.strategy.checkpoints = [self._received_ckpt]
+        if spare and self._received_log is not None:
+            self.strategy.scalar_log.load_dict(self._received_log)
+        have = [c.generation for c in self.strategy.checkpoints]
+        needs_ckpt = self._gather_flags(window not in have)
+        needs_log = self._gather_flags(spare and self._received_log is None)
+        ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
+        self._exchange_scalar_log(failed, needs_log)
         t_fetch = time.perf_counter() - t2
         # 4. Roll back and replay to the committed iteration.
         t3 = time.perf_counter()
@@ -370,8 +431,16 @@ class RecoveryDriver:
         )
         return report
 
-    def _exchange_checkpoints(self, failed: list[int], window: int, spare: bool):
-        """Each failed rank's replacement receives its window-``window`` slots from the lowest
+    def _gather_flags(self, flag: bool) -> list[bool]:
+        import torch.distributed as dist
+
+        t = torch.zeros(self.ctx.world_size, dtype=torch.int64)
+        t[self.ctx.rank] = int(bool(flag))
+        dist.all_reduce(t)
+        return [bool(v) for v in t.tolist()]
+
+    def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
+        """Each rank lacking its window-``window`` checkpoint receives it from the lowest
         surviving rank that holds a replica; returns this rank's checkpoint of that window."""
         import torch.distributed as dist
 
@@ -381,7 +450,7 @@ class RecoveryDriver:
         cfg = self.strategy.config
         world = self.ctx.world_size
         ranks_per_node = self.strategy.replicator_ranks_per_node
-        for lost in failed:
+        for lost in [r for r in range(world) if needs[r]]:
             holders = [p for p in choose_peers(lost, world, cfg.replication_factor, ranks_per_node)
                        if p not in failed]
             if not holders:
@@ -419,19 +488,22 @@ class RecoveryDriver:
                     slots.append(slot)
                 ckpt = SparseCheckpoint.from_slots(slots)
                 self.strategy.checkpoints = [ckpt]
+                self._received_ckpt = ckpt
         mine = [c for c in self.strategy.checkpoints if c.generation == window]
         if not mine:
             raise RecoveryError(f"rank {self.ctx.rank} has no sparse checkpoint of window {window}")
         return mine[0]
 
-    def _exchange_scalar_log(self, failed: list[int], spare: bool) -> None:
-        """The lowest surviving rank sends its scalar log (global values) to each replacement."""
+    def _exchange_scalar_log(self, failed: list[int], needs: list[bool]) -> None:
+        """The lowest surviving rank sends its scalar log (global values) to each replacement
+        that has none yet."""
         survivors = [r for r in range(self.ctx.world_size) if r not in failed]
         if not survivors:
             raise RecoveryError("every rank failed at once; restart from the durable tier")
         source = survivors[0]
-        for lost in failed:
+        for lost in [r for r in range(self.ctx.world_size) if needs[r]]:
             if self.ctx.rank == source:
                 _send_bytes(json.dumps(self.strategy.scalar_log.to_dict()).encode(), lost)
             elif self.ctx.rank == lost:
-                self.strategy.scalar_log.load_dict(json.loads(_recv_bytes(source)))
+                self._received_log = json.loads(_recv_bytes(source))
+                self.strategy.scalar_log.load_dict(self._received_log)

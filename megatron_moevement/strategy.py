@@ -368,6 +368,11 @@ class MoEvementStrategy:
         self._hooks = []
         self.engine._copier._executor.shutdown(wait=False, cancel_futures=True)
         self.replicator._executor.shutdown(wait=False, cancel_futures=True)
+        # Drop every reference to Megatron objects (and through them to process groups).
+        self.gpt_model = self.optimizer = self.registry = self.scheduler = None
+        self.engine.registry = None
+        self.replicator.group = None
+        self._original_step = None
 
     def adopt_host_state(self, old: "MoEvementStrategy") -> None:
         """Takes over a failed-over predecessor's host state: its sparse checkpoints, the replicas

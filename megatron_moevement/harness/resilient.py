@@ -58,8 +58,6 @@ def run_resilient(spec) -> None:
     driver = RecoveryDriver(ctx, build, fault_hook)
     driver.start()
     driver.train(spec.iterations)
-    driver.strategy.flush()
-    dist.barrier()
     rank = dist.get_rank()
     out = Path(spec.output_dir)
     torch.save(driver.trainer.capture_state(), out / f"state_rank{rank}.pt")
