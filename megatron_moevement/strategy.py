@@ -150,6 +150,17 @@ class MoEvementStrategy:
         self.replicator = PeerReplicator(self.rank, self.world_size,
                                          self.config.replication_factor, ranks_per_node, group)
         self.checkpoints: list[SparseCheckpoint] = []  # oldest first: [persisted, in flight]
+        # Upstream logging (pipeline-parallel jobs): hand p2p_communicator and pg_collection to
+        # the schedule (forward_backward_func(..., p2p_communicator=..., pg_collection=...)).
+        self.upstream_log = None
+        self.p2p_communicator = None
+        self.pg_collection = None
+        if self.config.upstream_logging and ps.get_pipeline_model_parallel_world_size() > 1:
+            from megatron_moevement.upstream_log import UpstreamLog, make_logging_communicator
+
+            self.upstream_log = UpstreamLog(self.config.host_memory_budget_bytes)
+            self.p2p_communicator, self.pg_collection = make_logging_communicator(
+                gpt_model.config, self.upstream_log)
         self._window_count = 0
         self._last_step_end: float | None = None
         self.iteration_times: list[float] = []
@@ -284,8 +295,10 @@ class MoEvementStrategy:
         while len(self.checkpoints) > 2:
             dropped = self.checkpoints.pop(0)
             logger.debug("freed sparse checkpoint of window %d", dropped.generation)
-        # Scalars older than the oldest kept checkpoint can never be replayed again.
+        # Scalars and upstream logs older than the oldest kept checkpoint are never replayed.
         self.scalar_log.discard_before(self.checkpoints[0].start_iteration)
+        if self.upstream_log is not None:
+            self.upstream_log.discard_before(self.checkpoints[0].start_iteration)
 
     # ------------------------------------------------------------------ replay
     def rollback_and_replay(self, target_iteration: int, train_iteration, ckpt=None) -> dict:
@@ -415,7 +428,9 @@ class MoEvementStrategy:
         """Host bytes held: snapshot buffers, peer replicas, and their sum."""
         snap = self.engine.pool.nbytes
         repl = self.replicator.host_bytes
-        return {"snapshots": snap, "replicas": repl, "total": snap + repl}
+        logs = 0 if self.upstream_log is None else self.upstream_log.nbytes
+        return {"snapshots": snap, "replicas": repl, "upstream_log": logs,
+                "total": snap + repl + logs}
 
     def flush(self) -> None:
         """Waits for every pending copy and replication (e.g. before a planned shutdown)."""

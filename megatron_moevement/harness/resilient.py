@@ -53,6 +53,8 @@ def run_resilient(spec) -> None:
         trainer = HarnessTrainer(model_cfg, layout)
         trainer.microbatch_hook = lambda it, mb: fault_hook(it, f"microbatch{mb}", driver)
         strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer, config)
+        trainer.p2p_communicator = strategy.p2p_communicator
+        trainer.pg_collection = strategy.pg_collection
         return trainer, strategy
 
     driver = RecoveryDriver(ctx, build, fault_hook)

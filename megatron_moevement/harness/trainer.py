@@ -86,6 +86,10 @@ class HarnessTrainer:
         ensure_runtime()
         self.model_config = model_config
         self.layout = layout
+        self.p2p_communicator = None
+        """Optional custom ``P2PCommunicator`` (e.g. MoEvement's logging one) for the schedule."""
+        self.pg_collection = None
+        """The ``ProcessGroupCollection`` that goes with a custom communicator."""
         self.microbatch_hook: Callable[[int, int], None] | None = None
         """Optional ``f(iteration, microbatch)`` called before each microbatch's forward (fault
         injection in tests and demos)."""
@@ -184,6 +188,11 @@ class HarnessTrainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         data_iter = self.data.iterator(iteration, cfg.num_microbatches, self.dp_rank)
+        extra = {}
+        if self.p2p_communicator is not None and self.layout.pp > 1:
+            if hasattr(self.p2p_communicator, "begin_iteration"):
+                self.p2p_communicator.begin_iteration(iteration)
+            extra = dict(p2p_communicator=self.p2p_communicator, pg_collection=self.pg_collection)
         losses = self.forward_backward_func(
             forward_step_func=forward_step_func or _forward_step,
             data_iterator=data_iter,
@@ -192,6 +201,7 @@ class HarnessTrainer:
             seq_length=cfg.seq_length,
             micro_batch_size=cfg.micro_batch_size,
             forward_only=False,
+            **extra,
         )
         update_successful, grad_norm, _ = self.optimizer.step()
         loss = None

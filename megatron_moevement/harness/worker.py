@@ -161,7 +161,14 @@ def _replay_cost(spec: WorkerSpec) -> None:
     run_replay_cost(spec)
 
 
+def _upstream_check(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.upstream_check import run_upstream_check
+
+    run_upstream_check(spec)
+
+
 JOBS = {
+    "upstream_check": _upstream_check,
     "replay_cost": _replay_cost,
     "replay_check": _replay_check,
     "train": run_training,
