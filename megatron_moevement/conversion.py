@@ -182,18 +182,25 @@ def replay_optimizer_step(optimizer, scalars: StepScalars, frozen_main_params: S
 
 
 def _force_found_inf(leaves, value: bool):
-    """Makes fp16 overflow checks report the logged decision (the partial gradients of a replay
-    could overflow differently); returns a function that undoes it."""
+    """Makes the loss-scaler overflow check use the logged decision; returns an undo function.
+
+    Megatron's check unscales the main gradients and then all-reduces ``found_inf`` over the
+    model-parallel group, which spans the stages that do not replay in a scoped recovery (and
+    the partial gradients of a replay could overflow differently anyway). The replacement does
+    the same local unscale with the same torch op, and takes the decision from the log.
+    """
     patched = []
     for leaf in leaves:
-        if getattr(leaf, "grad_scaler", None) is None or not hasattr(
-            leaf, "_unscale_main_grads_and_check_for_nan"
-        ):
+        scaler = getattr(leaf, "grad_scaler", None)
+        if scaler is None or not hasattr(leaf, "_unscale_main_grads_and_check_for_nan"):
             continue
         original = leaf._unscale_main_grads_and_check_for_nan
 
-        def forced(original=original):
-            original()
+        def forced(leaf=leaf, scaler=scaler):
+            if not getattr(leaf, "is_stub_optimizer", False):
+                grads = leaf._collect_main_grad_data_for_unscaling()
+                found = torch.zeros(1, dtype=torch.float, device=scaler.inv_scale.device)
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, scaler.inv_scale)
             return value
 
         leaf._unscale_main_grads_and_check_for_nan = forced

@@ -16,7 +16,7 @@ that talk to it within milliseconds; each survivor then destroys its process gro
 its connections and makes every other rank's pending collective fail too, so the whole job notices
 without waiting for timeouts. Collective timeouts remain the last resort.
 
-Recovery (:meth:`RecoveryDriver.recover`):
+Recovery (:meth:`RecoveryDriver.recover`), scoped when possible (:mod:`megatron_moevement.scope`):
 
 1. tear down Megatron state and the process group, keep host memory (sparse checkpoints, peer
    replicas, the scalar log);
@@ -24,13 +24,17 @@ Recovery (:meth:`RecoveryDriver.recover`):
 3. agree on the last committed iteration and on the newest sparse checkpoint persisted everywhere;
 4. rebuild model, optimizer and MoEvement strategy on the new groups; spares fetch their sparse
    checkpoint from a surviving peer replica and the scalar log from a survivor;
-5. roll back to that checkpoint and replay to the last committed iteration (sparse-to-dense
-   conversion, then all-active replay with logged scalars); training resumes after it.
+5. the ranks of the failed stages (the *scope*) roll back to that checkpoint and replay to the
+   last committed iteration (sparse-to-dense conversion, then all-active replay with logged
+   scalars), fed by their neighbours' upstream logs; all other ranks restore their live state and
+   wait. Training resumes after it.
 
 A failure during recovery restarts it on the next generation with the widened set of failed ranks.
-The rollback here is *global* (every rank replays): it needs no upstream logs and is the fallback
-tier of MoEvement's localized recovery. When no surviving replica holds a failed rank's
-checkpoint, recovery stops with an error that names the missing replica and the next tier.
+When the scope cannot be isolated (every stage failed, upstream logging is off, or the ranks
+outside the failed stages disagree on the last committed iteration) every rank rolls back:
+*global* rollback, the fallback tier, which needs no upstream logs. When no surviving replica
+holds a failed rank's checkpoint, recovery stops with an error that names the missing replica and
+the next tier.
 """
 
 from __future__ import annotations
@@ -159,7 +163,11 @@ class RecoveryReport:
     generation: int
     failed_ranks: list[int]
     scope: str
-    """"global": every rank rolled back and replayed."""
+    """"scoped": only the ranks of the failed stages rolled back; "global": every rank did."""
+    scope_ranks: list[int]
+    """Ranks that rolled back and replayed."""
+    reason: str
+    """Why recovery was global rather than scoped (empty when scoped)."""
     tier: str
     """Where the state came from: "sparse-checkpoint" (local + peer replicas)."""
     committed_iteration: int
@@ -240,6 +248,11 @@ class RecoveryDriver:
         self.joined_as_spare = ctx.is_spare_join
         self.has_state = not ctx.is_spare_join
         self._received_ckpt = None  # a replacement's fetched checkpoint, kept across attempts
+        self._dirty = False
+        """True when the failure interrupted this rank's optimizer step (state half-updated)."""
+        self._live_backup: dict | None = None
+        """Host copy of the live training state, restored after the rebuild if this rank is
+        outside the recovery scope."""
         self._received_log: dict | None = None
         """False until a spare has received its state (a failure during its recovery keeps it
         stateless for the next attempt)."""
@@ -264,9 +277,11 @@ class RecoveryDriver:
                 if iteration < iterations:
                     self.fault_hook(iteration, "before", self)
                     self.trainer.train_iteration(iteration)
+                    # The step completed: the state is that of `iteration` now, whatever happens
+                    # in the snapshot call below.
+                    self.committed = iteration
                     self.fault_hook(iteration, "after_step", self)
                     self.strategy.after_optimizer_step(iteration)
-                    self.committed = iteration
                     self.fault_hook(iteration, "after_snapshot", self)
                     if on_iteration is not None:
                         on_iteration(iteration, self)
@@ -290,6 +305,12 @@ class RecoveryDriver:
         logger.warning("rank %d: failure detected at generation %d (%s); recovering",
                        self.ctx.rank, self.ctx.generation, failure)
         old = self.strategy
+        if old is not None and self.has_state and self._live_backup is None:
+            self._dirty = old.step_in_progress
+            if not self._dirty:
+                from megatron_moevement.scope import capture_live_state
+
+                self._live_backup = capture_live_state(old.registry)
         while True:
             self._teardown()
             info = self.ctx.wait_for_generation(self.ctx.generation)
@@ -358,12 +379,35 @@ class RecoveryDriver:
     def _recover_in_generation(self, old, info: dict, t0: float) -> RecoveryReport:
         import torch.distributed as dist
 
+        from megatron_moevement.scope import (
+            RankStatus,
+            exchange_logs,
+            gather_status,
+            make_replay_communicator,
+            plan_scope,
+            restore_live_state,
+        )
+
         failed = sorted(info["failed"])
         spare = old is None or not self.has_state
         t_detect = time.perf_counter() - t0
         big = 1 << 62
-        # 1. The last iteration every survivor committed; the newest window persisted everywhere.
-        committed = self._agree(big if spare else self.committed, dist.ReduceOp.MIN)
+        # 1. Rebuild Megatron state and the strategy on the new groups.
+        t1 = time.perf_counter()
+        self.trainer, self.strategy = self.build()
+        ensure_optimizer_state(self.trainer.optimizer)
+        self.strategy.registry.refresh()
+        t_rebuild = time.perf_counter() - t1
+        # 2. Where everyone stands; choose the scope (scoped if the cut allows, else global).
+        statuses = gather_status(
+            RankStatus(self.ctx.rank, self.trainer.pp_rank, self.trainer.dp_rank,
+                       -1 if spare else self.committed, self._dirty and not spare, not spare,
+                       self.strategy.upstream_log is not None),
+            self.ctx.world_size,
+        )
+        plan = plan_scope(statuses, failed, self.strategy.config.upstream_logging)
+        in_scope = self.ctx.rank in plan.ranks
+        committed = plan.committed
         if spare:
             persisted = big if self._received_ckpt is None else self._received_ckpt.generation
         else:
@@ -376,13 +420,7 @@ class RecoveryDriver:
                 "no sparse checkpoint is persisted on every surviving rank yet (failure in the "
                 "first window); restart from the durable tier"
             )
-        # 2. Rebuild Megatron state and the strategy on the new groups.
-        t1 = time.perf_counter()
-        self.trainer, self.strategy = self.build()
-        ensure_optimizer_state(self.trainer.optimizer)
-        self.strategy.registry.refresh()
-        t_rebuild = time.perf_counter() - t1
-        # 3. Host state: survivors adopt theirs; spares fetch from peer replicas and survivors.
+        # 3. Host state: survivors adopt theirs; replacements fetch from peer replicas.
         t2 = time.perf_counter()
         if not spare:
             self.strategy.adopt_host_state(old)
@@ -391,27 +429,54 @@ class RecoveryDriver:
         if spare and self._received_log is not None:
             self.strategy.scalar_log.load_dict(self._received_log)
         have = [c.generation for c in self.strategy.checkpoints]
-        needs_ckpt = self._gather_flags(window not in have)
-        needs_log = self._gather_flags(spare and self._received_log is None)
+        needs_ckpt = self._gather_flags(in_scope and window not in have)
+        needs_log = self._gather_flags(
+            in_scope and (plan.scoped or (spare and self._received_log is None)))
         ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
-        self._exchange_scalar_log(failed, needs_log)
+        log_source = min(r for r in range(self.ctx.world_size)
+                         if (r not in plan.ranks if plan.scoped else statuses[r].has_state))
+        self._exchange_scalar_log(log_source, needs_log)
+        feed = {}
+        if plan.scoped:
+            iterations = list(range(ckpt.start_iteration + 1, committed + 1))
+            feed = exchange_logs(self.ctx.rank, statuses, plan, self.strategy.upstream_log,
+                                 iterations, self.trainer.model_config.num_microbatches)
         t_fetch = time.perf_counter() - t2
-        # 4. Roll back and replay to the committed iteration.
+        # 4. In scope: roll back and replay to the committed iteration. Outside: keep live state.
         t3 = time.perf_counter()
-        def replay_iteration(it: int) -> None:
-            self.fault_hook(it, "replay", self)
-            self.trainer.train_iteration(it)
+        if in_scope:
+            def replay_iteration(it: int) -> None:
+                self.fault_hook(it, "replay", self)
+                self.trainer.train_iteration(it)
 
-        replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
+            if plan.scoped and self.trainer.layout.pp > 1:
+                pp = self.trainer.pp_rank
+                self.trainer.p2p_communicator = make_replay_communicator(
+                    self.strategy.gpt_model.config, feed,
+                    prev_in_scope=(pp - 1) in plan.stages, next_in_scope=(pp + 1) in plan.stages,
+                    upstream_log=self.strategy.upstream_log)
+            try:
+                replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
+            finally:
+                self.trainer.p2p_communicator = self.strategy.p2p_communicator
+        else:
+            restore_live_state(self.strategy.registry, self._live_backup)
+            replay = {"iterations_replayed": []}
+            self.fault_hook(committed, "recovery_wait", self)
+        dist.barrier()  # ranks outside the scope wait here for the replay to finish
         t_replay = time.perf_counter() - t3
         self.strategy.resume_after_recovery(committed, window_count, ckpt)
         self.committed = committed
         self.has_state = True
+        self._dirty = False
+        self._live_backup = None
         self.ctx.store.add(f"stable/{self.ctx.generation}", 1)
         report = RecoveryReport(
             generation=self.ctx.generation,
             failed_ranks=failed,
-            scope="global",
+            scope="scoped" if plan.scoped else "global",
+            scope_ranks=plan.ranks,
+            reason=plan.reason,
             tier="sparse-checkpoint",
             committed_iteration=committed,
             window=ckpt.generation,
@@ -424,10 +489,11 @@ class RecoveryDriver:
         )
         self.reports.append(report)
         logger.warning(
-            "rank %d recovered (generation %d, failed %s, %s rollback to window %d): replayed "
-            "iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs replay %.3fs",
-            self.ctx.rank, report.generation, failed, report.scope, report.window,
-            report.iterations_replayed, t_detect, t_rebuild, t_fetch, t_replay,
+            "rank %d recovered (generation %d, failed %s, %s recovery of ranks %s from window "
+            "%d%s): replayed iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs replay %.3fs",
+            self.ctx.rank, report.generation, failed, report.scope, plan.ranks, report.window,
+            f", because {plan.reason}" if plan.reason else "", report.iterations_replayed,
+            t_detect, t_rebuild, t_fetch, t_replay,
         )
         return report
 
@@ -494,14 +560,9 @@ class RecoveryDriver:
             raise RecoveryError(f"rank {self.ctx.rank} has no sparse checkpoint of window {window}")
         return mine[0]
 
-    def _exchange_scalar_log(self, failed: list[int], needs: list[bool]) -> None:
-        """The lowest surviving rank sends its scalar log (global values) to each replacement
-        that has none yet."""
-        survivors = [r for r in range(self.ctx.world_size) if r not in failed]
-        if not survivors:
-            raise RecoveryError("every rank failed at once; restart from the durable tier")
-        source = survivors[0]
-        for lost in [r for r in range(self.ctx.world_size) if needs[r]]:
+    def _exchange_scalar_log(self, source: int, needs: list[bool]) -> None:
+        """``source`` sends its scalar log (global values) to every rank that needs it."""
+        for lost in [r for r in range(self.ctx.world_size) if needs[r] and r != source]:
             if self.ctx.rank == source:
                 _send_bytes(json.dumps(self.strategy.scalar_log.to_dict()).encode(), lost)
             elif self.ctx.rank == lost:

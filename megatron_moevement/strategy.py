@@ -169,6 +169,8 @@ class MoEvementStrategy:
         self._replay_iteration: int | None = None
         self._frozen_mains: list = []
         self.replay_reports: list[dict] = []
+        self.step_in_progress = False
+        """True while the wrapped optimizer step runs (a failure then leaves state half-updated)."""
         self.replay_uses_scalar_log = True
         """Diagnostics only: False recomputes the grad norm from a replay's partial gradients."""
         self.replay_probe = None
@@ -197,7 +199,9 @@ class MoEvementStrategy:
                 )
             lrs = learning_rates(self.optimizer)  # at step time: schedulers move them after
             scaler = _scaler_state(self.optimizer)
+            self.step_in_progress = True  # stays True if the step is interrupted by a failure
             result = original(*args, **kwargs)
+            self.step_in_progress = False
             update_successful, grad_norm = bool(result[0]), result[1]
             self._pending_scalars = StepScalars(
                 iteration=-1,
@@ -397,6 +401,9 @@ class MoEvementStrategy:
         self.checkpoints = list(old.checkpoints)
         self.scalar_log = old.scalar_log
         self.replicator.replicas.update(old.replicator.replicas)
+        if old.upstream_log is not None and self.upstream_log is not None:
+            self.upstream_log = old.upstream_log
+            self.p2p_communicator.log = old.upstream_log
         self.popularity.load_state_dict(old.popularity.state_dict())
         self._window_count = old._window_count
 

@@ -4,8 +4,9 @@ Faults are injected by the victim process itself sending SIGKILL to its own pid 
 point: ``{"rank": r, "iteration": i, "phase": p, "generation": g}`` with phase one of
 ``before`` (start of the iteration), ``microbatch<k>`` (mid-iteration, before microbatch k's
 forward), ``after_step`` (optimizer step done, snapshot not yet taken), ``after_snapshot``
-(snapshot copy and replication just launched, in flight) or ``replay`` (during a recovery's
-replay). ``generation`` (default 0) selects which incarnation of the rank dies.
+(snapshot copy and replication just launched, in flight), ``replay`` (during a recovery's
+replay, ranks in scope) or ``recovery_wait`` (while a rank outside the scope waits for the
+replay; ``iteration`` is then its last committed one). ``generation`` (default 0) selects which incarnation of the rank dies.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ checkpoint is ``stage params * (master + optimizer bytes) / (tp * ep * dp)``; th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
 
 from megatron_moevement.sim.config import SimulationConfig
 from megatron_moevement.sim.operators import KIND_EXPERT, StageOperators, build_stage_operators
@@ -71,6 +71,9 @@ class ScenarioContext:
     expert_work_share: float
     """Share of the weight-gradient (matmul) work done by routed experts."""
 
+    cache: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """MTBF-independent results of strategy models (e.g. MoEvement's window), by key."""
+
     @classmethod
     def build(cls, scenario: Scenario, config: SimulationConfig) -> "ScenarioContext":
         """Derives every quantity from the scenario."""
@@ -106,8 +109,8 @@ class ScenarioContext:
 
     @property
     def overlap_budget_s(self) -> float:
-        """Time per iteration a snapshot can overlap with (forward/backward) (s)."""
-        return self.times.pipeline_s
+        """Time per iteration a snapshot copy can overlap with (s)."""
+        return self.times.overlap_s
 
     @property
     def d2h_bandwidth(self) -> float:
@@ -135,9 +138,11 @@ class ScenarioContext:
         """Training time lost to one overlapped snapshot copy of ``copy_s`` seconds."""
         return overlapped_copy_cost_s(copy_s, self.overlap_budget_s, self.config.copy_interference)
 
-    def reload_from_host_s(self) -> float:
-        """Time for a surviving GPU to reload its dense checkpoint share from host memory."""
-        return self.full_state_bytes_per_gpu / self.d2h_bandwidth
+    def reload_from_host_s(self, bytes_per_gpu: float | None = None) -> float:
+        """Time for a GPU to restore ``bytes_per_gpu`` (default: its dense checkpoint share)
+        from host memory while training is paused."""
+        size = self.full_state_bytes_per_gpu if bytes_per_gpu is None else bytes_per_gpu
+        return size / self.scenario.cluster.h2d_bandwidth
 
     def fetch_from_peers_s(self, bytes_per_gpu: float) -> float:
         """Time for the replacement node's GPUs to fetch ``bytes_per_gpu`` each from peers."""

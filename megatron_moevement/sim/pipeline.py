@@ -29,7 +29,12 @@ class IterationTimes:
     """Wall time of one fault-free iteration without checkpointing (s)."""
 
     pipeline_s: float
-    """Forward/backward part (the window a snapshot can overlap with) (s)."""
+    """Forward/backward part of the pipeline schedule (s)."""
+
+    overlap_s: float
+    """Time between two optimizer steps that a snapshot copy can overlap with: everything but
+    the slowest stage's optimizer step (forward, backward and gradient synchronization) (s).
+    A copy running longer delays the next optimizer step (paper footnote 4)."""
 
     tail_s: float
     """Optimizer step plus exposed gradient synchronization of the slowest stage (s)."""
@@ -57,8 +62,13 @@ def iteration_times(
     pipeline_s = num_microbatches * slowest + warmup_cooldown
     tail_s = max(s.step_s for s in profile.stages)
     bubble_s = pipeline_s - num_microbatches * (sum(per_stage) / len(per_stage))
+    iteration_s = pipeline_s + tail_s
     return IterationTimes(
-        iteration_s=pipeline_s + tail_s, pipeline_s=pipeline_s, tail_s=tail_s, bubble_s=bubble_s
+        iteration_s=iteration_s,
+        pipeline_s=pipeline_s,
+        overlap_s=iteration_s - max(s.optimizer_s for s in profile.stages),
+        tail_s=tail_s,
+        bubble_s=bubble_s,
     )
 
 

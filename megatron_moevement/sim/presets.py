@@ -20,14 +20,16 @@ What the paper does not state is an assumption, listed here and in ``docs/simula
 * The effective device-to-host snapshot bandwidth while training runs is not reported. The
   Azure presets use 0.2 GB/s per GPU: Gemini's DeepSeek-MoE row at MTBF 2 h (0.07 s/iter x 92
   iterations = 6.4 s per checkpoint for a ~2 GB per-GPU dense share) implies ~0.22 GB/s. The
-  H100 presets use 0.08 GB/s, implied the same way by Table 7's Gemini rows at 1 h.
+  H100 presets reuse that value (nothing else is known about that cluster's snapshot path).
 * The scaling presets (§5.4) have no profile in the paper; they use the analytic estimator at
   140 achieved TFLOP/s per GPU (A100 BF16 at 45% MFU) on the §5.1 network, with storage
-  bandwidth scaled per node, sequence length 4096 and 2 x PP micro-batches per iteration.
+  bandwidth scaled per node, sequence length 4096, 2 x PP micro-batches per iteration and
+  micro-batches of 4 / 2 / 2 / 1 samples (2.1M / 3.1M / 8.4M / 16.8M tokens per iteration).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, List
 
 from megatron_moevement.sim._validation import SimSpecError
@@ -52,10 +54,7 @@ _SCALING_REF = "MoEvement paper, §5.4 (Fig. 11)"
 _TABLE7_REF = "MoEvement paper, §5.7 and Table 7"
 
 AZURE_D2H_BANDWIDTH = 0.2 * GB
-"""Effective per-GPU snapshot bandwidth assumed for the Azure A100 cluster (see module doc)."""
-
-H100_D2H_BANDWIDTH = 0.08 * GB
-"""Effective per-GPU snapshot bandwidth assumed for the §5.7 H100 cluster (see module doc)."""
+"""Effective per-GPU snapshot bandwidth assumed for the paper's clusters (see module doc)."""
 
 
 def azure_a100_cluster(num_gpus: int = 96, storage_gbps_per_12_nodes: float = 40.0) -> ClusterSpec:
@@ -81,7 +80,7 @@ def _h100_cluster() -> ClusterSpec:
         name="h100x128",
         num_gpus=128,
         gpus_per_node=8,
-        d2h_bandwidth=H100_D2H_BANDWIDTH,
+        d2h_bandwidth=AZURE_D2H_BANDWIDTH,
         inter_node_bandwidth=200 * GBPS,
         storage_bandwidth=40 * GBPS,  # not stated in §5.7; the §5.1 value is reused
         intra_node_bandwidth=400 * GB,
@@ -127,11 +126,15 @@ def moe_llava() -> Scenario:
         extra_nonexpert_params=310_000_000,  # CLIP ViT-L/14 vision tower + projector
         precision=_FP16,
     )
+    # Stage 0 holds the vision tower and the embedding (~0.5B parameters, as much as 7 layers),
+    # the last stage the output layer: the 32 layers are split (0, 7, 7, 7, 7, 4) to balance
+    # the stages' state (the paper does not give its split).
+    plan = dataclasses.replace(_paper_plan(pp=6, dp=2), layers_per_stage=(0, 7, 7, 7, 7, 4))
     return Scenario(
         name="moe-llava",
         model=model,
         cluster=azure_a100_cluster(96),
-        plan=_paper_plan(pp=6, dp=2),
+        plan=plan,
         iteration_time_s=1.70,
         description="MoE-LLaVa on ImageNet-1K, (PP, DP, EP) = (6, 2, 8)",
         reference=_PAPER_REF,
@@ -204,9 +207,11 @@ _SCALING_COMPUTE = ComputeSpec(tflops_per_gpu=140.0)
 
 
 def _scaling(
-    name: str, model: ModelSpec, gpus: int, pp: int, dp: int, description: str
+    name: str, model: ModelSpec, gpus: int, pp: int, dp: int, micro_batch: int, description: str
 ) -> Scenario:
-    plan = ParallelPlan(pp=pp, dp=dp, ep=8, num_microbatches=2 * pp, micro_batch_size=1)
+    plan = ParallelPlan(
+        pp=pp, dp=dp, ep=8, num_microbatches=2 * pp, micro_batch_size=micro_batch
+    )
     return Scenario(
         name=name,
         model=model,
@@ -232,7 +237,7 @@ def deepseek_moe_32b() -> Scenario:
         seq_length=4096,
         precision=_FP16,
     )
-    return _scaling("deepseek-moe-32b", model, 512, 16, 4, "32B, 512 GPUs, PP16 DP4 EP8")
+    return _scaling("deepseek-moe-32b", model, 512, 16, 4, 4, "32B, 512 GPUs, PP16 DP4 EP8")
 
 
 def deepseek_moe_67b() -> Scenario:
@@ -249,7 +254,7 @@ def deepseek_moe_67b() -> Scenario:
         seq_length=4096,
         precision=_FP16,
     )
-    return _scaling("deepseek-moe-67b", model, 1536, 24, 8, "67B, 1536 GPUs, PP24 DP8 EP8")
+    return _scaling("deepseek-moe-67b", model, 1536, 24, 8, 2, "67B, 1536 GPUs, PP24 DP8 EP8")
 
 
 def deepseek_moe_145b() -> Scenario:
@@ -266,7 +271,7 @@ def deepseek_moe_145b() -> Scenario:
         seq_length=4096,
         precision=_FP16,
     )
-    return _scaling("deepseek-moe-145b", model, 4096, 32, 16, "145B, 4096 GPUs, PP32 DP16 EP8")
+    return _scaling("deepseek-moe-145b", model, 4096, 32, 16, 2, "145B, 4096 GPUs, PP32 DP16 EP8")
 
 
 def deepseek_moe_671b() -> Scenario:
@@ -291,7 +296,7 @@ def deepseek_moe_671b() -> Scenario:
         attention_params_per_layer=187_000_000,
         precision=_FP16,
     )
-    return _scaling("deepseek-moe-671b", model, 16384, 64, 32, "671B, 16384 GPUs, PP64 DP32 EP8")
+    return _scaling("deepseek-moe-671b", model, 16384, 64, 32, 1, "671B, 16384 GPUs, PP64 DP32 EP8")
 
 
 def _table7(precision_name: str, iteration_s: float) -> Callable[[], Scenario]:

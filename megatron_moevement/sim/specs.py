@@ -293,6 +293,7 @@ class ModelSpec:
 
 _BANDWIDTH_FIELDS = (
     "d2h_bandwidth",
+    "h2d_bandwidth",
     "inter_node_bandwidth",
     "storage_bandwidth",
     "intra_node_bandwidth",
@@ -321,6 +322,10 @@ class ClusterSpec:
     storage_bandwidth: float
     """Aggregate bandwidth to durable storage for the whole job (bytes/s), used by CheckFreq's
     persist phase and its recovery (40 Gbps to Azure Blob in §5.1)."""
+
+    h2d_bandwidth: float = 10e9
+    """Host-to-device bandwidth per GPU (bytes/s) for restoring state from host memory during
+    a recovery, when training is paused (PCIe, not contended)."""
 
     intra_node_bandwidth: float = 150e9
     """Per-GPU NVLink bandwidth (bytes/s) for expert-parallel all-to-all inside a node."""

@@ -226,7 +226,7 @@ class _DenseStrategy(Strategy):
     def _recovery(self, ctx: ScenarioContext, costs: _DenseCosts, interval: int) -> RecoveryModel:
         wall = ctx.iteration_s + self._overhead_s(ctx, costs, interval)
         return RecoveryModel(
-            restart_s=ctx.config.restart_s,
+            restart_s=ctx.config.global_restart_s,
             load_s=costs.load_s,
             fixed_replay_s=0.0,
             per_lost_iteration_s=ctx.iteration_s,  # global rollback: whole pipeline re-runs
@@ -238,9 +238,15 @@ class _DenseStrategy(Strategy):
         overhead = self._overhead_s(ctx, costs, interval)
         return self._ettr(ctx, overhead, self._recovery(ctx, costs, interval), mtbf_s)
 
+    def _interval(self, ctx: ScenarioContext, costs: _DenseCosts, mtbf_s: float) -> int:
+        key = f"{self.name}_interval_{mtbf_s!r}"
+        if key not in ctx.cache:
+            ctx.cache[key] = self._choose_interval(ctx, costs, mtbf_s)
+        return ctx.cache[key]
+
     def evaluate(self, ctx: ScenarioContext, mtbf_s: float) -> StrategyEvaluation:
         costs = self._costs(ctx)
-        interval = self._choose_interval(ctx, costs, mtbf_s)
+        interval = self._interval(ctx, costs, mtbf_s)
         overhead = self._overhead_s(ctx, costs, interval)
         recovery = self._recovery(ctx, costs, interval)
         young_s = young_daly_interval_s(costs.copy_cost_s, mtbf_s)
@@ -261,7 +267,7 @@ class _DenseStrategy(Strategy):
 
     def runtime(self, ctx: ScenarioContext, mtbf_s: float) -> StrategyRuntime:
         costs = self._costs(ctx)
-        interval = self._choose_interval(ctx, costs, mtbf_s)
+        interval = self._interval(ctx, costs, mtbf_s)
         return StaticRuntime(
             ctx.iteration_s,
             self._overhead_s(ctx, costs, interval),
@@ -397,7 +403,7 @@ class MoC(Strategy):
             + ctx.config.replication_factor * size / ctx.checkpoint_network_per_gpu
         ) / wall
         return RecoveryModel(
-            restart_s=ctx.config.restart_s,
+            restart_s=ctx.config.global_restart_s,
             load_s=max(
                 ctx.fetch_from_peers_s(ctx.full_state_bytes_per_gpu), ctx.reload_from_host_s()
             ),
@@ -519,7 +525,12 @@ class MoEvement(Strategy):
         return iteration_times(profile, m, plan.virtual_pipeline_stages).iteration_s
 
     def plan(self, ctx: ScenarioContext) -> _MoEvementPlan:
-        """Window, overhead and recovery model (independent of the MTBF)."""
+        """Window, overhead and recovery model (independent of the MTBF; cached on ``ctx``)."""
+        if "moevement_plan" not in ctx.cache:
+            ctx.cache["moevement_plan"] = self._plan(ctx)
+        return ctx.cache["moevement_plan"]
+
+    def _plan(self, ctx: ScenarioContext) -> _MoEvementPlan:
         cfg = ctx.config
         schedules = self.schedules(ctx)
         window = schedules[0].window
@@ -540,9 +551,12 @@ class MoEvement(Strategy):
         ) / wall
         conversion = sum(self._replay_iteration_s(ctx, schedules, j) for j in range(window))
         per_lost = self._replay_iteration_s(ctx, schedules, None)
-        load = sum(ctx.fetch_from_peers_s(s.window_bytes) for s in schedules) / len(schedules)
+        load = sum(
+            max(ctx.fetch_from_peers_s(s.window_bytes), ctx.reload_from_host_s(s.window_bytes))
+            for s in schedules
+        ) / len(schedules)
         recovery = RecoveryModel(
-            restart_s=cfg.restart_s,
+            restart_s=cfg.restart_s if cfg.localized_recovery else cfg.global_restart_s,
             load_s=load,
             fixed_replay_s=conversion,
             per_lost_iteration_s=per_lost,
