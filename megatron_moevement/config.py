@@ -141,6 +141,11 @@ class MoEvementConfig:
     """Log activations sent downstream and gradients sent upstream at pipeline-stage
     boundaries so that only the failed stage's data-parallel group rolls back (paper §3.4)."""
 
+    recovery_scope: str = "auto"
+    """``"auto"``: after a failure only the failed stages' ranks roll back (scoped recovery, fed
+    by upstream logs) when the cut allows it, else every rank does; ``"global"``: always roll
+    back every rank (the fallback tier; useful to compare)."""
+
     checksum: str = "crc32"
     """Checksum over the raw bytes of every snapshot tensor: ``"crc32"`` (fast) or
     ``"sha256"`` (cryptographic strength)."""
@@ -317,6 +322,9 @@ class MoEvementConfig:
             self.durable_interval = int(self.durable_interval)
 
     def _validate_flags(self) -> None:
+        if self.recovery_scope not in ("auto", "global"):
+            _fail("recovery_scope", self.recovery_scope, 'must be "auto" or "global"',
+                  'use "auto" (scoped when possible) or "global"')
         for name in ("upstream_logging", "snapshot_async"):
             value = getattr(self, name)
             if not isinstance(value, bool):

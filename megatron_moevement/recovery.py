@@ -405,7 +405,9 @@ class RecoveryDriver:
                        self.strategy.upstream_log is not None),
             self.ctx.world_size,
         )
-        plan = plan_scope(statuses, failed, self.strategy.config.upstream_logging)
+        cfg = self.strategy.config
+        plan = plan_scope(statuses, failed,
+                          cfg.upstream_logging and cfg.recovery_scope == "auto")
         in_scope = self.ctx.rank in plan.ranks
         committed = plan.committed
         if spare:

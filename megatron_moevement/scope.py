@@ -82,7 +82,8 @@ def plan_scope(statuses: list[RankStatus], failed: list[int], prefer_scoped: boo
                          sorted({s.pp_rank for s in statuses}), global_committed, reason)
 
     if not prefer_scoped:
-        return global_plan("scoped recovery disabled (upstream logging off)")
+        return global_plan("scoped recovery disabled (upstream logging off or "
+                           "recovery_scope='global')")
     if not outside:
         return global_plan("every pipeline stage lost state")
     if not all(s.logging for s in statuses):

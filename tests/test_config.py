@@ -67,6 +67,7 @@ INVALID = [
     ("snapshot_budget_fraction", 0.0, {}),
     ("snapshot_budget_fraction", 1.5, {}),
     ("snapshot_budget_fraction", "half", {}),
+    ("recovery_scope", "local", {}),
     ("durable_dir", "", {"durable_interval": 10}),
     ("durable_dir", 5, {"durable_interval": 10}),
     ("durable_interval", 0, {"durable_dir": "/tmp/ckpt"}),

@@ -33,6 +33,7 @@ NON_DEFAULT = {
     "d2h_bandwidth_bytes_per_s": (["25GB/s"], 25e9),
     "iteration_time_s": (["1.5"], 1.5),
     "snapshot_budget_fraction": (["0.5"], 0.5),
+    "recovery_scope": (["global"], "global"),
     "durable_dir": (["/ckpt/moe"], "/ckpt/moe"),
     "durable_interval": (["100"], 100),
     "upstream_logging": ([], False),  # --no-moevement-upstream-logging
