@@ -55,7 +55,13 @@ def check_real(
         fail(owner, field_name, value, "must be a finite number", "use a number")
     if (strict and value <= minimum) or (not strict and value < minimum):
         relation = ">" if strict else ">="
-        fail(owner, field_name, value, f"must be {relation} {minimum}", f"use a value {relation} {minimum}")
+        fail(
+            owner,
+            field_name,
+            value,
+            f"must be {relation} {minimum}",
+            f"use a value {relation} {minimum}",
+        )
 
 
 def check_fraction(
@@ -67,7 +73,9 @@ def check_fraction(
     if value < 0 or value > 1 or (low_open and value == 0) or (high_open and value == 1):
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
-        fail(owner, field_name, value, f"must lie in {lo}0, 1{hi}", f"use a fraction in {lo}0, 1{hi}")
+        fail(
+            owner, field_name, value, f"must lie in {lo}0, 1{hi}", f"use a fraction in {lo}0, 1{hi}"
+        )
 
 
 def from_mapping(cls: Type[T], data: Mapping[str, Any], nested: Dict[str, Any] | None = None) -> T:

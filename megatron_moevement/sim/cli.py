@@ -1,4 +1,4 @@
-"""Command line of the ETTR simulator (``moevement-sim`` / ``python -m megatron_moevement.sim.cli``).
+"""The ETTR simulator's command line: ``moevement-sim`` or ``python -m megatron_moevement.sim.cli``.
 
 Subcommands::
 
@@ -273,6 +273,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SimSpecError as exc:
         print(f"moevement-sim: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into e.g. `head`
+        return 0
     parser.print_help()
     return 2
 

@@ -108,9 +108,7 @@ def estimate_profile(
     layer = 0
     for s, stage_ops in enumerate(ops):
         n_layers = counts[s]
-        moe_layers = sum(
-            1 for i in range(layer, layer + n_layers) if i >= model.num_dense_layers
-        )
+        moe_layers = sum(1 for i in range(layer, layer + n_layers) if i >= model.num_dense_layers)
         layer += n_layers
         # wgrad_work = params x activation share, 0 for the embedding (a lookup, no matmul).
         matmul = 2.0 * tokens * float(stage_ops.wgrad_work.sum())

@@ -19,9 +19,7 @@ from megatron_moevement.sim.timeline import StrategyRuntime, TimelineResult, run
 __all__ = ["MonteCarloResult", "monte_carlo", "poisson_failure_times", "replay_trace"]
 
 
-def poisson_failure_times(
-    mtbf_s: float, horizon_s: float, rng: np.random.Generator
-) -> List[float]:
+def poisson_failure_times(mtbf_s: float, horizon_s: float, rng: np.random.Generator) -> List[float]:
     """Failure instants of a Poisson process with mean gap ``mtbf_s`` in ``[0, horizon_s)``."""
     times: List[float] = []
     now = 0.0
@@ -81,7 +79,9 @@ def monte_carlo(
     failures = np.empty(trials)
     recovery = np.empty(trials)
     for i in range(trials):
-        result = run_timeline(make_runtime(), poisson_failure_times(mtbf_s, horizon_s, rng), horizon_s)
+        result = run_timeline(
+            make_runtime(), poisson_failure_times(mtbf_s, horizon_s, rng), horizon_s
+        )
         ettrs[i] = result.ettr
         failures[i] = result.failures
         recovery[i] = result.recovery_s

@@ -183,9 +183,7 @@ def compare_with_paper(
 def format_comparison(comparison: PaperComparison) -> str:
     """Plain-text table of a comparison with a deviation summary."""
     has_model = any(r.model_ettr is not None for r in comparison.rows)
-    header = (
-        f"{'config':<20} {'MTBF':>4} {'strategy':<10} {'paper':>6} {'fed':>6} {'dev':>7}"
-    )
+    header = f"{'config':<20} {'MTBF':>4} {'strategy':<10} {'paper':>6} {'fed':>6} {'dev':>7}"
     if has_model:
         header += f" {'model':>6} {'dev':>7} {'I/W paper':>9} {'I/W sim':>8}"
     lines = [

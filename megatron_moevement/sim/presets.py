@@ -209,9 +209,7 @@ _SCALING_COMPUTE = ComputeSpec(tflops_per_gpu=140.0)
 def _scaling(
     name: str, model: ModelSpec, gpus: int, pp: int, dp: int, micro_batch: int, description: str
 ) -> Scenario:
-    plan = ParallelPlan(
-        pp=pp, dp=dp, ep=8, num_microbatches=2 * pp, micro_batch_size=micro_batch
-    )
+    plan = ParallelPlan(pp=pp, dp=dp, ep=8, num_microbatches=2 * pp, micro_batch_size=micro_batch)
     return Scenario(
         name=name,
         model=model,

@@ -35,6 +35,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.sim.context import ScenarioContext
 from megatron_moevement.sim.ettr import (
@@ -149,7 +151,10 @@ class Strategy(ABC):
     # ----- shared helpers ---------------------------------------------------------------
 
     @staticmethod
-    def _ettr(ctx: ScenarioContext, overhead_s: float, recovery: RecoveryModel, mtbf_s: float):
+    def _ettr(
+        ctx: ScenarioContext, overhead_s: float, recovery: RecoveryModel, mtbf_s: float
+    ) -> float:
+        """Analytic ETTR with the configured model (first order or renewal)."""
         o = overhead_s / ctx.iteration_s
         if ctx.config.ettr_model == "renewal":
             return ettr_renewal(o, recovery.mgf(1.0 / mtbf_s))
@@ -234,7 +239,10 @@ class _DenseStrategy(Strategy):
             durability_lag_iterations=(costs.snapshot_s + costs.drain_s) / wall,
         )
 
-    def _ettr_at(self, ctx: ScenarioContext, costs: _DenseCosts, interval: int, mtbf_s: float):
+    def _ettr_at(
+        self, ctx: ScenarioContext, costs: _DenseCosts, interval: int, mtbf_s: float
+    ) -> float:
+        """Analytic ETTR at one interval (scalar reference of :meth:`Gemini._ettr_vector`)."""
         overhead = self._overhead_s(ctx, costs, interval)
         return self._ettr(ctx, overhead, self._recovery(ctx, costs, interval), mtbf_s)
 
@@ -323,13 +331,56 @@ class Gemini(_DenseStrategy):
         return max(ctx.fetch_from_peers_s(ctx.full_state_bytes_per_gpu), ctx.reload_from_host_s())
 
     def _choose_interval(self, ctx: ScenarioContext, costs: _DenseCosts, mtbf_s: float) -> int:
-        limit = ctx.config.gemini_max_interval or max(2, math.ceil(2.0 * mtbf_s / ctx.iteration_s))
-        best, best_ettr = 1, -1.0
-        for interval in range(1, limit + 1):
-            value = self._ettr_at(ctx, costs, interval, mtbf_s)
-            if value > best_ettr + 1e-15:
-                best, best_ettr = interval, value
-        return best
+        """Oracle: the interval maximizing the analytic ETTR for this MTBF.
+
+        Every interval up to 20,000 is tried, larger ones (up to ``gemini_max_interval`` or
+        2 x MTBF / iteration time, capped at 10^9) on a geometric grid refined around the best.
+        """
+        if math.isfinite(mtbf_s):
+            default_limit = max(2, math.ceil(2.0 * mtbf_s / ctx.iteration_s))
+        else:  # no failures: the longest interval searched has the least overhead
+            default_limit = 10**6
+        limit = min(ctx.config.gemini_max_interval or default_limit, 10**9)
+        dense = np.arange(1, min(limit, 20_000) + 1, dtype=np.float64)
+        grid = dense
+        if limit > 20_000:
+            grid = np.unique(np.concatenate([dense, np.round(np.geomspace(2e4, limit, 4000))]))
+        values = self._ettr_vector(ctx, costs, grid, mtbf_s)
+        best = int(np.argmax(values))
+        if grid[best] > 20_000:  # refine between the neighbouring grid points
+            lo, hi = int(grid[best - 1]), int(grid[min(best + 1, grid.size - 1)])
+            fine = np.arange(lo, hi + 1, dtype=np.float64)
+            fine_values = self._ettr_vector(ctx, costs, fine, mtbf_s)
+            return int(fine[int(np.argmax(fine_values))])
+        return int(grid[best])
+
+    @staticmethod
+    def _ettr_vector(
+        ctx: ScenarioContext, costs: _DenseCosts, intervals: np.ndarray, mtbf_s: float
+    ) -> np.ndarray:
+        """Analytic ETTR for many intervals at once (same model as :meth:`_recovery`)."""
+        t = ctx.iteration_s
+        overhead = (costs.copy_cost_s + np.maximum(0.0, costs.drain_s - intervals * t)) / intervals
+        lag = (costs.snapshot_s + costs.drain_s) / (t + overhead)
+        base = ctx.config.global_restart_s + costs.load_s
+        o = overhead / t
+        if not math.isfinite(mtbf_s):
+            return 1.0 / (1.0 + o)
+        if ctx.config.ettr_model == "first_order":
+            mean = base + t * (intervals / 2.0 + lag)
+            return np.maximum(0.0, 1.0 - mean / mtbf_s) / (1.0 + o)
+        # Renewal form: E[exp(T_rec / MTBF)] over the two uniform segments of RecoveryModel.
+        k = t / mtbf_s
+        n = np.floor(lag / intervals)
+        r = lag - n * intervals
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            lo1, lo2 = (n + 1) * intervals, n * intervals + r
+            w1, w2 = r, intervals - r
+            seg1 = np.where(w1 > 0, np.exp(k * lo1) * np.expm1(k * w1) / (k * w1), 0.0)
+            seg2 = np.where(w2 > 0, np.exp(k * lo2) * np.expm1(k * w2) / (k * w2), 0.0)
+            mgf = np.exp(base / mtbf_s) * ((r / intervals) * seg1 + (w2 / intervals) * seg2)
+            values = 1.0 / ((1.0 + o) * mgf)
+        return np.nan_to_num(values, nan=0.0, posinf=0.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -590,9 +641,7 @@ class MoEvement(Strategy):
         return StaticRuntime(ctx.iteration_s, plan.overhead_s, plan.recovery)
 
 
-STRATEGIES: Dict[str, Strategy] = {
-    s.name: s for s in (CheckFreq(), Gemini(), MoC(), MoEvement())
-}
+STRATEGIES: Dict[str, Strategy] = {s.name: s for s in (CheckFreq(), Gemini(), MoC(), MoEvement())}
 """The four strategy models by name, in report order."""
 
 
