@@ -167,7 +167,21 @@ def _upstream_check(spec: WorkerSpec) -> None:
     run_upstream_check(spec)
 
 
+def _dense_save(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.dense_restart import run_dense_save
+
+    run_dense_save(spec)
+
+
+def _dense_restart(spec: WorkerSpec) -> None:
+    from megatron_moevement.harness.dense_restart import run_dense_restart
+
+    run_dense_restart(spec)
+
+
 JOBS = {
+    "dense_save": _dense_save,
+    "dense_restart": _dense_restart,
     "upstream_check": _upstream_check,
     "replay_cost": _replay_cost,
     "replay_check": _replay_check,
