@@ -26,8 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout", default="ep2")
-    parser.add_argument("--iterations", type=int, default=24)
-    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--iterations", type=int, default=36)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="iterations excluded from the statistics (default: 2W + 2, so "
+                        "every host buffer of both window generations is allocated)")
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--ffn-hidden-size", type=int, default=1024)
     parser.add_argument("--num-experts", type=int, default=8)
@@ -46,6 +48,11 @@ def main() -> None:
                  num_attention_heads=8, seq_length=64, micro_batch_size=4, num_microbatches=4)
     window = args.window_size if args.window_size == "auto" else int(args.window_size)
     results = {}
+    warmup = args.warmup
+    if warmup is None:
+        warmup = 2 * (window if isinstance(window, int) else 8) + 2
+    if warmup >= args.iterations:
+        raise SystemExit(f"--iterations {args.iterations} must exceed the warm-up ({warmup})")
     with tempfile.TemporaryDirectory(prefix="moevement-bench-") as tmp:
         for mode in MODES:
             moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
@@ -57,13 +64,13 @@ def main() -> None:
             print(f"running {mode} ...", flush=True)
             run_worker_job(spec, out, timeout=1200)
             data = json.loads((out / "overhead.json").read_text())
-            steady = data["iteration_times"][args.warmup :]
+            steady = data["iteration_times"][warmup :]
             results[mode] = dict(
                 window_size=data["window_size"],
                 median_iteration_s=statistics.median(steady),
                 mean_iteration_s=statistics.fmean(steady),
                 snapshot_bytes_per_iteration=statistics.fmean(
-                    data["snapshot_bytes_per_iteration"][args.warmup :]),
+                    data["snapshot_bytes_per_iteration"][warmup :]),
                 iteration_times=data["iteration_times"],
             )
     base = results["none"]["median_iteration_s"]
