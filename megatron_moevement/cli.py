@@ -37,15 +37,19 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
 
 
-def _train(args: argparse.Namespace) -> int:
-    layout = ParallelLayout.parse(args.layout)
-    model = TinyMoEConfig(
+def _model_from_args(args: argparse.Namespace) -> TinyMoEConfig:
+    return TinyMoEConfig(
         num_layers=args.num_layers,
         num_experts=args.num_experts,
         hidden_size=args.hidden_size,
         precision=args.precision,
         use_distributed_optimizer=args.distributed_optimizer,
     )
+
+
+def _train(args: argparse.Namespace) -> int:
+    layout = ParallelLayout.parse(args.layout)
+    model = _model_from_args(args)
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-train-"))
     print(f"training {args.iterations} iterations on {layout.world_size} CPU processes "
           f"({layout}), logs in {out / 'logs'}", flush=True)
@@ -65,13 +69,7 @@ def _demo(args: argparse.Namespace) -> int:
     from megatron_moevement.harness.launcher import run_elastic_job
 
     layout = ParallelLayout.parse(args.layout)
-    model = TinyMoEConfig(
-        num_layers=args.num_layers,
-        num_experts=args.num_experts,
-        hidden_size=args.hidden_size,
-        precision=args.precision,
-        use_distributed_optimizer=args.distributed_optimizer,
-    )
+    model = _model_from_args(args)
     if not 0 <= args.kill_rank < layout.world_size:
         raise SystemExit(f"--kill-rank {args.kill_rank} is not a rank of {layout} "
                          f"(0..{layout.world_size - 1})")

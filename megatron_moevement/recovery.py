@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.transport import recv_bytes, send_bytes
 
 logger = get_logger(__name__)
 
@@ -204,26 +205,6 @@ def ensure_optimizer_state(optimizer) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
-def _send_bytes(payload: bytes, dst: int) -> None:
-    import torch.distributed as dist
-
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.empty(0, dtype=torch.uint8)
-    dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst)
-    if data.numel():
-        dist.send(data, dst)
-
-
-def _recv_bytes(src: int) -> bytes:
-    import torch.distributed as dist
-
-    n = torch.zeros(1, dtype=torch.int64)
-    dist.recv(n, src)
-    data = torch.empty(int(n.item()), dtype=torch.uint8)
-    if data.numel():
-        dist.recv(data, src)
-    return bytes(data.numpy())
 
 
 class RecoveryDriver:
@@ -535,18 +516,18 @@ class RecoveryDriver:
                     raise RecoveryError(
                         f"rank {sender} lacks a complete replica of rank {lost}'s window {window}"
                     )
-                _send_bytes(json.dumps(len(slots)).encode(), lost)
+                send_bytes(json.dumps(len(slots)).encode(), lost)
                 for slot in slots:
                     slot.verify()
                     used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
-                    _send_bytes(json.dumps(slot.manifest()).encode(), lost)
-                    _send_bytes(bytes(slot.buffer[:used].numpy()), lost)
+                    send_bytes(json.dumps(slot.manifest()).encode(), lost)
+                    send_bytes(bytes(slot.buffer[:used].numpy()), lost)
             elif self.ctx.rank == lost:
-                count = json.loads(_recv_bytes(sender))
+                count = json.loads(recv_bytes(sender))
                 slots = []
                 for _ in range(count):
-                    manifest = json.loads(_recv_bytes(sender))
-                    payload = _recv_bytes(sender)
+                    manifest = json.loads(recv_bytes(sender))
+                    payload = recv_bytes(sender)
                     buf = allocate_host_buffer(len(payload))
                     if payload:
                         buf[: len(payload)].copy_(torch.frombuffer(bytearray(payload),
@@ -566,7 +547,7 @@ class RecoveryDriver:
         """``source`` sends its scalar log (global values) to every rank that needs it."""
         for lost in [r for r in range(self.ctx.world_size) if needs[r] and r != source]:
             if self.ctx.rank == source:
-                _send_bytes(json.dumps(self.strategy.scalar_log.to_dict()).encode(), lost)
+                send_bytes(json.dumps(self.strategy.scalar_log.to_dict()).encode(), lost)
             elif self.ctx.rank == lost:
-                self._received_log = json.loads(_recv_bytes(source))
+                self._received_log = json.loads(recv_bytes(source))
                 self.strategy.scalar_log.load_dict(self._received_log)

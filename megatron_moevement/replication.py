@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, allocate_host_buffer
+from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, _HostBufferPool
 
 logger = get_logger(__name__)
 
@@ -73,19 +73,15 @@ def sources_of(rank: int, world_size: int, replication_factor: int, ranks_per_no
 
 @dataclass
 class ReplicaStore:
-    """Replicas this rank holds for one source rank: generation -> slots."""
+    """Replicas this rank holds for one source rank: generation -> slots, in host buffers from
+    a pool keyed like the owner's (window parity, slot), allocated once and reused."""
 
     source: int
     windows: dict[int, list[SlotSnapshot | None]] = field(default_factory=dict)
-    buffers: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    pool: _HostBufferPool = field(default_factory=_HostBufferPool)
 
     def buffer(self, generation: int, slot: int, nbytes: int) -> torch.Tensor:
-        key = (generation % 2, slot)
-        buf = self.buffers.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = allocate_host_buffer(nbytes)
-            self.buffers[key] = buf
-        return buf
+        return self.pool.get(generation, slot, nbytes)
 
     def put(self, slot: SlotSnapshot, window_size: int) -> None:
         slots = self.windows.setdefault(slot.generation, [None] * window_size)
@@ -95,7 +91,7 @@ class ReplicaStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() for b in self.buffers.values())
+        return self.pool.nbytes
 
 
 class PeerReplicator:

@@ -24,6 +24,7 @@ import torch
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot import _operator_tensors
+from megatron_moevement.transport import recv_bytes, send_bytes
 from megatron_moevement.upstream_log import ACTIVATION, GRADIENT, UpstreamLogError
 
 logger = get_logger(__name__)
@@ -125,24 +126,6 @@ def restore_live_state(registry, backup: dict[str, torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------------- log exchange
-def _send(payload: bytes, dst: int) -> None:
-    import torch.distributed as dist
-
-    data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    dist.send(torch.tensor([data.numel()], dtype=torch.int64), dst)
-    dist.send(data, dst)
-
-
-def _recv(src: int) -> bytes:
-    import torch.distributed as dist
-
-    n = torch.zeros(1, dtype=torch.int64)
-    dist.recv(n, src)
-    data = torch.empty(int(n.item()), dtype=torch.uint8)
-    dist.recv(data, src)
-    return bytes(data.numpy())
-
-
 def exchange_logs(me: int, statuses: list[RankStatus], plan: ScopePlan, upstream_log,
                   iterations: list[int], num_microbatches: int) -> dict:
     """Neighbours outside the scope send the logged tensors a replaying rank needs.
@@ -168,11 +151,11 @@ def exchange_logs(me: int, statuses: list[RankStatus], plan: ScopePlan, upstream
                         t = upstream_log.get(direction, it, mb).contiguous()
                         header.append([it, mb, dtype_name(t.dtype), list(t.shape)])
                         chunks.append(bytes(t.reshape(-1).view(torch.uint8).numpy()))
-                _send(json.dumps(header).encode(), s.rank)
-                _send(b"".join(chunks), s.rank)
+                send_bytes(json.dumps(header).encode(), s.rank)
+                send_bytes(b"".join(chunks), s.rank)
             elif me == s.rank:
-                header = json.loads(_recv(source))
-                blob = _recv(source)
+                header = json.loads(recv_bytes(source))
+                blob = recv_bytes(source)
                 offset = 0
                 for it, mb, dtype, shape in header:
                     dt = dtype_from_name(dtype)

@@ -137,59 +137,30 @@ def run_registry_report(spec: WorkerSpec) -> None:
     (out / f"registry_rank{dist.get_rank()}.json").write_text(json.dumps(report, indent=1))
 
 
-def _snapshot_check(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.snapshot_check import run_snapshot_check
-
-    run_snapshot_check(spec)
-
-
-def _overhead(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.overhead import run_overhead
-
-    run_overhead(spec)
-
-
-def _replay_check(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.replay_check import run_replay_check
-
-    run_replay_check(spec)
-
-
-def _replay_cost(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.replay_cost import run_replay_cost
-
-    run_replay_cost(spec)
-
-
-def _upstream_check(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.upstream_check import run_upstream_check
-
-    run_upstream_check(spec)
-
-
-def _dense_save(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.dense_restart import run_dense_save
-
-    run_dense_save(spec)
-
-
-def _dense_restart(spec: WorkerSpec) -> None:
-    from megatron_moevement.harness.dense_restart import run_dense_restart
-
-    run_dense_restart(spec)
-
-
-JOBS = {
-    "dense_save": _dense_save,
-    "dense_restart": _dense_restart,
-    "upstream_check": _upstream_check,
-    "replay_cost": _replay_cost,
-    "replay_check": _replay_check,
-    "train": run_training,
-    "registry": run_registry_report,
-    "snapshot_check": _snapshot_check,
-    "overhead": _overhead,
+# Jobs of other harness modules, imported only when run: "name": (module, function).
+_LAZY_JOBS = {
+    "snapshot_check": ("megatron_moevement.harness.snapshot_check", "run_snapshot_check"),
+    "overhead": ("megatron_moevement.harness.overhead", "run_overhead"),
+    "replay_check": ("megatron_moevement.harness.replay_check", "run_replay_check"),
+    "replay_cost": ("megatron_moevement.harness.replay_cost", "run_replay_cost"),
+    "upstream_check": ("megatron_moevement.harness.upstream_check", "run_upstream_check"),
+    "dense_save": ("megatron_moevement.harness.dense_restart", "run_dense_save"),
+    "dense_restart": ("megatron_moevement.harness.dense_restart", "run_dense_restart"),
 }
+
+JOBS = {"train": run_training, "registry": run_registry_report}
+
+
+def _job(name: str):
+    """The function that runs job ``name``."""
+    import importlib
+
+    if name in JOBS:
+        return JOBS[name]
+    if name in _LAZY_JOBS:
+        module, function = _LAZY_JOBS[name]
+        return getattr(importlib.import_module(module), function)
+    raise ValueError(f"unknown job {name!r}; use one of {sorted([*JOBS, *_LAZY_JOBS, 'resilient'])}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,9 +179,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     init_distributed(spec.timeout_s)
     try:
-        if spec.job not in JOBS:
-            raise ValueError(f"unknown job {spec.job!r}; use one of {sorted(JOBS)}")
-        JOBS[spec.job](spec)
+        _job(spec.job)(spec)
     finally:
         dist.destroy_process_group()
 
