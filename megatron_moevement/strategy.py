@@ -16,6 +16,7 @@ popularity tracking, the asynchronous snapshot engine and the peer replicator. T
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -104,10 +105,16 @@ class MoEvementStrategy:
         optimizer: Its Megatron optimizer (any of plain, mixed-precision, distributed, chained).
         config: MoEvement settings.
         num_experts: Experts per MoE layer (defaults to the model config's).
+        verify_replicas: Check once, at construction, that data-parallel replicas hold identical
+            compute weights (one CRC32 per operator, gathered over each replica group). A
+            replicated operator is snapshotted by one replica and restored on all of them, so
+            replicas that start from different weights would silently diverge on recovery.
+            ``None`` (default) checks except inside :func:`rebuilding_for_recovery`, where the
+            model is freshly built and about to be overwritten.
     """
 
     def __init__(self, gpt_model, optimizer, config: MoEvementConfig | None = None,
-                 num_experts: int | None = None) -> None:
+                 num_experts: int | None = None, verify_replicas: bool | None = None) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -129,6 +136,8 @@ class MoEvementStrategy:
         # Sizes that are the same on every replica, so all replicas compute the same split.
         self.shard_plan = plan_shards([_scheduled(op) for op in self.registry.operators],
                                       self.sharding)
+        if verify_replicas or (verify_replicas is None and not _REBUILDING[0]):
+            verify_replicas_identical(self.registry, self.sharding, self.config.checksum)
         self.popularity = ExpertPopularity(ema_decay=self.config.ema_decay)
         self._hooks = self._install_router_hooks()
         bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth(
@@ -418,6 +427,20 @@ class MoEvementStrategy:
         self._pending_scalars = None
 
     # ------------------------------------------------------------------ inspection
+    def schedule_kwargs(self, iteration: int) -> dict:
+        """Keyword arguments for Megatron's ``forward_backward_func`` of ``iteration``.
+
+        With pipeline parallelism and upstream logging on, this is the logging p2p communicator
+        (already told which iteration its sends belong to) and its process-group collection;
+        otherwise it is empty. Usage::
+
+            forward_backward_func(..., **strategy.schedule_kwargs(iteration))
+        """
+        if self.p2p_communicator is None:
+            return {}
+        self.p2p_communicator.begin_iteration(iteration)
+        return {"p2p_communicator": self.p2p_communicator, "pg_collection": self.pg_collection}
+
     @property
     def persisted_checkpoint(self) -> SparseCheckpoint | None:
         """The newest sparse checkpoint whose slots are all captured and replicated."""
@@ -454,6 +477,57 @@ class MoEvementStrategy:
             self.optimizer.step = self._original_step
             self.engine.shutdown()
             self.replicator.shutdown()
+
+
+_REBUILDING = [False]
+
+
+@contextmanager
+def rebuilding_for_recovery():
+    """Marks strategies constructed inside as part of a recovery rebuild (their model state is
+    about to be replaced from snapshots, so the replica check is skipped)."""
+    previous, _REBUILDING[0] = _REBUILDING[0], True
+    try:
+        yield
+    finally:
+        _REBUILDING[0] = previous
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas of an operator hold different compute weights."""
+
+
+def verify_replicas_identical(registry, sharding: ShardingContext, algorithm: str = "crc32") -> None:
+    """Raises :class:`ReplicaMismatchError` unless every replicated operator has the same compute
+    weights on all of its data-parallel replicas (collective over the DP and expert-DP groups)."""
+    import torch.distributed as dist
+
+    from megatron_moevement.serialization import checksum
+
+    groups = default_operator_groups()
+    for kind, group, size in (("dense", groups.dense, sharding.dp_size),
+                              ("expert", groups.expert, sharding.expert_dp_size)):
+        if size <= 1:
+            continue
+        ops = [op for op in registry.operators if (op.kind == "expert") == (kind == "expert")]
+        # Experts are named by global id, so replicas of one expert share the name.
+        mine = {op.name: [checksum(p.param, algorithm) for p in op.params] for op in ops}
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
+        differing = sorted({name for _, other in gathered for name, digest in other.items()
+                            if mine.get(name, digest) != digest})
+        if differing:
+            ranks = [r for r, other in gathered if any(other.get(n) != mine.get(n)
+                                                       for n in differing)]
+            raise ReplicaMismatchError(
+                f"rank {dist.get_rank()}: {len(differing)} {kind} operator(s) differ between "
+                f"data-parallel replicas (e.g. {differing[:3]}; ranks {ranks} disagree with this "
+                "one). MoEvement snapshots a replicated operator on one replica and restores it "
+                "on all of them, so replicas must hold identical weights. Fix: seed every rank "
+                "identically before building the model (torch.manual_seed and "
+                "tensor_parallel.model_parallel_cuda_manual_seed), or load/broadcast the same "
+                "checkpoint on every replica before constructing MoEvementStrategy."
+            )
 
 
 def _scaler_state(optimizer) -> dict | None:
