@@ -8,9 +8,10 @@ object, ``MoEvementStrategy``:
 * ``strategy.schedule_kwargs(iteration)`` handed to ``forward_backward_func`` (the upstream-logging
   p2p communicator when the job is pipeline-parallel, nothing otherwise);
 * ``strategy.after_optimizer_step(iteration)`` once per iteration;
-* ``strategy.rollback_and_replay(target, train_step)`` to rebuild the dense state of ``target``
-  from the persisted sparse checkpoint; ``train_step(iteration)`` is the data accessor: it must
-  train on the same microbatches as the original iteration.
+* ``strategy.recover()`` (or ``rollback_and_replay(target, train_step)``) to rebuild the dense
+  state of the last (or ``target``) iteration from the persisted sparse checkpoint;
+  ``train_step(iteration)``, given at construction, is the data accessor: it must train on the
+  same microbatches as the original iteration.
 
 At the end the example does exactly that for the last iteration and checks every parameter bit for
 bit against the live state it replaced.
@@ -152,7 +153,8 @@ def main() -> None:
     config = MoEvementConfig(
         window_size=args.window_size, replication_factor=min(1, dist.get_world_size() - 1)
     )
-    strategy = MoEvementStrategy(gpt, optimizer, config)
+    # train_step (below) is the data accessor the strategy replays with.
+    strategy = MoEvementStrategy(gpt, optimizer, config, train_iteration=lambda it: train_step(it))
     forward_backward = get_forward_backward_func()
     last_stage = parallel_state.is_pipeline_last_stage()
 
@@ -181,7 +183,7 @@ def main() -> None:
 
     # Rebuild the dense state of the last iteration from the persisted sparse checkpoint.
     live = {name: p.detach().clone() for name, p in gpt.named_parameters()}
-    report = strategy.rollback_and_replay(args.iterations - 1, train_step)
+    report = strategy.recover()  # = rollback_and_replay(last iteration, train_step)
     differing = [
         name for name, p in gpt.named_parameters() if not torch.equal(live[name], p.detach())
     ]

@@ -111,10 +111,14 @@ class MoEvementStrategy:
             replicas that start from different weights would silently diverge on recovery.
             ``None`` (default) checks except inside :func:`rebuilding_for_recovery`, where the
             model is freshly built and about to be overwritten.
+        train_iteration: The data accessor: ``f(iteration)`` that trains one iteration on that
+            iteration's microbatches (forward/backward and ``optimizer.step()``). Needed by
+            :meth:`recover`; :meth:`rollback_and_replay` can also take it per call.
     """
 
     def __init__(self, gpt_model, optimizer, config: MoEvementConfig | None = None,
-                 num_experts: int | None = None, verify_replicas: bool | None = None) -> None:
+                 num_experts: int | None = None, verify_replicas: bool | None = None,
+                 train_iteration=None) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -170,6 +174,9 @@ class MoEvementStrategy:
             self.upstream_log = UpstreamLog(self.config.host_memory_budget_bytes)
             self.p2p_communicator, self.pg_collection = make_logging_communicator(
                 gpt_model.config, self.upstream_log)
+        self.train_iteration = train_iteration
+        self.last_iteration: int | None = None
+        """The last iteration reported to :meth:`after_optimizer_step`."""
         self._window_count = 0
         self._last_step_end: float | None = None
         self.iteration_times: list[float] = []
@@ -251,6 +258,15 @@ class MoEvementStrategy:
     # ------------------------------------------------------------------ per iteration
     def after_optimizer_step(self, iteration: int) -> None:
         """Captures this iteration's slot; call once per iteration right after the step."""
+        self._record_iteration(iteration)
+        self._capture_slot(iteration)
+
+    def _record_iteration(self, iteration: int) -> None:
+        """Bookkeeping of every iteration: timing, scalar log, popularity, replication errors.
+
+        Hook for other checkpointing policies (:mod:`megatron_moevement.baselines`), which
+        keep this part and replace :meth:`_capture_slot`.
+        """
         now = time.perf_counter()
         if self._last_step_end is not None:
             self.iteration_times.append(now - self._last_step_end)
@@ -261,11 +277,15 @@ class MoEvementStrategy:
                 "call; call it exactly once per iteration, right after the step"
             )
         self._pending_scalars.iteration = iteration
+        self.last_iteration = iteration
         self.scalar_log.record(self._pending_scalars)
         self._pending_scalars = None
         self.popularity.step()
         if self.replicator.error is not None:
             raise RuntimeError(f"peer replication failed: {self.replicator.error}")
+
+    def _capture_slot(self, iteration: int) -> None:
+        """Captures and replicates the slot that ``iteration`` snapshots (Algorithm 1)."""
         if self.scheduler is None:
             self.scheduler = ScheduleManager(
                 [_scheduled(op) for op in self.registry.operators],
@@ -384,6 +404,23 @@ class MoEvementStrategy:
         logger.info("replayed iterations %s from window %d (start %d, W=%d)", replayed,
                     ckpt.generation, start, window)
         return report
+
+    def recover(self, target_iteration: int | None = None, ckpt=None) -> dict:
+        """Global rollback: rebuilds the dense state of ``target_iteration`` (default: the last
+        iteration reported to :meth:`after_optimizer_step`) from the persisted sparse checkpoint,
+        with the data accessor given at construction. Collective over all ranks; see
+        :meth:`rollback_and_replay`. Scoped recovery after a lost process is
+        :class:`~megatron_moevement.recovery.RecoveryDriver`'s job."""
+        if self.train_iteration is None:
+            raise RuntimeError(
+                "recover() needs the data accessor: construct MoEvementStrategy(..., "
+                "train_iteration=f) with f(iteration) training one iteration on its microbatches, "
+                "or call rollback_and_replay(target, f)"
+            )
+        target = self.last_iteration if target_iteration is None else target_iteration
+        if target is None:
+            raise RuntimeError("recover() before any after_optimizer_step(): nothing to recover")
+        return self.rollback_and_replay(target, self.train_iteration, ckpt=ckpt)
 
     # ------------------------------------------------------------------ recovery support
     def abandon(self) -> None:
