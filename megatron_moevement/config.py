@@ -146,6 +146,18 @@ class MoEvementConfig:
     by upstream logs) when the cut allows it, else every rank does; ``"global"``: always roll
     back every rank (the fallback tier; useful to compare)."""
 
+    heartbeat_interval_s: float = 1.0
+    """Seconds between two heartbeats of a rank in an elastic job (one driven by
+    :class:`~megatron_moevement.recovery.RecoveryDriver`): a background thread of every rank
+    writes its key in the job's rendezvous store this often. Must be > 0."""
+
+    heartbeat_timeout_s: float = 10.0
+    """Seconds without a heartbeat after which the job's agent declares a rank failed (a hung or
+    stopped process, a frozen node) although its process still exists: the agent tells the
+    survivors to abort the current iteration and kills the silent process by pid, and recovery
+    proceeds as after a crash. Crashes themselves are noticed within milliseconds without it.
+    Must be more than twice ``heartbeat_interval_s`` so that one late beat is not a failure."""
+
     checksum: str = "crc32"
     """Checksum over the raw bytes of every snapshot tensor: ``"crc32"`` (fast) or
     ``"sha256"`` (cryptographic strength)."""
@@ -334,6 +346,25 @@ class MoEvementConfig:
                     f"expected a bool, got {type(value).__name__}",
                     f"use {name}=True or {name}=False",
                 )
+        for name in ("heartbeat_interval_s", "heartbeat_timeout_s"):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                _fail(
+                    name,
+                    value,
+                    "must be a finite number of seconds > 0",
+                    "use e.g. heartbeat_interval_s=1.0 and heartbeat_timeout_s=10.0",
+                )
+            setattr(self, name, float(value))
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            _fail(
+                "heartbeat_timeout_s",
+                self.heartbeat_timeout_s,
+                f"must exceed twice heartbeat_interval_s ({self.heartbeat_interval_s:g} s), or a "
+                "single late heartbeat would make a healthy rank count as failed",
+                f"raise heartbeat_timeout_s above {2 * self.heartbeat_interval_s:g} s or lower "
+                "heartbeat_interval_s",
+            )
         if not isinstance(self.checksum, str) or self.checksum not in CHECKSUM_ALGORITHMS:
             _fail(
                 "checksum",

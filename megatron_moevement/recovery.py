@@ -1,7 +1,7 @@
 """Failure detection, spare join, group rebuild and rollback recovery.
 
 Mechanism (chosen over a home-made protocol): torch.distributed's own ``TCPStore`` and
-``PrefixStore``. The job's agent (the local launcher, or the per-node launcher under SLURM) hosts
+``PrefixStore``. The job's agent (the local launcher, or the per-task agent under SLURM) hosts
 the store, so it outlives any worker. Each process-group *generation* ``g`` is initialized on
 ``PrefixStore("gen<g>/", store)``; after a failure the survivors and the spares that replace the
 failed ranks initialize generation ``g+1`` on the same store, keeping their in-memory state. The
@@ -9,12 +9,23 @@ agent, which sees its children die, announces a generation with the failed ranks
 assigns spares (``spare/<id>``). This is the same pattern as torchrun's rendezvous and
 nvidia-resiliency-ext's in-job restart, without their extra daemons (neither is needed on the
 CPU/gloo harness; on GPUs the store and generations are unchanged and NCCL groups are rebuilt the
-same way).
+same way). :class:`JobCoordinator` is the agent's side of this protocol, shared by the local
+agent (:class:`~megatron_moevement.harness.launcher.ElasticAgent`) and the SLURM task agents
+(:mod:`megatron_moevement.megatron.elastic`).
 
-Detection: a dead peer makes gloo (and NCCL with async error handling) raise in the survivors
-that talk to it within milliseconds; each survivor then destroys its process group, which closes
-its connections and makes every other rank's pending collective fail too, so the whole job notices
-without waiting for timeouts. Collective timeouts remain the last resort.
+Detection, by what fails:
+
+* **Crash** (process killed, node lost): a dead peer makes gloo (and NCCL with async error
+  handling) raise in the survivors that talk to it within milliseconds; each survivor then tears
+  down its groups and shuts down its connections to job hosts, which makes every other rank's
+  pending collective fail too, so the whole job notices without waiting for timeouts.
+* **Hang** (a stopped process, a frozen node, a thread stuck holding the GIL): its sockets stay
+  open, so nothing fails. Every rank runs a :class:`Heartbeat` thread that rewrites ``hb/<rank>`` in the store
+  every ``MoEvementConfig.heartbeat_interval_s``; the coordinator declares a rank whose heartbeat
+  has not changed for ``heartbeat_timeout_s`` failed: it sets ``abort/<g>`` (each survivor's
+  heartbeat thread sees it and shuts down its connections: the crash path from here on) and kills
+  the silent process by pid, after which it is replaced like a crashed rank.
+* Collective timeouts remain the last resort.
 
 Recovery (:meth:`RecoveryDriver.recover`), scoped when possible (:mod:`megatron_moevement.scope`):
 
@@ -30,21 +41,24 @@ Recovery (:meth:`RecoveryDriver.recover`), scoped when possible (:mod:`megatron_
    wait. Training resumes after it.
 
 A failure during recovery restarts it on the next generation with the widened set of failed ranks.
-When the scope cannot be isolated (every stage failed, upstream logging is off, or the ranks
-outside the failed stages disagree on the last committed iteration) every rank rolls back:
-*global* rollback, the fallback tier, which needs no upstream logs. When no surviving replica
-holds a failed rank's checkpoint, recovery stops with an error that names the missing replica and
-the next tier.
+The recovery *path* is reported and logged: ``scoped`` (in-memory, the failed stages only), else
+``global`` (in-memory, every rank rolls back: every stage failed, upstream logging is off, or the
+ranks outside the failed stages disagree on the last committed iteration), else ``durable``: when
+no surviving replica holds a failed rank's checkpoint, the driver asks its pluggable
+:class:`DurableCheckpointLoader` (configured with ``MoEvementConfig.durable_dir``); without one,
+recovery stops with an error that names the missing replica and the next tier.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Callable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -54,6 +68,12 @@ from megatron_moevement.transport import recv_bytes, send_bytes
 logger = get_logger(__name__)
 
 _POLL_S = 0.05
+
+HEARTBEAT_KEY = "hb/{rank}"
+"""Store key a rank's :class:`Heartbeat` rewrites (JSON: beat, pid, host, generation, interval_s,
+timeout_s, done)."""
+ABORT_KEY = "abort/{generation}"
+"""Store key the coordinator sets to make every survivor of a generation abort its collectives."""
 
 
 class RecoveryError(RuntimeError):
@@ -90,6 +110,11 @@ class ElasticContext:
     world_size: int
     generation: int = 0
     timeout_s: float = 120.0
+    heartbeat: "Heartbeat | None" = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _live_generation: int | None = field(default=None, repr=False)
+    """Generation whose process groups are up in this process (None while torn down)."""
+    _aborted_generation: int | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, timeout_s: float = 120.0, wait_s: float = 600.0) -> "ElasticContext":
@@ -97,16 +122,21 @@ class ElasticContext:
         store = connect_store()
         world = int(os.environ["WORLD_SIZE"])
         if os.environ.get("MOEVEMENT_SPARE") == "1":
-            key = f"spare/{os.environ['LOCAL_PROC_ID']}"
+            spare_id = os.environ["LOCAL_PROC_ID"]
+            key = f"spare/{spare_id}"
             deadline = time.monotonic() + wait_s
+            logger.info("spare %s waits in the rendezvous for a rank to take", spare_id)
             while not _has(store, key):
-                if _has(store, "job/done") or time.monotonic() > deadline:
-                    raise SystemExit(0)  # the job finished without needing this spare
+                if _has(store, "job/done") or _has(store, "job/failed"):
+                    logger.info("spare %s: the job ended without needing it", spare_id)
+                    raise SystemExit(0)
+                if time.monotonic() > deadline:
+                    logger.info("spare %s: not needed within %.0f s; leaving", spare_id, wait_s)
+                    raise SystemExit(0)
                 time.sleep(_POLL_S)
             assignment = _get_json(store, key)
-            logger.warning("spare %s takes rank %d in generation %d",
-                           os.environ["LOCAL_PROC_ID"], assignment["rank"],
-                           assignment["generation"])
+            logger.warning("spare %s takes rank %d in generation %d", spare_id,
+                           assignment["rank"], assignment["generation"])
             return cls(store, assignment["rank"], world, assignment["generation"], timeout_s)
         return cls(store, int(os.environ["RANK"]), world, 0, timeout_s)
 
@@ -114,13 +144,14 @@ class ElasticContext:
     def is_spare_join(self) -> bool:
         return self.generation > 0
 
-    def job_hosts(self) -> set[str]:
+    def job_hosts(self, store=None) -> set[str]:
         """Addresses of every rank's host, as published in the store."""
+        store = store if store is not None else self.store
         hosts: set[str] = set()
         for rank in range(self.world_size):
             key = f"hosts/{rank}"
-            if _has(self.store, key):
-                hosts.update(_get_json(self.store, key))
+            if _has(store, key):
+                hosts.update(_get_json(store, key))
         return hosts
 
     def init_process_group(self) -> None:
@@ -136,6 +167,61 @@ class ElasticContext:
             world_size=self.world_size,
             timeout=timedelta(seconds=self.timeout_s),
         )
+        with self._lock:
+            self._live_generation = self.generation
+
+    def mark_torn_down(self) -> None:
+        """The process groups of the current generation are being destroyed (no more aborts)."""
+        with self._lock:
+            self._live_generation = None
+
+    def start_heartbeat(self, interval_s: float, timeout_s: float) -> "Heartbeat":
+        """Starts (once) this rank's :class:`Heartbeat` thread."""
+        if self.heartbeat is None:
+            self.heartbeat = Heartbeat(self, interval_s, timeout_s).start()
+        return self.heartbeat
+
+    def abort_if_requested(self, store) -> bool:
+        """Called by the heartbeat thread: if the coordinator declared this rank's live generation
+        failed (``abort/<g>``), shuts down the connections of its process groups so that every
+        pending collective of this rank fails now (the crash path). Returns True if it did."""
+        if not self._lock.acquire(blocking=False):
+            return False  # the main thread is (re)initializing or tearing down groups
+        try:
+            generation = self._live_generation
+            if generation is None or generation == self._aborted_generation:
+                return False
+            key = ABORT_KEY.format(generation=generation)
+            if not _has(store, key):
+                return False
+            self._aborted_generation = generation
+            info = _get_json(store, key)
+            logger.warning(
+                "rank %d: the agent declared generation %d failed (%s); aborting this rank's "
+                "collectives", self.rank, generation, info.get("reason", "no reason given"),
+            )
+            self._abort_collectives(store)
+            return True
+        finally:
+            self._lock.release()
+
+    def _abort_collectives(self, store) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        if dist.get_backend() == "gloo":
+            # gloo's abort() does not close its TCP pairs; shutting the sockets down does.
+            from megatron_moevement.runtime.connections import sever_connections
+
+            n = sever_connections([int(os.environ["MASTER_PORT"])], self.job_hosts(store))
+            logger.debug("severed %d gloo connections", n)
+            return
+        for group in list(dist.distributed_c10d._world.pg_map.keys()):
+            try:  # NCCL: abort() is ncclCommAbort, meant to be called from another thread
+                group.abort()
+            except Exception as exc:  # pragma: no cover - best effort, needs NCCL
+                logger.debug("abort of a process group failed: %s", exc)
 
     def wait_for_generation(self, after: int, wait_s: float = 120.0) -> dict:
         """The agent's announcement of the first generation after ``after``."""
@@ -148,13 +234,294 @@ class ElasticContext:
                 while _has(self.store, f"gen/{info['generation'] + 1}"):
                     info = _get_json(self.store, f"gen/{info['generation'] + 1}")
                 return info
+            if _has(self.store, "job/failed"):
+                raise RecoveryError(
+                    f"the job's agent gave up: {self.store.get('job/failed').decode()}"
+                )
             if time.monotonic() > deadline:
                 raise RecoveryError(
                     f"no new process-group generation after {after} was announced within "
-                    f"{wait_s:.0f}s: the agent did not see a failed process (a hang rather than "
-                    "a crash?). Restart the job from the durable tier."
+                    f"{wait_s:.0f}s: the agent saw no failed or silent rank (a collective timeout "
+                    "without a crash or a missed heartbeat?). Restart the job from the durable "
+                    "tier."
                 )
             time.sleep(_POLL_S)
+
+
+class Heartbeat:
+    """A daemon thread that proves this rank is alive and relays the coordinator's aborts.
+
+    Every ``interval_s`` it rewrites ``hb/<rank>`` in the job's store (on a connection of its
+    own, so it never waits behind the main thread's store calls) and checks whether the
+    coordinator declared the rank's generation failed (:meth:`ElasticContext.abort_if_requested`).
+    A stopped process (SIGSTOP, a frozen node) stops beating, which is what the coordinator
+    watches for; a rank whose main thread is merely busy keeps beating.
+
+    Args:
+        ctx: This rank's elastic context.
+        interval_s: Seconds between beats.
+        timeout_s: Silence after which the coordinator declares this rank failed (published with
+            every beat, so the coordinator needs no configuration of its own).
+    """
+
+    def __init__(self, ctx: ElasticContext, interval_s: float, timeout_s: float) -> None:
+        self.ctx = ctx
+        self.interval_s = float(interval_s)
+        self.timeout_s = float(timeout_s)
+        self.beats = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._store = None
+        self._failed_writes = 0
+
+    def start(self) -> "Heartbeat":
+        try:
+            self._store = self.ctx.store.clone()
+        except Exception:  # pragma: no cover - stores without clone(): a fresh client
+            self._store = connect_store()
+        self._beat()  # the first beat before returning: the coordinator sees us at once
+        self._thread = threading.Thread(
+            target=self._run, name=f"moevement-heartbeat-r{self.ctx.rank}", daemon=True
+        )
+        self._thread.start()
+        logger.debug("heartbeat of rank %d every %.2fs (timeout %.2fs)", self.ctx.rank,
+                     self.interval_s, self.timeout_s)
+        return self
+
+    def _beat(self, done: bool = False) -> None:
+        self.beats += 1
+        value = dict(beat=self.beats, pid=os.getpid(), host=socket.gethostname(),
+                     generation=self.ctx.generation, interval_s=self.interval_s,
+                     timeout_s=self.timeout_s, done=done)
+        self._store.set(HEARTBEAT_KEY.format(rank=self.ctx.rank), json.dumps(value))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+                self.ctx.abort_if_requested(self._store)
+                self._failed_writes = 0
+            except Exception as exc:  # the store is gone (agent died) or a transient error
+                self._failed_writes += 1
+                if self._failed_writes == 3:
+                    logger.warning("rank %d: heartbeat cannot reach the job's store (%s)",
+                                   self.ctx.rank, exc)
+
+    def stop(self, done: bool = True) -> None:
+        """Stops beating; with ``done`` the last beat says this rank finished (not silent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, 2 * self.interval_s))
+        if done and self._store is not None:
+            try:
+                self._beat(done=True)
+            except Exception as exc:  # pragma: no cover - store gone at shutdown
+                logger.debug("final heartbeat failed: %s", exc)
+
+
+class ProcessTable(Protocol):
+    """The processes a :class:`JobCoordinator` supervises, by process id (the ``LOCAL_PROC_ID``
+    of the local launcher, the SLURM task id under SLURM): ids ``0..world_size-1`` start as the
+    ranks of the same number, the others are spares."""
+
+    def returncode(self, proc: int) -> int | None:
+        """The exit status of ``proc`` (negative: killed by that signal), None while it runs."""
+
+    def pid(self, proc: int) -> int | None:
+        """Its process id on its host, if known."""
+
+    def kill(self, proc: int) -> None:
+        """Kills ``proc`` by pid (SIGKILL), also when it is stopped."""
+
+    def log_hint(self, procs: list[int] | None = None) -> str:
+        """The tails of the logs of ``procs`` (all when None), for error messages."""
+
+
+class JobCoordinator:
+    """The agent's side of the elastic protocol: replaces failed ranks by spares and announces
+    process-group generations in the job's store; declares silent ranks failed.
+
+    Shared by the local :class:`~megatron_moevement.harness.launcher.ElasticAgent` and the
+    SLURM task agents (:mod:`megatron_moevement.megatron.elastic`), which differ only in how
+    they see and kill processes (:class:`ProcessTable`).
+
+    Store keys it writes: ``gen/<g>`` (``{"generation": g, "failed": [ranks]}``), ``spare/<id>``
+    (``{"rank": r, "generation": g}``), ``abort/<g>`` (a silent rank made generation ``g``
+    fail), ``job/done`` and ``job/failed`` (the reason). It reads ``hb/<rank>`` (heartbeats) and
+    ``stable/<g>`` (how many ranks finished recovering into generation ``g``).
+
+    Args:
+        store: The job's store (the agent hosts it).
+        world_size: Number of ranks.
+        spares: Process ids of the spares, in the order they are used.
+        batch_window_s: After a first failure, how long to wait for simultaneous ones, so that
+            they are recovered in one generation.
+        elastic: Whether the workers can take over a rank of a running job (they run a
+            :class:`RecoveryDriver`). If not (e.g. Megatron-LM's ``pretrain_gpt.py``), a failure
+            ends the job at once: every rank is killed by pid and ``job/failed`` says why.
+    """
+
+    BEAT_CHECK_S = 0.1
+    """How often heartbeats are read."""
+
+    def __init__(self, store, world_size: int, spares: Iterable[int], batch_window_s: float = 0.5,
+                 elastic: bool = True) -> None:
+        self.store = store
+        self.world_size = world_size
+        self.batch_window_s = batch_window_s
+        self.elastic = elastic
+        self.generation = 0
+        self.rank_to_proc: dict[int, int] = {r: r for r in range(world_size)}
+        self.free_spares: list[int] = list(spares)
+        self.failures: list[dict] = []
+        """One entry per failed rank: rank, pid, code, generation, spare, cause ("exit" or
+        "heartbeat"; then also silent_s and detected_at), and on the last of a batch "failed"."""
+        self.pending_failed: set[int] = set()
+        self._beats: dict[int, tuple[bytes, float]] = {}
+        """Per rank: its last heartbeat value and when it changed (monotonic)."""
+        self._known: set[int] = set()
+        """Ranks whose heartbeat key exists."""
+        self._silenced: dict[int, dict] = {}
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, table: ProcessTable, timeout: float) -> None:
+        """Supervises until every rank exited 0 (then sets ``job/done``).
+
+        Raises:
+            JobFailed: More ranks failed than spares are left, or a failure in a non-elastic job.
+            JobTimeout: ``timeout`` seconds passed.
+        """
+        from megatron_moevement.harness.launcher import JobTimeout
+
+        deadline = time.monotonic() + timeout
+        next_beat_check = 0.0
+        while True:
+            now = time.monotonic()
+            if now > deadline:
+                self.fail(f"the job did not finish within {timeout:.0f}s")
+                raise JobTimeout(f"elastic job did not finish within {timeout:.0f}s"
+                                 + table.log_hint())
+            dead = self._dead(table)
+            if dead:
+                time.sleep(self.batch_window_s)  # gather simultaneous failures into one batch
+                self._replace(table, self._dead(table))
+                continue
+            if now >= next_beat_check:
+                next_beat_check = now + self.BEAT_CHECK_S
+                silent = self._silent(table, now)
+                if silent:
+                    self._abort(table, silent)
+                    continue
+            if all(table.returncode(p) == 0 for p in self.rank_to_proc.values()):
+                self.store.set("job/done", "1")
+                return
+            time.sleep(_POLL_S)
+
+    def fail(self, reason: str) -> None:
+        """Marks the job failed (spares and waiting ranks leave)."""
+        self.store.set("job/failed", reason)
+
+    # ------------------------------------------------------------------ failures
+    def _dead(self, table: ProcessTable) -> list[int]:
+        return [r for r, p in self.rank_to_proc.items() if table.returncode(p) not in (None, 0)]
+
+    def _stable(self, generation: int) -> bool:
+        if generation == 0:
+            return True
+        key = f"stable/{generation}"
+        if not _has(self.store, key):
+            return False
+        return int(self.store.add(key, 0)) >= len(self.rank_to_proc)
+
+    def _replace(self, table: ProcessTable, dead: list[int]) -> None:
+        from megatron_moevement.harness.launcher import JobFailed
+
+        now = time.monotonic()
+        codes = {r: table.returncode(self.rank_to_proc[r]) for r in dead}
+        if not self.elastic:
+            reason = (f"ranks {dead} failed (exit codes {[codes[r] for r in dead]}) and the "
+                      "workers cannot take over a rank of a running job; restart the job")
+            self._end(table, reason)
+            raise JobFailed(reason + table.log_hint([self.rank_to_proc[r] for r in dead]))
+        if len(dead) > len(self.free_spares):
+            reason = (f"ranks {dead} died and only {len(self.free_spares)} spare(s) are left; "
+                      "restart the job with more spares (--spares)")
+            self._end(table, reason)
+            raise JobFailed(reason + table.log_hint())
+        if not self._stable(self.generation):
+            # The previous recovery did not finish: its failed ranks are still without state.
+            self.pending_failed |= set(self.failures[-1]["failed"]) if self.failures else set()
+        else:
+            self.pending_failed = set()
+        self.generation += 1
+        failed = sorted(set(dead) | self.pending_failed)
+        for rank in dead:
+            proc = self.rank_to_proc[rank]
+            spare = self.free_spares.pop(0)
+            silenced = self._silenced.pop(rank, None)
+            entry = dict(rank=rank, pid=table.pid(proc), code=codes[rank],
+                         generation=self.generation, spare=spare,
+                         cause="exit" if silenced is None else "heartbeat")
+            entry.update(silenced or {})
+            self.failures.append(entry)
+            self.rank_to_proc[rank] = spare
+            if rank in self._beats:  # the replacement's first beat changes it: time from now
+                self._beats[rank] = (self._beats[rank][0], now)
+            self.store.set(f"spare/{spare}", json.dumps(dict(rank=rank, generation=self.generation)))
+        self.failures[-1]["failed"] = failed
+        self.store.set(f"gen/{self.generation}",
+                       json.dumps(dict(generation=self.generation, failed=failed)))
+        logger.warning("agent: ranks %s failed; generation %d with spares %s", dead,
+                       self.generation, [self.rank_to_proc[r] for r in dead])
+
+    def _end(self, table: ProcessTable, reason: str) -> None:
+        self.fail(reason)
+        for proc in self.rank_to_proc.values():
+            if table.returncode(proc) is None:
+                table.kill(proc)
+
+    # ------------------------------------------------------------------ heartbeats
+    def _silent(self, table: ProcessTable, now: float) -> list[tuple[int, float]]:
+        """Ranks whose process runs but whose heartbeat has not changed for their timeout."""
+        watched = []
+        for rank, proc in self.rank_to_proc.items():
+            if rank in self._silenced or table.returncode(proc) is not None:
+                continue
+            if rank not in self._known:
+                if not _has(self.store, HEARTBEAT_KEY.format(rank=rank)):
+                    continue  # not started: a hang before the first beat is init's timeout's job
+                self._known.add(rank)
+            watched.append(rank)
+        if not watched:
+            return []
+        values = self.store.multi_get([HEARTBEAT_KEY.format(rank=r) for r in watched])
+        silent = []
+        for rank, raw in zip(watched, values):
+            info = json.loads(raw.decode())
+            previous = self._beats.get(rank)
+            if previous is None or previous[0] != raw:
+                self._beats[rank] = (raw, now)
+                continue
+            if info.get("done"):
+                continue
+            age = now - previous[1]
+            if age > float(info["timeout_s"]):
+                silent.append((rank, age))
+        return silent
+
+    def _abort(self, table: ProcessTable, silent: list[tuple[int, float]]) -> None:
+        ranks = [r for r, _ in silent]
+        reason = ", ".join(f"rank {r} sent no heartbeat for {age:.1f}s" for r, age in silent)
+        # Survivors first (their heartbeat threads shut their connections down), then the kill.
+        self.store.set(ABORT_KEY.format(generation=self.generation),
+                       json.dumps(dict(ranks=ranks, reason=reason)))
+        for rank, age in silent:
+            proc = self.rank_to_proc[rank]
+            self._silenced[rank] = dict(silent_s=round(age, 3), detected_at=time.time())
+            logger.warning("agent: %s (pid %s); killing it and aborting generation %d",
+                           f"rank {rank} sent no heartbeat for {age:.1f}s", table.pid(proc),
+                           self.generation)
+            table.kill(proc)
 
 
 @dataclass
@@ -170,7 +537,10 @@ class RecoveryReport:
     reason: str
     """Why recovery was global rather than scoped (empty when scoped)."""
     tier: str
-    """Where the state came from: "sparse-checkpoint" (local + peer replicas)."""
+    """Where the rolled-back state came from: "sparse-checkpoint" (local + peer replicas) or
+    "durable" (the durable tier, for at least one rank)."""
+    path: str
+    """Which recovery ran: "scoped", "global" (in-memory) or "durable" (see the module doc)."""
     committed_iteration: int
     """Last iteration every survivor had completed; training resumes after it."""
     window: int
@@ -181,6 +551,8 @@ class RecoveryReport:
     """Whether this rank joined as a spare."""
     times_s: dict = field(default_factory=dict)
     """detect, rebuild, fetch, replay (seconds)."""
+    noticed_at: float = 0.0
+    """Wall-clock time (``time.time()``) at which this rank noticed the failure."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -207,8 +579,21 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
 
 
+class DurableCheckpointLoader(Protocol):
+    """The durable tier's side of recovery (the last fallback, after scoped and global in-memory
+    recovery): returns ``rank``'s newest sparse checkpoint from durable storage, or None.
+
+    Called on every rank, with the rank and its parallel layout (``trainer.layout``, None if the
+    trainer has none), when a failed rank's checkpoint has no surviving replica. All ranks must
+    return checkpoints of the same window (``SparseCheckpoint.generation``).
+    """
+
+    def __call__(self, rank: int, layout: Any) -> Any:  # -> SparseCheckpoint | None
+        ...
+
+
 class RecoveryDriver:
-    """Runs a training loop that survives killed ranks.
+    """Runs a training loop that survives killed and hung ranks.
 
     Args:
         ctx: This process's :class:`ElasticContext`.
@@ -216,12 +601,31 @@ class RecoveryDriver:
             :class:`~megatron_moevement.strategy.MoEvementStrategy` on the current process group;
             ``trainer.train_iteration(i)`` runs one iteration.
         fault_hook: Optional ``f(iteration, phase, driver)`` called at fault-injection points.
+        config: The job's :class:`~megatron_moevement.config.MoEvementConfig` (heartbeat settings,
+            durable tier); default: the defaults.
+        durable_loader: The durable tier's :class:`DurableCheckpointLoader`, used when
+            ``config.durable_dir`` is set and a failed rank's checkpoint has no surviving replica.
+            Default with ``durable_dir`` set:
+            :class:`~megatron_moevement.durable.recovery_loader.DurableTierLoader` over it.
     """
 
-    def __init__(self, ctx: ElasticContext, build: Callable, fault_hook: Callable | None = None):
+    def __init__(self, ctx: ElasticContext, build: Callable, fault_hook: Callable | None = None,
+                 config=None, durable_loader: DurableCheckpointLoader | None = None):
+        from megatron_moevement.config import MoEvementConfig
+
         self.ctx = ctx
         self.build = build
         self.fault_hook = fault_hook or (lambda *a: None)
+        self.config = config or MoEvementConfig()
+        if durable_loader is None and self.config.durable_dir is not None:
+            # The real tier: the newest complete `dist_checkpointing` (backend moevement)
+            # checkpoint the strategy's periodic saver wrote under durable_dir.
+            from megatron_moevement.durable.recovery_loader import DurableTierLoader
+
+            durable_loader = DurableTierLoader(self.config.durable_dir,
+                                               strategy_of=lambda: self.strategy)
+        self.durable_loader = durable_loader
+        """The durable tier's loader (a :class:`DurableCheckpointLoader`), or None."""
         self.trainer = None
         self.strategy = None
         self.committed = -1
@@ -237,9 +641,13 @@ class RecoveryDriver:
         self._received_log: dict | None = None
         """False until a spare has received its state (a failure during its recovery keeps it
         stateless for the next attempt)."""
+        self._noticed_at = 0.0
+        """``time.time()`` when this rank last noticed a failure (for the report)."""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        """Starts the heartbeat, joins the process group and builds (a spare: recovers)."""
+        self.ctx.start_heartbeat(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s)
         self.ctx.init_process_group()
         if self.joined_as_spare:
             self._recover_as_spare(time.perf_counter())
@@ -274,10 +682,16 @@ class RecoveryDriver:
             except (RuntimeError, ConnectionError) as exc:
                 if isinstance(exc, RecoveryError):
                     raise
+                self._noticed_at = time.time()
                 failure = _describe(exc)
             # Outside the except block: the traceback (and the training frames it keeps alive,
             # with their process groups) must be gone before the teardown.
             self.recover(failure)
+
+    def close(self) -> None:
+        """Stops the heartbeat (its last beat says this rank finished, so it is not silent)."""
+        if self.ctx.heartbeat is not None:
+            self.ctx.heartbeat.stop(done=True)
 
     # ------------------------------------------------------------------ recovery
     def recover(self, failure: str) -> RecoveryReport:
@@ -303,6 +717,7 @@ class RecoveryDriver:
             except (RuntimeError, ConnectionError) as exc:
                 if isinstance(exc, RecoveryError):
                     raise
+                self._noticed_at = time.time()
                 again = _describe(exc)
             logger.warning("rank %d: failure during recovery (%s); widening and restarting",
                            self.ctx.rank, again)
@@ -315,6 +730,7 @@ class RecoveryDriver:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
+        self.ctx.mark_torn_down()
         if self.strategy is not None:
             self.strategy.abandon()
         if dist.is_initialized():
@@ -328,7 +744,8 @@ class RecoveryDriver:
             if dist.get_backend() == "gloo":
                 from megatron_moevement.runtime.connections import sever_connections
 
-                n = sever_connections([int(os.environ["MASTER_PORT"])], self.ctx.job_hosts())
+                n = sever_connections([int(os.environ["MASTER_PORT"])],
+                                      self.ctx.job_hosts())
                 logger.debug("severed %d gloo connections", n)
             try:
                 dist.destroy_process_group()
@@ -346,6 +763,7 @@ class RecoveryDriver:
         return int(t.item())
 
     def _recover_as_spare(self, t0: float) -> None:
+        self._noticed_at = time.time()
         info = _get_json(self.ctx.store, f"gen/{self.ctx.generation}")
         failure = None
         try:
@@ -375,7 +793,10 @@ class RecoveryDriver:
         big = 1 << 62
         # 1. Rebuild Megatron state and the strategy on the new groups.
         t1 = time.perf_counter()
-        self.trainer, self.strategy = self.build()
+        from megatron_moevement.strategy import rebuilding_for_recovery
+
+        with rebuilding_for_recovery():  # fresh model, overwritten below: skip the replica check
+            self.trainer, self.strategy = self.build()
         ensure_optimizer_state(self.trainer.optimizer)
         self.strategy.registry.refresh()
         t_rebuild = time.perf_counter() - t1
@@ -398,11 +819,6 @@ class RecoveryDriver:
             persisted = -1 if ckpt_old is None else ckpt_old.generation
         window = self._agree(persisted, dist.ReduceOp.MIN)
         window_count = self._agree(0 if spare else old._window_count, dist.ReduceOp.MAX)
-        if window < 0:
-            raise RecoveryError(
-                "no sparse checkpoint is persisted on every surviving rank yet (failure in the "
-                "first window); restart from the durable tier"
-            )
         # 3. Host state: survivors adopt theirs; replacements fetch from peer replicas.
         t2 = time.perf_counter()
         if not spare:
@@ -413,6 +829,21 @@ class RecoveryDriver:
             self.strategy.scalar_log.load_dict(self._received_log)
         have = [c.generation for c in self.strategy.checkpoints]
         needs_ckpt = self._gather_flags(in_scope and window not in have)
+        lost = self._lost_ranks(failed, needs_ckpt) if window >= 0 else list(range(
+            self.ctx.world_size))
+        path = "scoped" if plan.scoped else "global"
+        tier = "sparse-checkpoint"
+        if lost:
+            # Neither scoped nor global in-memory recovery can rebuild a rank whose checkpoint
+            # has no surviving replica: the durable tier is the last fallback.
+            in_memory_window = window
+            window, plan = self._durable_fallback(lost, window, plan, statuses, failed)
+            in_scope, committed = self.ctx.rank in plan.ranks, plan.committed
+            path, tier = "durable", "durable"
+            # Same window: the other ranks that lack it still fetch it from replicas. An older
+            # window: every rank has just loaded it.
+            needs_ckpt = [n and r not in lost and window == in_memory_window
+                          for r, n in enumerate(needs_ckpt)]
         needs_log = self._gather_flags(
             in_scope and (plan.scoped or (spare and self._received_log is None)))
         ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
@@ -424,6 +855,8 @@ class RecoveryDriver:
             iterations = list(range(ckpt.start_iteration + 1, committed + 1))
             feed = exchange_logs(self.ctx.rank, statuses, plan, self.strategy.upstream_log,
                                  iterations, self.trainer.model_config.num_microbatches)
+        if tier == "durable":
+            self._check_scalar_coverage(ckpt, committed)
         t_fetch = time.perf_counter() - t2
         # 4. In scope: roll back and replay to the committed iteration. Outside: keep live state.
         t3 = time.perf_counter()
@@ -460,7 +893,8 @@ class RecoveryDriver:
             scope="scoped" if plan.scoped else "global",
             scope_ranks=plan.ranks,
             reason=plan.reason,
-            tier="sparse-checkpoint",
+            tier=tier,
+            path=path,
             committed_iteration=committed,
             window=ckpt.generation,
             window_start=ckpt.start_iteration,
@@ -469,14 +903,16 @@ class RecoveryDriver:
             * self.trainer.model_config.num_microbatches,
             spare=spare,
             times_s=dict(detect=t_detect, rebuild=t_rebuild, fetch=t_fetch, replay=t_replay),
+            noticed_at=self._noticed_at,
         )
         self.reports.append(report)
         logger.warning(
-            "rank %d recovered (generation %d, failed %s, %s recovery of ranks %s from window "
-            "%d%s): replayed iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs replay %.3fs",
-            self.ctx.rank, report.generation, failed, report.scope, plan.ranks, report.window,
-            f", because {plan.reason}" if plan.reason else "", report.iterations_replayed,
-            t_detect, t_rebuild, t_fetch, t_replay,
+            "rank %d recovered (generation %d, failed %s, path %s: %s recovery of ranks %s from "
+            "window %d [%s]%s): replayed iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs "
+            "replay %.3fs",
+            self.ctx.rank, report.generation, failed, path, report.scope, plan.ranks,
+            report.window, tier, f", because {plan.reason}" if plan.reason else "",
+            report.iterations_replayed, t_detect, t_rebuild, t_fetch, t_replay,
         )
         return report
 
@@ -487,6 +923,102 @@ class RecoveryDriver:
         t[self.ctx.rank] = int(bool(flag))
         dist.all_reduce(t)
         return [bool(v) for v in t.tolist()]
+
+    def _lost_ranks(self, failed: list[int], needs: list[bool]) -> list[int]:
+        """Ranks that need the window's checkpoint and have no surviving replica holder (the
+        same list on every rank)."""
+        from megatron_moevement.replication import choose_peers
+
+        cfg = self.strategy.config
+        world = self.ctx.world_size
+        rpn = self.strategy.replicator_ranks_per_node
+        return [r for r in range(world) if needs[r]
+                and not [p for p in choose_peers(r, world, cfg.replication_factor, rpn)
+                         if p not in failed]]
+
+    def _durable_fallback(self, lost: list[int], window: int, plan, statuses, failed):
+        """Loads the durable tier's checkpoints; returns ``(window, plan)`` to recover with.
+
+        If every rank's durable checkpoint is of the in-memory ``window``, only the ``lost``
+        ranks take theirs and the scope stays as planned; otherwise every rank rolls back to
+        the durable window (global). Raises :class:`RecoveryError` when the durable tier is
+        not configured or has no common window.
+        """
+        import torch.distributed as dist
+
+        from megatron_moevement.replication import choose_peers
+        from megatron_moevement.scope import ScopePlan
+
+        cfg = self.strategy.config
+        world = self.ctx.world_size
+        rpn = self.strategy.replicator_ranks_per_node
+        if window < 0:
+            why = ("no sparse checkpoint is persisted on every surviving rank yet (failure in the "
+                   "first window)")
+        else:
+            why = "; ".join(
+                f"rank {r}'s sparse checkpoint has no surviving replica (its peers "
+                f"{choose_peers(r, world, cfg.replication_factor, rpn)} failed too)" for r in lost)
+        if cfg.durable_dir is None or self.durable_loader is None:
+            missing = ("MoEvementConfig.durable_dir is not set" if cfg.durable_dir is None
+                       else "no durable checkpoint loader is installed "
+                       "(RecoveryDriver.durable_loader)")
+            raise RecoveryError(
+                f"{why}. Tried scoped and global in-memory recovery; the durable tier is the next "
+                f"fallback, but {missing}. Fix: configure the durable tier "
+                "(MoEvementConfig.durable_dir) or raise replication_factor; restart the job from "
+                "the durable tier."
+            )
+        logger.warning("rank %d: %s; falling back to the durable tier (%s)", self.ctx.rank, why,
+                       cfg.durable_dir)
+        try:
+            mine = self.durable_loader(self.ctx.rank, getattr(self.trainer, "layout", None))
+        except Exception as exc:
+            raise RecoveryError(f"the durable checkpoint loader failed on rank {self.ctx.rank}: "
+                                f"{_describe(exc)}") from exc
+        durable = -1 if mine is None else int(mine.generation)
+        low = self._agree(durable, dist.ReduceOp.MIN)
+        high = self._agree(durable, dist.ReduceOp.MAX)
+        if low < 0 or low != high:
+            absent = [r for r, flag in enumerate(self._gather_flags(mine is None)) if flag]
+            detail = (f"ranks {absent} have no durable checkpoint" if absent
+                      else f"durable checkpoints span windows {low}..{high}")
+            raise RecoveryError(
+                f"{why}, and the durable tier ({cfg.durable_dir}) cannot replace it: {detail}. "
+                "Restart the job from an older durable checkpoint."
+            )
+        if low == window:
+            if self.ctx.rank in lost:
+                self.strategy.checkpoints = [mine]
+                self._received_ckpt = mine
+            logger.warning("rank %d: durable tier: window %d for ranks %s", self.ctx.rank, low,
+                           lost)
+            return window, plan
+        # An older window: every rank rolls back to it (global).
+        self.strategy.checkpoints = [mine]
+        if self.ctx.rank in failed:
+            self._received_ckpt = mine
+        survivors = [s for s in statuses if s.has_state]
+        committed = min(s.committed for s in survivors)
+        reason = (f"the durable tier holds window {low}, not the in-memory window {window}: every "
+                  "rank rolls back to it")
+        logger.warning("rank %d: durable tier: %s", self.ctx.rank, reason)
+        return low, ScopePlan(False, [s.rank for s in statuses],
+                              sorted({s.pp_rank for s in statuses}), committed, reason)
+
+    def _check_scalar_coverage(self, ckpt, committed: int) -> None:
+        """Replay from a durable checkpoint needs the scalar log of every replayed iteration."""
+        import torch.distributed as dist
+
+        log = self.strategy.scalar_log
+        missing = [it for it in range(ckpt.start_iteration + 1, committed + 1) if it not in log]
+        if self._agree(len(missing), dist.ReduceOp.MAX):
+            raise RecoveryError(
+                f"the durable checkpoint of window {ckpt.generation} starts at iteration "
+                f"{ckpt.start_iteration}, but the scalar log in memory covers {log.span()} (rank "
+                f"{self.ctx.rank} lacks {missing[:5]}): it cannot be replayed to iteration "
+                f"{committed} bitwise. Restart the job from the durable tier."
+            )
 
     def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
         """Each rank lacking its window-``window`` checkpoint receives it from the lowest
@@ -500,15 +1032,9 @@ class RecoveryDriver:
         world = self.ctx.world_size
         ranks_per_node = self.strategy.replicator_ranks_per_node
         for lost in [r for r in range(world) if needs[r]]:
+            # (_lost_ranks already sent ranks without a surviving holder to the durable tier.)
             holders = [p for p in choose_peers(lost, world, cfg.replication_factor, ranks_per_node)
                        if p not in failed]
-            if not holders:
-                raise RecoveryError(
-                    f"rank {lost}'s sparse checkpoint has no surviving replica (its peers "
-                    f"{choose_peers(lost, world, cfg.replication_factor, ranks_per_node)} failed "
-                    "too); fall back to the durable tier (MoEvementConfig.durable_dir) or raise "
-                    "replication_factor"
-                )
             sender = holders[0]
             if self.ctx.rank == sender:
                 slots = self.strategy.replicator.replicas[lost].windows.get(window)

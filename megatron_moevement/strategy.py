@@ -178,6 +178,10 @@ class MoEvementStrategy:
         self.last_iteration: int | None = None
         """The last iteration reported to :meth:`after_optimizer_step`."""
         self._window_count = 0
+        self.snapshots_taken = 0
+        """Slots captured so far (for reports)."""
+        self.snapshot_bytes_total = 0
+        """Bytes those slots held on this rank (for reports)."""
         self._last_step_end: float | None = None
         self.iteration_times: list[float] = []
         self.scalar_log = ScalarLog()
@@ -192,6 +196,11 @@ class MoEvementStrategy:
         self.replay_probe = None
         """Diagnostics only: ``f(iteration, frozen_main_params)`` called before a replayed step."""
         self._wrap_optimizer_step()
+        from megatron_moevement.durable.periodic import attach_durable
+
+        self.durable = attach_durable(self)
+        """Durable tier (``durable.periodic.DurableAttachment``): makes this the active strategy
+        of the ``moevement`` dist_checkpointing backend; periodic saves with ``durable_dir``."""
         logger.info(
             "MoEvement on rank %d: %d operators, %d full-state / %d compute on this rank, "
             "replicas to %s, d2h %.2f GB/s",
@@ -303,6 +312,19 @@ class MoEvementStrategy:
         ckpt = self.checkpoints[-1]
         slot = self.engine.capture(ckpt, assignment.slot, iteration)
         self.replicator.replicate(ckpt, slot)
+        self._count_snapshot()
+        self.durable.after_step(iteration)
+
+    def _count_snapshot(self) -> None:
+        self.snapshots_taken += 1
+        self.snapshot_bytes_total += self.engine.bytes_captured_last
+
+    def stats(self) -> dict:
+        """Facts for reports: strategy, window, slots captured and mean bytes per slot."""
+        window = self.scheduler.schedule.window_size if self.scheduler is not None else None
+        return dict(strategy="moevement", window_size=window,
+                    snapshots_taken=self.snapshots_taken,
+                    bytes_per_snapshot=self.snapshot_bytes_total / max(1, self.snapshots_taken))
 
     def _iteration_time_estimate(self) -> float:
         """The time budget of one slot: the (median recent) iteration time, scaled by the
@@ -321,6 +343,7 @@ class MoEvementStrategy:
         if self.checkpoints and not self.checkpoints[-1].persisted:
             self.engine.drain()
             self.replicator.drain()
+        self.durable.before_buffer_reuse(self._window_count)
         ckpt = self.engine.begin_window(assignment.schedule, assignment.iteration,
                                         self._window_count)
         self._window_count += 1
@@ -429,6 +452,7 @@ class MoEvementStrategy:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self.durable.abandon(self)
         self.engine._copier._executor.shutdown(wait=False, cancel_futures=True)
         self.replicator._executor.shutdown(wait=False, cancel_futures=True)
         # Drop every reference to Megatron objects (and through them to process groups).
@@ -452,6 +476,8 @@ class MoEvementStrategy:
             self.p2p_communicator.log = old.upstream_log
         self.popularity.load_state_dict(old.popularity.state_dict())
         self._window_count = old._window_count
+        self.snapshots_taken = old.snapshots_taken
+        self.snapshot_bytes_total = old.snapshot_bytes_total
 
     def resume_after_recovery(self, committed: int, window_count: int, ckpt) -> None:
         """After a rollback to ``ckpt`` and a replay to ``committed``: keep ``ckpt`` as the
@@ -514,6 +540,7 @@ class MoEvementStrategy:
             self.optimizer.step = self._original_step
             self.engine.shutdown()
             self.replicator.shutdown()
+            self.durable.close(self)
 
 
 _REBUILDING = [False]

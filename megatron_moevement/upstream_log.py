@@ -137,7 +137,6 @@ def make_logging_communicator(config, log: UpstreamLog):
     and the ``ProcessGroupCollection`` the schedule needs next to a custom communicator."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
-    from megatron.core.process_groups_config import ProcessGroupCollection
 
     check_schedule_supported(config)
 
@@ -167,6 +166,14 @@ def make_logging_communicator(config, log: UpstreamLog):
             return super()._communicate(tensor_send_next=tensor_send_next,
                                         tensor_send_prev=tensor_send_prev, **kwargs)
 
+    return LoggingP2PCommunicator(), pipeline_process_groups()
+
+
+def pipeline_process_groups():
+    """The ``ProcessGroupCollection`` the 1F1B schedule needs next to a custom communicator."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     pgs = ProcessGroupCollection()
     pgs.tp = ps.get_tensor_model_parallel_group()
     pgs.pp = ps.get_pipeline_model_parallel_group()
@@ -174,4 +181,4 @@ def make_logging_communicator(config, log: UpstreamLog):
     pgs.pos_embd = ps.get_position_embedding_group(check_initialized=False)
     pgs.cp = ps.get_context_parallel_group()
     pgs.dp_cp = ps.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=False)
-    return LoggingP2PCommunicator(), pgs
+    return pgs

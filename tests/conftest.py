@@ -54,3 +54,19 @@ def run_job(tmp_path):
         return out
 
     return _run
+
+
+# The recovery tests' reference: PP2 x DP2 x EP2, bf16 + distributed optimizer, 10 iterations.
+RESILIENT_LAYOUT = LAYOUTS["pp2xdp2xep2"]
+RESILIENT_MODEL = dict(precision="bf16", use_distributed_optimizer=True)
+RESILIENT_ITERATIONS = 10
+
+
+@pytest.fixture(scope="session")
+def fault_free_pp2xdp2xep2(tmp_path_factory):
+    """Final states of a fault-free run that the recovery tests (local and SLURM) compare to."""
+    out = tmp_path_factory.mktemp("fault_free_pp2xdp2xep2")
+    spec = WorkerSpec(layout=RESILIENT_LAYOUT, model=RESILIENT_MODEL,
+                      iterations=RESILIENT_ITERATIONS)
+    run_worker_job(spec, out, timeout=300)
+    return load_states(out, 4)

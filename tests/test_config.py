@@ -76,6 +76,13 @@ INVALID = [
     ("durable_interval", 100, {}),  # interval without a directory
     ("upstream_logging", 1, {}),
     ("upstream_logging", "yes", {}),
+    ("heartbeat_interval_s", 0, {}),
+    ("heartbeat_interval_s", math.inf, {}),
+    ("heartbeat_interval_s", "1s", {}),
+    ("heartbeat_timeout_s", -1.0, {}),
+    ("heartbeat_timeout_s", None, {}),
+    ("heartbeat_timeout_s", 2.0, {}),  # not more than twice the 1 s interval
+    ("heartbeat_timeout_s", 5.0, {"heartbeat_interval_s": 2.5}),
     ("checksum", "md5", {}),
     ("checksum", None, {}),
     ("snapshot_async", 0, {}),
@@ -147,3 +154,11 @@ def test_from_dict_rejects_unknown_keys_with_the_valid_ones():
 def test_replace_revalidates():
     with pytest.raises(MoEvementConfigError, match="reorder_fraction"):
         dataclasses.replace(MoEvementConfig(), reorder_fraction=2.0)
+
+
+def test_heartbeat_defaults_and_error_names_the_interval():
+    cfg = MoEvementConfig()
+    assert cfg.heartbeat_interval_s == 1.0 and cfg.heartbeat_timeout_s == 10.0
+    assert MoEvementConfig(heartbeat_interval_s=0.25, heartbeat_timeout_s=2).heartbeat_timeout_s == 2.0
+    with pytest.raises(MoEvementConfigError, match="twice heartbeat_interval_s"):
+        MoEvementConfig(heartbeat_interval_s=4, heartbeat_timeout_s=8)

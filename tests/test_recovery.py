@@ -11,29 +11,32 @@ import random
 
 import pytest
 
-from megatron_moevement.harness.launcher import run_elastic_job, run_worker_job
+from megatron_moevement.harness.launcher import run_elastic_job
 from megatron_moevement.harness.worker import WorkerSpec
-from tests.conftest import LAYOUTS, assert_states_bitwise_equal, load_states
+from tests.conftest import (
+    RESILIENT_ITERATIONS,
+    RESILIENT_LAYOUT,
+    RESILIENT_MODEL,
+    assert_states_bitwise_equal,
+    load_states,
+)
 
 pytestmark = pytest.mark.multiproc
 
-LAYOUT = LAYOUTS["pp2xdp2xep2"]
-MODEL = dict(precision="bf16", use_distributed_optimizer=True)
-ITERATIONS = 10
+LAYOUT = RESILIENT_LAYOUT
+MODEL = RESILIENT_MODEL
+ITERATIONS = RESILIENT_ITERATIONS
 
 
-@pytest.fixture(scope="module")
-def fault_free(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fault_free")
-    run_worker_job(WorkerSpec(layout=LAYOUT, model=MODEL, iterations=ITERATIONS), out,
-                   timeout=300)
-    return load_states(out, 4)
+@pytest.fixture
+def fault_free(fault_free_pp2xdp2xep2):
+    return fault_free_pp2xdp2xep2
 
 
-def _run(tmp_path, faults, spares, replication_factor=1):
+def _run(tmp_path, faults, spares, replication_factor=1, **moevement):
     spec = WorkerSpec(job="resilient", layout=LAYOUT, model=MODEL, iterations=ITERATIONS,
                       moevement=dict(window_size=3, replication_factor=replication_factor,
-                                     faults=faults),
+                                     faults=faults, **moevement),
                       timeout_s=60)
     agent = run_elastic_job(spec, tmp_path, timeout=600, spares=spares)
     reports = [json.loads((tmp_path / f"recovery_rank{r}.json").read_text()) for r in range(4)]
@@ -50,6 +53,7 @@ def _check(fault_free, tmp_path, reports, expected_failed, expected_scope=None):
         last = rep["reports"][-1]
         assert set(expected_failed) <= set(last["failed_ranks"])
         assert last["tier"] == "sparse-checkpoint"
+        assert last["path"] == last["scope"]  # in memory: "scoped" or "global"
         assert set(last["times_s"]) == {"detect", "rebuild", "fetch", "replay"}
         if expected_scope is not None:
             assert last["scope"] == expected_scope, last["reason"]
@@ -80,6 +84,26 @@ def test_single_kill_recovers_bitwise(fault_free, tmp_path, fault):
     assert replacement["joined_as_spare"] and replacement["reports"][-1]["spare"]
 
 
+@pytest.mark.timeout(400)
+def test_hung_rank_is_noticed_by_its_heartbeat(fault_free, tmp_path):
+    # SIGSTOP mid-iteration: no socket closes and nothing raises; the other ranks block in p2p and
+    # collectives with rank 1 until the agent sees its heartbeat stop, aborts generation 0 and
+    # kills it by pid. Recovery then runs as after a crash, and the result is bitwise equal.
+    fault = dict(rank=1, iteration=6, phase="microbatch2", signal="SIGSTOP")
+    agent, reports = _run(tmp_path, [fault], spares=1, heartbeat_interval_s=0.25,
+                          heartbeat_timeout_s=2.0)
+    [failure] = agent.failures
+    assert failure["rank"] == 1 and failure["cause"] == "heartbeat"
+    assert failure["code"] == -9  # killed by the agent, by pid, while stopped
+    assert 2.0 < failure["silent_s"] < 10.0
+    _check(fault_free, tmp_path, reports, [1], expected_scope="scoped")
+    stopped = json.loads((tmp_path / "faults.jsonl").read_text().splitlines()[0])["time"]
+    # Every survivor noticed within seconds (timeout 2 s + one beat + polling).
+    latencies = [rep["reports"][-1]["noticed_at"] - stopped for rep in reports if rep["rank"] != 1]
+    assert all(0 < lat < 8.0 for lat in latencies), latencies
+    assert reports[1]["joined_as_spare"]
+
+
 def test_two_ranks_of_different_stages_killed_at_once(fault_free, tmp_path):
     # Both die as iteration 6 starts (a kill deep inside the iteration could never be reached
     # by the second victim: it would block on the first one's missing activations).
@@ -100,6 +124,24 @@ def test_missing_peer_replica_is_a_clear_error(tmp_path):
         _run(tmp_path, faults, spares=2)
     assert "no surviving replica" in str(err.value)
     assert "durable tier" in str(err.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_lost_replica_falls_back_to_the_durable_tier(fault_free, tmp_path):
+    # As above (rank 3's only replica dies with rank 0), but the durable tier is configured: the
+    # strategies' periodic saver writes `dist_checkpointing` (backend moevement) checkpoints every
+    # iteration, and the driver's default DurableTierLoader reads rank 3's from there; rank 0's
+    # comes from its surviving replica on rank 1.
+    faults = [dict(rank=0, iteration=6, phase="before"), dict(rank=3, iteration=6, phase="before")]
+    agent, reports = _run(tmp_path, faults, spares=2, durable_dir=str(tmp_path / "durable"),
+                          durable_interval=1)
+    assert sorted(f["rank"] for f in agent.failures) == [0, 3]
+    assert_states_bitwise_equal(load_states(tmp_path, 4), fault_free)
+    for rep in reports:
+        last = rep["reports"][-1]
+        assert last["path"] == "durable" and last["tier"] == "durable", last
+        assert last["scope"] == "global"  # both stages lost a rank
 
 
 def test_second_kill_during_recovery(fault_free, tmp_path):

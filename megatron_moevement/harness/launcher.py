@@ -192,102 +192,89 @@ def run_worker_job(spec, output_dir: Path, timeout: float, spares: int = 0) -> l
         return job.check(timeout=timeout)
 
 
-class ElasticAgent:
-    """Supervises a :class:`LocalJob` that can lose ranks: hosts the job's store, replaces a dead
-    rank by a spare and announces a new process-group generation (see
-    :mod:`megatron_moevement.recovery` for the worker side).
+class _LocalProcessTable:
+    """A :class:`LocalJob`'s processes as a :class:`~megatron_moevement.recovery.ProcessTable`."""
 
-    Store keys it writes: ``gen/<g>`` (``{"generation": g, "failed": [ranks]}``), ``spare/<id>``
-    (``{"rank": r, "generation": g}``) and ``job/done``.
+    def __init__(self, job: LocalJob) -> None:
+        self.job = job
+
+    def returncode(self, proc: int) -> int | None:
+        return self.job.procs[proc].poll()
+
+    def pid(self, proc: int) -> int | None:
+        return self.job.procs[proc].pid
+
+    def kill(self, proc: int) -> None:
+        self.job.kill(proc, signal.SIGKILL)  # by pid; also ends a stopped process
+
+    def log_hint(self, procs: list[int] | None = None) -> str:
+        return self.job._log_hint(procs)
+
+
+class ElasticAgent:
+    """Supervises a :class:`LocalJob` that can lose ranks: hosts the job's store and runs a
+    :class:`~megatron_moevement.recovery.JobCoordinator` on it, which replaces a dead rank by a
+    spare, announces a new process-group generation, and kills (by pid) a rank whose heartbeat
+    stopped (see :mod:`megatron_moevement.recovery` for the worker side).
+
+    Store keys: see :class:`~megatron_moevement.recovery.JobCoordinator`.
     """
 
     def __init__(self, job: LocalJob, batch_window_s: float = 0.5) -> None:
+        import datetime
+
         import torch.distributed as dist
 
         self.job = job
         self.batch_window_s = batch_window_s
         job.port = free_port()
         self.store = dist.TCPStore("127.0.0.1", job.port, is_master=True,
-                                   timeout=__import__("datetime").timedelta(seconds=600),
+                                   timeout=datetime.timedelta(seconds=600),
                                    wait_for_workers=False)
-        self.generation = 0
-        self.rank_to_proc: dict[int, int] = {}
-        self.free_spares: list[int] = []
-        self.failures: list[dict] = []
-        self.pending_failed: set[int] = set()
+        self.coordinator = None
 
     def start(self) -> "ElasticAgent":
+        from megatron_moevement.recovery import JobCoordinator
+
         job = self.job
         port = job.port
         job.env = dict(job.env, MOEVEMENT_ELASTIC="1")
         job.start()
-        # LocalJob.start picked a new port; point the workers at the agent's store instead.
+        # LocalJob.start keeps the port set here: the workers use the agent's store.
         assert job.procs, "job did not start"
         if job.port != port:
             raise RuntimeError("internal: LocalJob must reuse the agent's port")
         world = job.nprocs - job.spares
-        self.rank_to_proc = {r: r for r in range(world)}
-        self.free_spares = list(range(world, job.nprocs))
+        self.coordinator = JobCoordinator(self.store, world, range(world, job.nprocs),
+                                          self.batch_window_s)
         return self
 
-    def _stable(self, generation: int) -> bool:
-        if generation == 0:
-            return True
-        key = f"stable/{generation}"
-        if not self.store.check([key]):
-            return False
-        return int(self.store.add(key, 0)) >= len(self.rank_to_proc)
+    @property
+    def failures(self) -> list[dict]:
+        """What failed (see :attr:`~megatron_moevement.recovery.JobCoordinator.failures`)."""
+        return self.coordinator.failures if self.coordinator is not None else []
+
+    @property
+    def generation(self) -> int:
+        return self.coordinator.generation if self.coordinator is not None else 0
+
+    @property
+    def rank_to_proc(self) -> dict[int, int]:
+        return self.coordinator.rank_to_proc if self.coordinator is not None else {}
 
     def run(self, timeout: float) -> list[int]:
         """Supervises until every rank exits 0; returns the exit codes of all processes."""
-        import json
-
-        deadline = time.monotonic() + timeout
-        while True:
-            if time.monotonic() > deadline:
-                self.job.terminate()
-                raise JobTimeout(f"elastic job did not finish within {timeout:.0f}s; killed "
-                                 f"pids {self.job.pids}" + self.job._log_hint())
-            dead = [r for r, p in self.rank_to_proc.items()
-                    if self.job.procs[p].poll() not in (None, 0)]
-            if dead:
-                time.sleep(self.batch_window_s)  # gather simultaneous failures into one batch
-                dead = [r for r, p in self.rank_to_proc.items()
-                        if self.job.procs[p].poll() not in (None, 0)]
-                if len(dead) > len(self.free_spares):
-                    self.job.terminate()
-                    raise JobFailed(f"ranks {dead} died and only {len(self.free_spares)} spare(s) "
-                                    "are left; restart the job with more spares (--spares)"
-                                    + self.job._log_hint())
-                if not self._stable(self.generation):
-                    self.pending_failed |= set(self.failures[-1]["failed"]) if self.failures else set()
-                else:
-                    self.pending_failed = set()
-                self.generation += 1
-                failed = sorted(set(dead) | self.pending_failed)
-                for rank in dead:
-                    spare = self.free_spares.pop(0)
-                    self.failures.append(dict(rank=rank, pid=self.job.procs[self.rank_to_proc[rank]].pid,
-                                              code=self.job.procs[self.rank_to_proc[rank]].returncode,
-                                              generation=self.generation, spare=spare))
-                    self.rank_to_proc[rank] = spare
-                    self.store.set(f"spare/{spare}",
-                                   json.dumps(dict(rank=rank, generation=self.generation)))
-                self.failures[-1]["failed"] = failed
-                self.store.set(f"gen/{self.generation}",
-                               json.dumps(dict(generation=self.generation, failed=failed)))
-                logger.warning("agent: ranks %s died; generation %d with spares %s", dead,
-                               self.generation, [self.rank_to_proc[r] for r in dead])
-                continue
-            if all(self.job.procs[p].poll() == 0 for p in self.rank_to_proc.values()):
-                self.store.set("job/done", "1")
-                for p in self.free_spares:
-                    try:
-                        self.job.procs[p].wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        self.job.kill(p)
-                return [p.poll() for p in self.job.procs]
-            time.sleep(0.05)
+        try:
+            self.coordinator.run(_LocalProcessTable(self.job), timeout)
+        except (JobFailed, JobTimeout):
+            self.job.terminate()
+            raise
+        for p in self.coordinator.free_spares:
+            try:
+                self.job.procs[p].wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.job.kill(p)
+        return [p.poll() for p in self.job.procs]
 
 
 def run_elastic_job(spec, output_dir: Path, timeout: float, spares: int) -> ElasticAgent:

@@ -7,6 +7,19 @@ forward), ``after_step`` (optimizer step done, snapshot not yet taken), ``after_
 (snapshot copy and replication just launched, in flight), ``replay`` (during a recovery's
 replay, ranks in scope) or ``recovery_wait`` (while a rank outside the scope waits for the
 replay; ``iteration`` is then its last committed one). ``generation`` (default 0) selects which incarnation of the rank dies.
+``"signal": "SIGSTOP"`` stops the victim instead of killing it (a hang that only the heartbeat
+can notice).
+
+``spec.moevement["durable_tier"] = "module:factory"`` installs a durable tier for the recovery
+driver's last fallback: ``factory(spec)`` returns a
+:class:`~megatron_moevement.recovery.DurableCheckpointLoader` that may also have
+``after_iteration(iteration, driver)`` (called after every committed iteration, e.g. to save).
+
+``spec.moevement`` may also name the checkpointing strategy: ``"strategy"`` (``moevement``,
+``gemini`` or ``moc``, see :mod:`megatron_moevement.baselines`) and ``"baseline"`` (its
+:class:`~megatron_moevement.baselines.BaselineConfig` fields). Each rank writes the wall-clock
+time at which training started and every iteration committed (``timeline``), the strategy's
+``stats()`` if it has them, and a victim appends its kill instant to ``faults.jsonl``.
 """
 
 from __future__ import annotations
@@ -14,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -26,17 +40,20 @@ logger = get_logger(__name__)
 def run_resilient(spec) -> None:
     import torch.distributed as dist
 
+    from megatron_moevement.baselines import build_strategy
     from megatron_moevement.config import MoEvementConfig
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
     from megatron_moevement.recovery import ElasticContext, RecoveryDriver
     from megatron_moevement.runtime import ensure_runtime
-    from megatron_moevement.strategy import MoEvementStrategy
 
     ensure_runtime()
     fields = dict(spec.moevement)
     faults = fields.pop("faults", [])
+    strategy_name = fields.pop("strategy", "moevement")
+    baseline = fields.pop("baseline", None)
+    durable_tier = fields.pop("durable_tier", None)
     config = MoEvementConfig.from_dict(fields)
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)
@@ -46,27 +63,49 @@ def run_resilient(spec) -> None:
         for f in faults:
             if (f["rank"] == driver.ctx.rank and f["iteration"] == iteration
                     and f["phase"] == phase and f.get("generation", 0) == driver.ctx.generation):
-                logger.warning("fault injection: SIGKILL rank %d at iteration %d (%s)",
+                sig = getattr(signal, f.get("signal", "SIGKILL"))
+                logger.warning("fault injection: %s rank %d at iteration %d (%s)", sig.name,
                                driver.ctx.rank, iteration, phase)
-                os.kill(os.getpid(), signal.SIGKILL)
+                if spec.output_dir:
+                    with open(Path(spec.output_dir) / "faults.jsonl", "a") as log:
+                        log.write(json.dumps(dict(f, time=time.time())) + "\n")
+                os.kill(os.getpid(), sig)
 
     def build():
         trainer = HarnessTrainer(model_cfg, layout)
         trainer.microbatch_hook = lambda it, mb: fault_hook(it, f"microbatch{mb}", driver)
-        strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer, config)
+        strategy = build_strategy(strategy_name, trainer.gpt_model, trainer.optimizer, config,
+                                  baseline)
         trainer.p2p_communicator = strategy.p2p_communicator
         trainer.pg_collection = strategy.pg_collection
         return trainer, strategy
 
-    driver = RecoveryDriver(ctx, build, fault_hook)
+    durable = None
+    if durable_tier:
+        import importlib
+
+        module, _, name = durable_tier.partition(":")
+        durable = getattr(importlib.import_module(module), name)(spec)
+    driver = RecoveryDriver(ctx, build, fault_hook, config=config, durable_loader=durable)
     driver.start()
-    driver.train(spec.iterations)
+    started = time.time()
+    commits: list[tuple[int, float]] = []
+
+    def on_iteration(it: int, driver) -> None:
+        commits.append((it, time.time()))
+        if hasattr(durable, "after_iteration"):
+            durable.after_iteration(it, driver)
+
+    driver.train(spec.iterations, on_iteration=on_iteration)
+    driver.close()
     rank = dist.get_rank()
     out = Path(spec.output_dir)
     torch.save(driver.trainer.capture_state(), out / f"state_rank{rank}.pt")
     (out / f"recovery_rank{rank}.json").write_text(json.dumps(dict(
         rank=rank, generation=ctx.generation, joined_as_spare=driver.joined_as_spare,
         reports=[r.to_dict() for r in driver.reports],
+        timeline=dict(start=started, commits=commits),
+        stats=driver.strategy.stats() if hasattr(driver.strategy, "stats") else {},
     ), indent=1))
     driver.strategy.shutdown()
     dist.destroy_process_group()

@@ -146,6 +146,11 @@ _LAZY_JOBS = {
     "upstream_check": ("megatron_moevement.harness.upstream_check", "run_upstream_check"),
     "dense_save": ("megatron_moevement.harness.dense_restart", "run_dense_save"),
     "dense_restart": ("megatron_moevement.harness.dense_restart", "run_dense_restart"),
+    "profile": ("megatron_moevement.profiler.job", "run_profile"),
+    "durable_convert": ("megatron_moevement.durable.convert", "run_convert_job"),
+    "durable_save_check": ("megatron_moevement.harness.durable_check", "run_durable_save_check"),
+    "durable_verify_check": (
+        "megatron_moevement.harness.durable_check", "run_durable_verify_check"),
 }
 
 JOBS = {"train": run_training, "registry": run_registry_report}

@@ -368,8 +368,8 @@ def add_moevement_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         dest="moevement_spares",
         default=None,
         metavar="HOST[,HOST...]",
-        help=f"Spare nodes reserved for this job (default: ${SPARES_ENV}). Recorded for "
-        "recovery; automatic spare join is not implemented yet.",
+        help=f"Spare nodes reserved for this job (default: ${SPARES_ENV}), logged. The SLURM "
+        "task agents put spare tasks on them (see docs/megatron_integration.md).",
     )
     return parser
 

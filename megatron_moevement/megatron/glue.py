@@ -6,10 +6,15 @@ Megatron-LM ``core_v0.16.1``:
 
 * ``pretrain_gpt.py``: ``extra_args_provider=extra_args_provider(<ModelOpt's or None>)``;
 * ``setup_model_and_optimizer()``: ``recover_or_load(args, load_checkpoint, model, ...)`` in
-  place of ``load_checkpoint(model, ...)``;
+  place of ``load_checkpoint(model, ...)``: builds the strategy on the fresh model and optimizer
+  *first* and routes the restore through it (see :func:`recover_or_load`);
 * ``pretrain()``, once model and optimizer are built:
-  ``checkpointing_context["moevement"] = maybe_build_strategy(args, model, optimizer)`` and
-  ``install_p2p_logging(checkpointing_context["moevement"])``;
+  ``checkpointing_context["moevement"] = maybe_build_strategy(args, model, optimizer)`` (the
+  strategy :func:`recover_or_load` built) and ``install_p2p_logging(checkpointing_context[...])``;
+* ``train()``, where it gets the schedule: ``forward_backward_func =
+  wrap_forward_backward_func(forward_backward_func, strategy_from(checkpointing_context), args)``,
+  which hands the strategy's ``LoggingP2PCommunicator`` (upstream logging) and its
+  ``ProcessGroupCollection`` to every ``forward_backward_func(...)`` call of ``train_step``;
 * ``train()``, after each ``train_step()``:
   ``after_optimizer_step(strategy_from(checkpointing_context), iteration)``;
 * ``train()``, after the loop: ``shutdown(strategy_from(checkpointing_context))``.
@@ -22,14 +27,13 @@ do not register :func:`~megatron_moevement.megatron.args.add_moevement_args`. Ev
 therefore treats arguments without ``--ckpt-strategy`` as ``--ckpt-strategy default``: MoEvement
 off, Megatron unchanged.
 
-What is not implemented yet (and says so at runtime rather than failing silently):
-
-* **Upstream logging** (activations/gradients at pipeline-stage boundaries):
-  :func:`install_p2p_logging` installs nothing and returns ``False`` unless the strategy object
-  offers ``install_p2p_logging()`` (it will once upstream logging lands).
-* **In-memory recovery**: :func:`recover_or_load` always restores through Megatron's own
-  ``load_checkpoint`` (the durable tier) and records that in :func:`last_restore`; localized
-  rollback from peers' host memory after a failure lands with the recovery issue.
+Not implemented (and said at runtime rather than failing silently): rolling back to the sparse
+checkpoints in peers' host memory *inside Megatron-LM's training loop*. Megatron-LM's ``train()``
+hosts no :class:`~megatron_moevement.recovery.RecoveryDriver` (its data iterator is consumed, not
+addressable by iteration, and its loop cannot rejoin a new process-group generation), so after a
+failure a Megatron-LM job restarts and :func:`recover_or_load` restores from the durable tier;
+:func:`last_restore` and a log line say so. Training loops built on Megatron-Core with
+``RecoveryDriver`` recover in memory (``docs/recovery.md``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ __all__ = [
     "shutdown",
     "strategy_from",
     "unwrap_gpt_model",
+    "wrap_forward_backward_func",
 ]
 
 logger = get_logger(__name__)
@@ -85,22 +90,27 @@ class RestoreReport:
     """Where the training state of this process came from at startup.
 
     Attributes:
-        source: ``"megatron_checkpoint"`` (Megatron's ``load_checkpoint`` from ``--load``, the
-            durable tier). In-memory sources (peer replicas) will be added with recovery.
+        source: ``"megatron_checkpoint"``: Megatron's ``load_checkpoint`` from ``--load`` (the
+            durable tier; with MoEvement's ``dist_checkpointing`` backend it loads through the
+            strategy built just before it).
         iteration: The iteration the load returned, if it returned one.
         detail: A human-readable explanation, also logged.
+        tiers: Every restore tier considered, in order, with what happened to it
+            (``("in-memory", "...")``, ``("durable", "...")``).
     """
 
     source: str
     iteration: Optional[int]
     detail: str
+    tiers: Tuple[Tuple[str, str], ...] = ()
 
 
 @dataclass
 class _GlueState:
     active: Any = None
+    built_for: Optional[Tuple[int, int]] = None
+    """``(id(gpt_model), id(optimizer))`` the active strategy was built on."""
     last_restore: Optional[RestoreReport] = None
-    warned_p2p: bool = False
 
 
 _state = _GlueState()
@@ -249,9 +259,10 @@ def maybe_build_strategy(
 ) -> Any:
     """Builds the :class:`~megatron_moevement.strategy.MoEvementStrategy` when requested.
 
-    Call it on every rank after Megatron's ``setup_model_and_optimizer()`` (so that a checkpoint
-    loaded from ``--load`` is already in the model and optimizer; the strategy holds references
-    to their tensors).
+    Call it on every rank once Megatron's model and optimizer exist. :func:`recover_or_load`
+    calls it before Megatron's checkpoint load (so that the load can go through the strategy);
+    the call in ``pretrain()`` then returns that same strategy. A strategy left from an earlier
+    ``pretrain()`` call in this process (in-process restart) is replaced.
 
     Args:
         args: Megatron's parsed arguments (``get_args()``).
@@ -279,59 +290,112 @@ def maybe_build_strategy(
         return None
     _check_supported(args)
     gpt_model = unwrap_gpt_model(model)
+    if _state.active is not None and _state.built_for == (id(gpt_model), id(optimizer)):
+        return _state.active  # built by recover_or_load for this very model and optimizer
     if _state.active is not None:
         logger.warning(
             "a MoEvement strategy from an earlier pretrain() call in this process is replaced "
             "(in-process restart); its in-memory checkpoints are discarded"
         )
         _state.active = None
+        _state.built_for = None
     if config.durable_dir is not None:
         logger.warning(
-            "--moevement-durable-dir is set, but MoEvementStrategy does not write the durable tier "
-            "yet; under Megatron-LM the durable tier is Megatron's own --save / --save-interval"
+            "--moevement-durable-dir is set: the strategy writes sparse durable checkpoints "
+            "(dist_checkpointing backend 'moevement') every %d iterations to %s; turn one into a "
+            "dense torch_dist checkpoint with moevement-convert. A restarted Megatron-LM job "
+            "still restores from Megatron's own --save/--load: replaying a sparse checkpoint needs "
+            "data addressable by iteration, which Megatron-LM's data iterator is not",
+            config.durable_interval, config.durable_dir,
         )
     spares = spare_hosts_from_args(args)
     if spares:
         logger.info(
-            "%d spare node(s) reserved: %s (automatic spare join is not implemented yet)",
+            "%d spare node(s) reserved: %s (Megatron-LM's training loop cannot take over a rank "
+            "of a running job: a failure ends the job, see docs/megatron_integration.md)",
             len(spares),
             ",".join(spares),
         )
     factory = strategy_factory or _build_strategy
     strategy = factory(gpt_model, optimizer, config)
     _state.active = strategy
+    _state.built_for = (id(gpt_model), id(optimizer))
     logger.info("MoEvement sparse checkpointing enabled: %s", config.to_dict())
     return strategy
 
 
 def install_p2p_logging(strategy: Any) -> bool:
-    """Installs upstream logging of pipeline p2p traffic, where it is available.
+    """Checks that upstream logging of pipeline p2p traffic will run, and says so.
 
-    Upstream logging (paper §3.4) is not implemented yet. Until it is, this installs nothing
-    and returns ``False`` (with one warning when ``--moevement-upstream-logging`` is on, the
-    default). Once the strategy object offers ``install_p2p_logging()``, this calls it, so the
-    Megatron-LM patch does not need to change.
+    The strategy builds its ``LoggingP2PCommunicator`` (:mod:`megatron_moevement.upstream_log`)
+    and ``ProcessGroupCollection`` on pipeline-parallel jobs with ``--moevement-upstream-logging``
+    (the default); :func:`wrap_forward_backward_func` hands them to the schedule.
 
     Args:
         strategy: The strategy from :func:`maybe_build_strategy`, or ``None``.
 
     Returns:
-        True if a p2p logging hook was installed.
+        True if the strategy logs what its pipeline stage sends (False without a strategy, with
+        ``--no-moevement-upstream-logging``, or without pipeline parallelism: nothing to log).
     """
     if strategy is None or not strategy.config.upstream_logging:
         return False
-    install = getattr(strategy, "install_p2p_logging", None)
-    if callable(install):
-        install()
-        return True
-    if not _state.warned_p2p:
-        _state.warned_p2p = True
-        logger.warning(
-            "upstream logging is not implemented yet: no p2p hook installed, so a failure cannot "
-            "be recovered by rolling back only the failed stage (it lands with the recovery "
-            "work). Pass --no-moevement-upstream-logging to silence this warning."
-        )
-    return False
+    if getattr(strategy, "p2p_communicator", None) is None:
+        logger.info("upstream logging: no pipeline parallelism, so no p2p traffic to log")
+        return False
+    logger.info("upstream logging: every tensor this pipeline stage sends is kept in host memory")
+    return True
+
+
+def wrap_forward_backward_func(
+    forward_backward_func: Callable[..., Any], strategy: Any, args: Any
+) -> Callable[..., Any]:
+    """The schedule ``train_step`` calls, with MoEvement's upstream logging.
+
+    Megatron-LM's ``train_step`` calls ``forward_backward_func(forward_step_func=...,
+    data_iterator=..., model=..., ...)`` without a ``p2p_communicator``, so the 1F1B schedule
+    builds a plain one. The wrapper passes the strategy's ``LoggingP2PCommunicator`` and the
+    ``ProcessGroupCollection`` that goes with it (Megatron-Core 0.16.1's
+    ``forward_backward_pipelining_without_interleaving(..., p2p_communicator=...,
+    pg_collection=...)``), after telling the communicator which iteration starts (Megatron-LM
+    sets ``args.curr_iteration`` before each ``train_step``; a re-run of the same iteration by
+    the rerun state machine overwrites its log entries). Nothing in Megatron-LM is patched.
+
+    Args:
+        forward_backward_func: Megatron's ``get_forward_backward_func()`` (possibly wrapped).
+        strategy: The strategy, or ``None``.
+        args: Megatron's arguments object (read at call time for ``curr_iteration``).
+
+    Returns:
+        ``forward_backward_func`` itself when there is nothing to log, else the wrapper.
+    """
+    if strategy is None or getattr(strategy, "p2p_communicator", None) is None:
+        return forward_backward_func
+
+    def forward_backward_with_upstream_logging(*fb_args: Any, **fb_kwargs: Any) -> Any:
+        if fb_kwargs.get("forward_only"):
+            return forward_backward_func(*fb_args, **fb_kwargs)  # nothing recovery replays
+        for name in ("p2p_communicator", "pg_collection"):
+            if fb_kwargs.get(name) is not None:
+                raise MoEvementIntegrationError(
+                    f"forward_backward_func got its own {name}; MoEvement's upstream logging "
+                    "needs to supply it. Fix: drop it, or pass --no-moevement-upstream-logging."
+                )
+        communicator = strategy.p2p_communicator
+        iteration = getattr(args, "curr_iteration", None)
+        if not isinstance(iteration, numbers.Integral) or isinstance(iteration, bool):
+            raise MoEvementIntegrationError(
+                f"args.curr_iteration={iteration!r} is not the iteration train_step runs. Fix: "
+                "call the wrapped forward_backward_func from Megatron-LM's train() loop, which "
+                "sets it."
+            )
+        communicator.begin_iteration(int(iteration))
+        fb_kwargs["p2p_communicator"] = communicator
+        fb_kwargs["pg_collection"] = strategy.pg_collection
+        return forward_backward_func(*fb_args, **fb_kwargs)
+
+    forward_backward_with_upstream_logging.__wrapped__ = forward_backward_func  # type: ignore
+    return forward_backward_with_upstream_logging
 
 
 def after_optimizer_step(strategy: Any, iteration: int) -> None:
@@ -354,44 +418,94 @@ def after_optimizer_step(strategy: Any, iteration: int) -> None:
     strategy.after_optimizer_step(int(iteration))
 
 
-def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **load_kwargs: Any):
-    """Restores the training state at startup; returns what ``load_fn`` returns.
+def _load_target(load_args: Tuple[Any, ...], load_kwargs: dict) -> Tuple[Any, Any]:
+    """``(model, optimizer)`` from ``load_checkpoint``'s arguments."""
+    model = load_kwargs.get("model", load_args[0] if load_args else None)
+    optimizer = load_kwargs.get("optimizer", load_args[1] if len(load_args) > 1 else None)
+    return model, optimizer
 
-    With MoEvement, the state of a restarted process should come from the newest persisted
-    sparse checkpoint in peers' host memory, falling back to Megatron's checkpoint (the durable
-    tier). In-memory recovery is **not implemented yet**, so this always calls ``load_fn``
-    (Megatron's ``load_checkpoint``) and records that in :func:`last_restore`. A strategy left
-    over from an earlier ``pretrain()`` call in this process (in-process restart) is discarded
-    with a warning.
+
+def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **load_kwargs: Any):
+    """Restores the training state at startup, through the strategy; returns what ``load_fn``
+    returns.
+
+    With ``--ckpt-strategy moevement``:
+
+    1. builds the strategy on the fresh model and optimizer (:func:`maybe_build_strategy`) before
+       anything is loaded, so that the load goes through it: MoEvement's ``dist_checkpointing``
+       backend (the durable tier, :mod:`megatron_moevement.durable`) restores into the strategy
+       that is active when ``load_fn`` runs, and an invalid configuration fails before a long
+       load;
+    2. considers the restore tiers in order. *In memory* (the newest sparse checkpoint in peers'
+       host memory): not available inside Megatron-LM's loop (see the module docstring), so a
+       strategy left from an in-process restart is discarded with a warning. *Durable*: ``load_fn``
+       (Megatron's ``load_checkpoint`` from ``--load``);
+    3. refreshes the strategy's view of the model and optimizer tensors, which the load may
+       have replaced (optimizer state dicts are rebuilt by ``load_state_dict``);
+    4. records what happened in :func:`last_restore` (and a log line).
 
     Args:
         args: Megatron's parsed arguments.
         load_fn: Megatron's ``load_checkpoint``.
-        load_args: Positional arguments of ``load_fn``.
+        load_args: Positional arguments of ``load_fn`` (``model, optimizer, scheduler, ...``).
         load_kwargs: Keyword arguments of ``load_fn``.
 
     Returns:
         ``load_fn(*load_args, **load_kwargs)``, unchanged.
+
+    Raises:
+        MoEvementArgsError, MoEvementIntegrationError: As :func:`maybe_build_strategy`.
     """
     if not moevement_requested(args):
         return load_fn(*load_args, **load_kwargs)
-    reason = "in-memory recovery from peer replicas is not implemented yet"
-    if _state.active is not None:
+    tiers = []
+    previous = _state.active
+    if previous is not None:
+        persisted = getattr(previous, "persisted_checkpoint", None)
+        what = (
+            "no persisted sparse checkpoint"
+            if persisted is None
+            else (
+                f"the sparse checkpoint of window {persisted.generation} (iteration "
+                f"{persisted.start_iteration} on)"
+            )
+        )
+        tiers.append(
+            (
+                "in-memory",
+                f"{what} from before an in-process restart, discarded: "
+                "Megatron-LM's training loop cannot replay it",
+            )
+        )
         logger.warning(
-            "found a MoEvement strategy from before an in-process restart; %s, so its sparse "
-            "checkpoints are discarded",
-            reason,
+            "MoEvement: found a strategy from before an in-process restart holding %s; "
+            "Megatron-LM's training loop cannot roll back to it, so it is discarded",
+            what,
         )
         _state.active = None
+        _state.built_for = None
+    model, optimizer = _load_target(load_args, load_kwargs)
+    strategy = maybe_build_strategy(args, model, optimizer)
     result = load_fn(*load_args, **load_kwargs)
+    if strategy is not None and getattr(strategy, "registry", None) is not None:
+        strategy.registry.refresh()
     iteration = None
     if isinstance(result, tuple) and result and isinstance(result[0], numbers.Integral):
         iteration = int(result[0])
-    detail = (
-        f"restored from Megatron's checkpoint (--load {getattr(args, 'load', None)}, durable "
-        f"tier) at iteration {iteration}: {reason}"
+    load = getattr(args, "load", None)
+    tiers.append(
+        (
+            "durable",
+            f"Megatron's load_checkpoint (--load {load}) returned iteration " f"{iteration}",
+        )
     )
-    _state.last_restore = RestoreReport("megatron_checkpoint", iteration, detail)
+    detail = (
+        f"restored from Megatron's checkpoint (--load {load}, durable tier) at iteration "
+        f"{iteration}"
+        + ("" if strategy is None else ", through the MoEvement strategy built " "before the load")
+        + "; in-memory recovery from peer replicas does not run inside Megatron-LM's loop"
+    )
+    _state.last_restore = RestoreReport("megatron_checkpoint", iteration, detail, tuple(tiers))
     logger.info("MoEvement: %s", detail)
     return result
 
@@ -406,6 +520,7 @@ def shutdown(strategy: Any) -> None:
     finally:
         if _state.active is strategy:
             _state.active = None
+            _state.built_for = None
 
 
 def strategy_from(checkpointing_context: Any) -> Any:

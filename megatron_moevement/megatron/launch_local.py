@@ -11,8 +11,11 @@ exits), and adds the same MoEvement options the templates pass::
 
 (``scripts/launch_local.sh`` wraps this.) Each rank gets ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Spare processes get
-``MOEVEMENT_SPARE=1`` and no rank. Automatic spare join is not implemented yet, so a spare logs
-that and exits with status 0; ``--spares`` only exercises the plumbing for now.
+``MOEVEMENT_SPARE=1`` and no rank. Megatron-LM's training loop cannot take over a rank of a
+running job (it hosts no :class:`~megatron_moevement.recovery.RecoveryDriver`), so a spare process
+logs that and exits with status 0. Training loops built on ``RecoveryDriver`` get spares that do
+join: :func:`~megatron_moevement.harness.launcher.run_elastic_job` locally, the SLURM templates
+with ``program=module:...`` on a cluster.
 
 Megatron-LM's ``megatron.training`` needs CUDA; on a CPU-only machine use the library harness
 (``megatron_moevement.harness``) instead.
@@ -176,15 +179,15 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
     Sets ``LOCAL_RANK`` from ``RANK`` (one node) when the launcher did not, puts the script's
     folder first on ``sys.path`` (Megatron-LM's scripts import their neighbours) and restores
     ``sys.argv``/``sys.path`` afterwards. A spare process (``MOEVEMENT_SPARE=1``) does not run the
-    script: spare join is not implemented yet, so it logs that and returns 0.
+    script (Megatron-LM's loop cannot take over a rank mid-job): it logs that and returns 0.
 
     Returns:
         The process exit status (0, or the script's ``SystemExit`` code).
     """
     if os.environ.get("MOEVEMENT_SPARE") == "1":
         logger.warning(
-            "spare process %d: automatic spare join is not implemented yet; exiting without "
-            "joining the job",
+            "spare process %d: Megatron-LM's training loop cannot take over a rank of a running "
+            "job, so this spare is not used (spares join jobs whose loop runs a RecoveryDriver)",
             os.getpid(),
         )
         return 0

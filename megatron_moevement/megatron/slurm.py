@@ -16,8 +16,14 @@ Command line::
     python -m megatron_moevement.megatron.slurm placeholders TEMPLATE
 
 Placeholders computed from the values (not set directly): ``total_nodes`` (nodes plus spare
-nodes), ``data_args`` (``--mock-data`` or ``--data-path ...``) and ``sbatch_directives``
-(``#SBATCH --partition/--account`` lines, or a comment).
+nodes), ``data_args`` (``--mock-data`` or ``--data-path ...``), ``sbatch_directives``
+(``#SBATCH --partition/--account`` lines, or a comment), ``worker_command`` (the worker's command
+line, from ``program``) and ``agent_args`` (options of the elastic task agent,
+:mod:`megatron_moevement.megatron.elastic`).
+
+The templates run one elastic task agent per GPU on every node, spare nodes included: spare
+tasks start their worker as a spare that waits in the rendezvous and takes over a failed rank
+(see :mod:`megatron_moevement.megatron.elastic`).
 """
 
 from __future__ import annotations
@@ -53,7 +59,10 @@ PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _SAFE_RE = re.compile(r"^[A-Za-z0-9_./+:=@%,-]+$")
 _JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
-_DERIVED = ("total_nodes", "data_args", "sbatch_directives")
+_DERIVED = ("total_nodes", "data_args", "sbatch_directives", "worker_command", "agent_args")
+_MODULE_RE = re.compile(r"^module:([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)$")
+PRETRAIN_GPT = "pretrain_gpt"
+"""``program`` value: Megatron-LM's ``pretrain_gpt.py`` (patched), the default."""
 
 
 class SbatchTemplateError(ValueError):
@@ -108,6 +117,13 @@ class SbatchValues:
         python: Python interpreter on the nodes.
         extra_args: Further Megatron-LM arguments (model, parallelism, tokenizer, ``--save`` /
             ``--load``, ``--moevement-*`` overrides), as a shell-quoted string.
+        program: The worker: ``pretrain_gpt`` (Megatron-LM's ``pretrain_gpt.py`` with the data,
+            extra and MoEvement arguments; its training loop cannot take over a rank of a running
+            job, so spare tasks stay reserved and a failure ends the job at once), or
+            ``module:NAME`` (``python -m NAME <extra_args>``, a training loop built on
+            :class:`~megatron_moevement.recovery.RecoveryDriver`: spares take over failed ranks).
+        job_timeout_s: Seconds after which the task agents' coordinator ends the job
+            (``None``: 7 days; SLURM's ``time_limit`` applies anyway).
     """
 
     nodes: int
@@ -127,6 +143,8 @@ class SbatchValues:
     account: Optional[str] = None
     python: str = "python"
     extra_args: str = ""
+    program: str = PRETRAIN_GPT
+    job_timeout_s: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -201,6 +219,17 @@ class SbatchValues:
             value = getattr(self, name)
             if value is not None:
                 _check_safe(name, value, "SLURM name")
+        if not isinstance(self.program, str) or not (
+            self.program == PRETRAIN_GPT or _MODULE_RE.match(self.program)
+        ):
+            _fail(
+                "program",
+                self.program,
+                "unknown worker program",
+                f"use {PRETRAIN_GPT} or module:<python.module> (e.g. module:my_pkg.train)",
+            )
+        if self.job_timeout_s is not None:
+            _check_int("job_timeout_s", self.job_timeout_s, 1)
         if not isinstance(self.extra_args, str):
             _fail("extra_args", self.extra_args, "must be a string", "quote it as one argument")
         try:
@@ -226,6 +255,19 @@ class SbatchValues:
             if getattr(self, name) is not None
         ]
         text["sbatch_directives"] = "\n".join(directives) or "# (no --partition/--account set)"
+        text["job_timeout_s"] = "" if self.job_timeout_s is None else str(self.job_timeout_s)
+        agent = [] if self.job_timeout_s is None else [f"--timeout {self.job_timeout_s}"]
+        if self.program == PRETRAIN_GPT:
+            text["worker_command"] = (
+                '"$PYTHON" "$MEGATRON_DIR/pretrain_gpt.py" "${DATA_ARGS[@]}" "${EXTRA_ARGS[@]}" '
+                '"${MOEVEMENT_ARGS[@]}"'
+            )
+            agent.insert(0, "--no-elastic")
+        else:
+            module = _MODULE_RE.match(self.program).group(1)
+            text["worker_command"] = f'"$PYTHON" -m {module} "${{EXTRA_ARGS[@]}}"'
+            agent.insert(0, "--elastic")
+        text["agent_args"] = " ".join(agent)
         return text
 
 

@@ -34,6 +34,8 @@ NON_DEFAULT = {
     "iteration_time_s": (["1.5"], 1.5),
     "snapshot_budget_fraction": (["0.5"], 0.5),
     "recovery_scope": (["global"], "global"),
+    "heartbeat_interval_s": (["0.5"], 0.5),
+    "heartbeat_timeout_s": (["30"], 30.0),
     "durable_dir": (["/ckpt/moe"], "/ckpt/moe"),
     "durable_interval": (["100"], 100),
     "upstream_logging": ([], False),  # --no-moevement-upstream-logging

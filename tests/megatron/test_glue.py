@@ -43,11 +43,35 @@ class FakeStrategy:
         self.shut_down = True
 
 
-class FakeStrategyWithP2P(FakeStrategy):
-    installed = 0
+class FakeCommunicator:
+    def __init__(self):
+        self.iterations = []
 
-    def install_p2p_logging(self):
-        self.installed += 1
+    def begin_iteration(self, iteration):
+        self.iterations.append(iteration)
+
+
+class FakeStrategyWithP2P(FakeStrategy):
+    """A strategy of a pipeline-parallel job: it has a logging communicator."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.p2p_communicator = FakeCommunicator()
+        self.pg_collection = "the-pg-collection"
+
+
+class FakeRegistry:
+    refreshed = 0
+
+    def refresh(self):
+        self.refreshed += 1
+
+
+class FakeStrategyWithState(FakeStrategy):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.registry = FakeRegistry()
+        self.persisted_checkpoint = type("Ckpt", (), dict(generation=4, start_iteration=12))()
 
 
 @pytest.fixture(autouse=True)
@@ -231,21 +255,88 @@ def test_strategy_from_context():
     assert glue.strategy_from({glue.CONTEXT_KEY: "s"}) == "s"
 
 
-def test_install_p2p_logging_is_honest_about_missing_upstream_logging(caplog):
+def test_install_p2p_logging_reports_whether_sends_are_logged(caplog):
     assert glue.install_p2p_logging(None) is False
-    off = build(megatron_args("--ckpt-strategy", "moevement", "--no-moevement-upstream-logging"))
+    off = build(
+        megatron_args("--ckpt-strategy", "moevement", "--no-moevement-upstream-logging"),
+        factory=FakeStrategyWithP2P,
+    )
     assert glue.install_p2p_logging(off) is False
-    on = build(megatron_args("--ckpt-strategy", "moevement"))
-    with caplog.at_level(logging.WARNING):
-        assert glue.install_p2p_logging(on) is False
-        assert glue.install_p2p_logging(on) is False
-    assert caplog.text.count("upstream logging is not implemented yet") == 1
-
-
-def test_install_p2p_logging_uses_the_strategy_hook_when_present():
+    no_pipeline = build(megatron_args("--ckpt-strategy", "moevement"))  # PP=1: no communicator
+    with caplog.at_level(logging.INFO):
+        assert glue.install_p2p_logging(no_pipeline) is False
+    assert "no pipeline parallelism" in caplog.text
     strategy = build(megatron_args("--ckpt-strategy", "moevement"), factory=FakeStrategyWithP2P)
     assert glue.install_p2p_logging(strategy) is True
-    assert strategy.installed == 1
+
+
+def fake_forward_backward_func(**kwargs):
+    fake_forward_backward_func.calls.append(kwargs)
+    return ["losses"]
+
+
+def test_wrap_forward_backward_func_hands_the_logging_communicator_to_train_step():
+    fake_forward_backward_func.calls = []
+    args = argparse.Namespace(curr_iteration=None)
+    assert glue.wrap_forward_backward_func(fake_forward_backward_func, None, args) is (
+        fake_forward_backward_func
+    )
+    plain = build(megatron_args("--ckpt-strategy", "moevement"))
+    assert glue.wrap_forward_backward_func(fake_forward_backward_func, plain, args) is (
+        fake_forward_backward_func
+    )
+    strategy = build(megatron_args("--ckpt-strategy", "moevement"), factory=FakeStrategyWithP2P)
+    wrapped = glue.wrap_forward_backward_func(fake_forward_backward_func, strategy, args)
+    assert wrapped.__wrapped__ is fake_forward_backward_func
+    # As Megatron-LM's train() and train_step() call it:
+    for iteration in (7, 8, 8):  # the rerun state machine may run an iteration twice
+        args.curr_iteration = iteration
+        assert wrapped(
+            forward_step_func="f",
+            data_iterator="d",
+            model=["m"],
+            num_microbatches=4,
+            seq_length=16,
+            micro_batch_size=1,
+            decoder_seq_length=None,
+            forward_only=False,
+            adjust_tensor_shapes_fn=None,
+            force_all_reduce=False,
+        ) == ["losses"]
+    assert strategy.p2p_communicator.iterations == [7, 8, 8]
+    last = fake_forward_backward_func.calls[-1]
+    assert last["p2p_communicator"] is strategy.p2p_communicator
+    assert last["pg_collection"] == "the-pg-collection" and last["num_microbatches"] == 4
+    # Evaluation (forward only) is passed through untouched.
+    wrapped(model=["m"], forward_only=True)
+    assert "p2p_communicator" not in fake_forward_backward_func.calls[-1]
+    assert strategy.p2p_communicator.iterations == [7, 8, 8]
+
+
+def test_wrap_forward_backward_func_errors():
+    strategy = build(megatron_args("--ckpt-strategy", "moevement"), factory=FakeStrategyWithP2P)
+    wrapped = glue.wrap_forward_backward_func(
+        fake_forward_backward_func, strategy, argparse.Namespace(curr_iteration=None)
+    )
+    with pytest.raises(MoEvementIntegrationError, match="curr_iteration"):
+        wrapped(forward_only=False)
+    wrapped = glue.wrap_forward_backward_func(
+        fake_forward_backward_func, strategy, argparse.Namespace(curr_iteration=3)
+    )
+    with pytest.raises(MoEvementIntegrationError, match="own p2p_communicator"):
+        wrapped(forward_only=False, p2p_communicator="other")
+
+
+def test_wrap_forward_backward_func_with_megatron_schedule_signature():
+    """The keywords the wrapper adds are parameters of Megatron-Core 0.16.1's 1F1B schedule."""
+    import inspect
+
+    from megatron.core.pipeline_parallel.schedules import (
+        forward_backward_pipelining_without_interleaving as one_f_one_b,
+    )
+
+    params = inspect.signature(one_f_one_b).parameters
+    assert "p2p_communicator" in params and "pg_collection" in params
 
 
 def test_shutdown():
@@ -272,23 +363,55 @@ def test_recover_or_load_passes_through_when_disabled():
     assert glue.last_restore() is None
 
 
-def test_recover_or_load_reports_the_durable_tier(caplog):
+def test_recover_or_load_builds_the_strategy_first_and_loads_through_it(caplog):
     fake_load.calls = []
+    order = []
+    gpt = FakeGPT()
+    model = wrapped_model(gpt)
+
+    class Strategy(FakeStrategyWithState):
+        def __init__(self, *a):
+            order.append("strategy built")
+            super().__init__(*a)
+
+    def load(model_, optimizer, scheduler, checkpointing_context=None):
+        order.append("load")
+        assert glue.active_strategy() is not None  # the load goes through the strategy
+        return 120, 3.5e15
+
     args = megatron_args("--ckpt-strategy", "moevement", "--load", "/ckpt")
-    with caplog.at_level(logging.INFO):
-        result = glue.recover_or_load(args, fake_load, "m", "o", "s", checkpointing_context={})
-    assert result == (120, 3.5e15) and len(fake_load.calls) == 1
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO):
+        mp.setattr(glue, "_default_gpt_model_types", lambda: (FakeGPT,))
+        mp.setattr(glue, "_build_strategy", Strategy)
+        result = glue.recover_or_load(args, load, model, "opt", "sched", checkpointing_context={})
+        # pretrain() then gets the very same strategy, not a second one.
+        strategy = glue.maybe_build_strategy(args, model, "opt")
+    assert result == (120, 3.5e15) and order == ["strategy built", "load"]
+    assert strategy is glue.active_strategy() and strategy.gpt_model is gpt
+    assert strategy.registry.refreshed == 1  # the load may have replaced optimizer tensors
     report = glue.last_restore()
     assert report.source == "megatron_checkpoint" and report.iteration == 120
-    assert "not implemented" in report.detail and "/ckpt" in report.detail
-    assert "not implemented" in caplog.text
+    assert "/ckpt" in report.detail and "through the MoEvement strategy" in report.detail
+    assert [t for t, _ in report.tiers] == ["durable"]
+    assert "does not run inside Megatron-LM's loop" in caplog.text
 
 
-def test_recover_or_load_discards_a_strategy_left_by_an_in_process_restart(caplog):
+def test_recover_or_load_without_optimizer_loads_plainly():
     fake_load.calls = []
     args = megatron_args("--ckpt-strategy", "moevement")
-    build(args)
-    with caplog.at_level(logging.WARNING):
-        glue.recover_or_load(args, fake_load, "m", "o", "s")
-    assert glue.active_strategy() is None
-    assert "in-process restart" in caplog.text
+    assert glue.recover_or_load(args, fake_load, wrapped_model(), None, None) == (120, 3.5e15)
+    assert glue.active_strategy() is None and len(fake_load.calls) == 1
+
+
+def test_recover_or_load_reports_a_strategy_left_by_an_in_process_restart(caplog):
+    fake_load.calls = []
+    args = megatron_args("--ckpt-strategy", "moevement")
+    old = build(args, factory=FakeStrategyWithState)
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(glue, "_default_gpt_model_types", lambda: (FakeGPT,))
+        mp.setattr(glue, "_build_strategy", FakeStrategy)
+        glue.recover_or_load(args, fake_load, wrapped_model(), "opt2", "s")
+    assert glue.active_strategy() is not old
+    assert "in-process restart" in caplog.text and "window 4" in caplog.text
+    tiers = dict(glue.last_restore().tiers)
+    assert "discarded" in tiers["in-memory"] and "iteration 120" in tiers["durable"]

@@ -40,6 +40,7 @@ def test_patch_calls_only_public_glue_functions():
         "recover_or_load",
         "maybe_build_strategy",
         "install_p2p_logging",
+        "wrap_forward_backward_func",
         "CONTEXT_KEY",
         "after_optimizer_step",
         "strategy_from",
@@ -61,7 +62,7 @@ CONTINUATION_LINES = {
 
 def test_patch_hunks_are_small():
     lines = added_lines()
-    assert len(lines) <= 25
+    assert len(lines) <= 30
     for line in lines:
         text = line.strip()
         assert not text or "moevement" in text.lower() or text in CONTINUATION_LINES, line
@@ -135,6 +136,10 @@ def test_patch_applies_to_the_release(release_checkout):
     assert result.returncode == 0, result.stderr
     training = (release_checkout / "megatron/training/training.py").read_text()
     assert "moevement_glue.after_optimizer_step(" in training
+    # The wrapper is applied where train() gets its schedule, after the CUDA-graph wrapper.
+    get_fbf = training.index("forward_backward_func = get_forward_backward_func()")
+    wrap = training.index("moevement_glue.wrap_forward_backward_func(")
+    assert get_fbf < wrap < training.index("def get_e2e_base_metrics", get_fbf)
     compile(training, "training.py", "exec")
     compile((release_checkout / "pretrain_gpt.py").read_text(), "pretrain_gpt.py", "exec")
     again = run_apply(release_checkout)

@@ -1,9 +1,15 @@
 """Tests for the SLURM sbatch templates and their renderer."""
 
 import argparse
+import json
+import os
 import re
 import shlex
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -146,11 +152,12 @@ def test_cli_reports_missing_values(capsys):
 
 def test_rendered_script_runs_with_fake_slurm(tmp_path):
     """Runs the rendered script with stand-ins for scontrol, srun and python: checks the node
-    split, the rendezvous environment, the per-rank log path and the training command."""
+    split, the rendezvous environment, the per-task log path and the task agent's command line
+    around the training command."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf 'n1\\nn2\\nn3\\n'\n")
-    # srun stand-in: record its options, then run the task command as rank 5 / local rank 1.
+    # srun stand-in: record its options, then run the task command as task 5 / local id 1.
     (bin_dir / "srun").write_text(
         "#!/bin/bash\n"
         'while [[ "$1" == --* ]]; do echo "$1" >> "$OUT/srun_opts"; shift; done\n'
@@ -159,7 +166,7 @@ def test_rendered_script_runs_with_fake_slurm(tmp_path):
     fake_python = bin_dir / "fake_python"
     fake_python.write_text(
         "#!/bin/bash\n"
-        'echo "RANK=$RANK LOCAL_RANK=$LOCAL_RANK WORLD_SIZE=$WORLD_SIZE '
+        'echo "WORLD_SIZE=$WORLD_SIZE LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE '
         'MASTER=$MASTER_ADDR:$MASTER_PORT SPARES=$MOEVEMENT_SPARES" > "$OUT/env"\n'
         'printf "%s\\n" "$@" > "$OUT/argv"\n'
     )
@@ -181,18 +188,22 @@ def test_rendered_script_runs_with_fake_slurm(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "env").read_text().split() == [
-        "RANK=5",
-        "LOCAL_RANK=1",
         "WORLD_SIZE=8",
+        "LOCAL_WORLD_SIZE=4",
         "MASTER=n1:29555",
         "SPARES=n3",
     ]
     opts = (tmp_path / "srun_opts").read_text().split()
-    assert "--nodelist=n1,n2" in opts and "--ntasks=8" in opts and "--kill-on-bad-exit=0" in opts
+    # Every node runs tasks: 2 training nodes + 1 spare node, 4 tasks each, ranks first.
+    assert "--nodelist=n[1-3]" in opts and "--ntasks=12" in opts and "--nodes=3" in opts
+    assert "--distribution=block" in opts and "--kill-on-bad-exit=0" in opts
     argv = (tmp_path / "argv").read_text().split("\n")
-    assert argv[0] == "/opt/Megatron-LM/pretrain_gpt.py"
-    assert argv[argv.index("--moevement-spares") + 1] == "n3"
-    assert argv[argv.index("--ckpt-strategy") + 1] == "moevement"
+    assert argv[:3] == ["-m", "megatron_moevement.megatron.elastic", "--no-elastic"]
+    worker = argv[argv.index("--") + 1 :]
+    assert worker[:2] == [str(fake_python), "/opt/Megatron-LM/pretrain_gpt.py"]
+    assert worker[worker.index("--moevement-spares") + 1] == "n3"
+    assert worker[worker.index("--ckpt-strategy") + 1] == "moevement"
+    # Task 5 of 12 with WORLD_SIZE 8 is a rank (tasks 8..11 are the spare node's).
     assert (log_dir / "77" / "rank5.log").exists()
     # A wrong node count in the allocation is caught before anything starts.
     env["SLURM_JOB_NODELIST"] = "n[1-2]"
@@ -201,3 +212,225 @@ def test_rendered_script_runs_with_fake_slurm(tmp_path):
         ["bash", str(script)], env=env, capture_output=True, text=True, timeout=30
     )
     assert result.returncode != 0 and "expected 3" in result.stderr
+
+
+def test_spare_tasks_get_the_spare_role(monkeypatch):
+    """The task agent's worker environment: tasks below WORLD_SIZE are ranks, the rest spares."""
+    from megatron_moevement.megatron.elastic import TaskAgent, log_name
+
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("RANK", "99")
+    rank = TaskAgent(["w"], task=3, ntasks=6, world_size=4).child_env()
+    assert rank["RANK"] == "3" and "MOEVEMENT_SPARE" not in rank and rank["LOCAL_RANK"] == "1"
+    assert rank["TORCHELASTIC_USE_AGENT_STORE"] == "True" and rank["MOEVEMENT_ELASTIC"] == "1"
+    spare = TaskAgent(["w"], task=5, ntasks=6, world_size=4).child_env()
+    assert spare["MOEVEMENT_SPARE"] == "1" and "RANK" not in spare
+    assert spare["LOCAL_PROC_ID"] == "5" and spare["WORLD_SIZE"] == "4"
+    assert "MOEVEMENT_ELASTIC" not in TaskAgent(["w"], 0, 4, 4, elastic=False).child_env()
+    assert [log_name(t, 4) for t in (0, 3, 4, 5)] == [
+        "rank0.log",
+        "rank3.log",
+        "spare0.log",
+        "spare1.log",
+    ]
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        TaskAgent(["w"], task=0, ntasks=2, world_size=4)
+    with pytest.raises(ValueError, match="worker command"):
+        TaskAgent([], task=0, ntasks=4, world_size=4)
+
+
+def test_program_values():
+    rendered = render_sbatch(
+        TEMPLATES[0], **dict(VALUES, program="module:my_pkg.train", job_timeout_s=600)
+    )
+    assert 'WORKER=("$PYTHON" -m my_pkg.train "${EXTRA_ARGS[@]}")' in rendered
+    assert "elastic --elastic --timeout 600 --log-dir" in rendered
+    for bad in ("module:", "module:my-pkg", "torchrun", "module:a..b"):
+        with pytest.raises(SbatchTemplateError, match="program"):
+            render_sbatch(TEMPLATES[0], **dict(VALUES, program=bad))
+    with pytest.raises(SbatchTemplateError, match="job_timeout_s"):
+        render_sbatch(TEMPLATES[0], **dict(VALUES, job_timeout_s=0))
+
+
+# ----------------------------------------------------------------------------- spares (e2e)
+
+FAKE_SRUN = """#!/bin/bash
+# srun stand-in: record the options, then start every task of the step on this machine with the
+# SLURM variables of a block distribution (the node names resolve to 127.0.0.1 here).
+while [[ "$1" == --* ]]; do echo "$1" >> "$OUT/srun_opts"; opts+=("$1"); shift; done
+for o in "${opts[@]}"; do
+    case "$o" in --ntasks=*) ntasks=${o#*=} ;; --ntasks-per-node=*) per_node=${o#*=} ;; esac
+done
+pids=()
+for ((i = 0; i < ntasks; i++)); do
+    SLURM_PROCID=$i SLURM_LOCALID=$((i % per_node)) SLURM_NODEID=$((i / per_node)) \\
+        SLURM_NTASKS=$ntasks MASTER_ADDR=127.0.0.1 "$@" &
+    pids+=($!)
+done
+status=0
+for p in "${pids[@]}"; do wait "$p" || status=1; done
+exit $status
+"""
+
+
+def _fake_slurm(tmp_path, hosts):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\nprintf '%s\\n' " + " ".join(hosts) + "\n")
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+def _run_script(script, env, timeout):
+    """Runs a rendered script in its own session; kills the whole session (every task agent and
+    worker, none of which starts a session of its own) when done or on timeout."""
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def _env(tmp_path, bin_dir, job_id):
+    return {
+        "PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/bin:/bin",
+        "OUT": str(tmp_path),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NODELIST": "n[1-3]",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+    }
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
+    """The rendered template on 2 training nodes + 1 spare node (2 "GPUs" each) under a fake srun:
+    rank 1 is SIGKILLed mid-iteration; spare task 4 (on the spare node) takes its place through
+    the same store protocol as a local spare, the job finishes with status 0, and every rank's
+    state is bitwise equal to a fault-free run."""
+    from megatron_moevement.harness.launcher import free_port
+    from megatron_moevement.harness.worker import WorkerSpec
+    from tests.conftest import (
+        RESILIENT_ITERATIONS,
+        RESILIENT_LAYOUT,
+        RESILIENT_MODEL,
+        assert_states_bitwise_equal,
+        load_states,
+    )
+
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = WorkerSpec(
+        job="resilient",
+        layout=RESILIENT_LAYOUT,
+        model=RESILIENT_MODEL,
+        iterations=RESILIENT_ITERATIONS,
+        output_dir=str(out),
+        timeout_s=60,
+        moevement=dict(
+            window_size=3,
+            replication_factor=1,
+            faults=[dict(rank=1, iteration=6, phase="microbatch2")],
+        ),
+    )
+    spec_path = spec.save(tmp_path / "spec.json")
+    bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
+    log_dir = tmp_path / "logs"
+    values = dict(
+        VALUES,
+        nodes=2,
+        spare_nodes=1,
+        gpus_per_node=2,
+        replication_factor=1,
+        log_dir=str(log_dir),
+        python=sys.executable,
+        master_port=free_port(),
+        program="module:megatron_moevement.harness.worker",
+        extra_args=str(spec_path),
+        job_timeout_s=300,
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(TEMPLATES[0], **values))
+    code, output = _run_script(script, _env(tmp_path, bin_dir, "91"), timeout=360)
+    logs = log_dir / "91"
+    assert code == 0, output + "".join(
+        f"\n--- {p.name} ---\n" + "\n".join(p.read_text().splitlines()[-20:])
+        for p in sorted(logs.glob("*.log"))
+    )
+    opts = (tmp_path / "srun_opts").read_text().split()
+    assert "--ntasks=6" in opts and "--nodelist=n[1-3]" in opts and "--distribution=block" in opts
+    assert sorted(p.name for p in logs.glob("*.log")) == [
+        "rank0.log",
+        "rank1.log",
+        "rank2.log",
+        "rank3.log",
+        "spare0.log",
+        "spare1.log",
+    ]
+    assert "takes rank 1 in generation 1" in (logs / "spare0.log").read_text()
+    assert "ended without needing it" in (logs / "spare1.log").read_text()
+    assert_states_bitwise_equal(load_states(out, 4), fault_free_pp2xdp2xep2)
+    reports = [json.loads((out / f"recovery_rank{r}.json").read_text()) for r in range(4)]
+    assert reports[1]["joined_as_spare"]
+    assert all(rep["reports"][-1]["failed_ranks"] == [1] for rep in reports)
+    assert all(rep["reports"][-1]["scope"] == "scoped" for rep in reports)
+
+
+def test_pretrain_gpt_spares_are_reserved_and_a_failure_ends_the_job(tmp_path):
+    """With Megatron-LM's pretrain_gpt.py (which cannot take over a rank mid-job), spare tasks
+    start with the spare role but no worker, and the first failed rank ends the job at once: the
+    coordinator kills the other workers by pid and srun's status is non-zero."""
+    from megatron_moevement.harness.launcher import free_port
+
+    megatron_dir = tmp_path / "Megatron-LM"
+    megatron_dir.mkdir()
+    # Rank 2 fails at once; the other ranks would train "forever".
+    (megatron_dir / "pretrain_gpt.py").write_text(
+        "import os, sys, time\n"
+        "print('STUB', os.environ.get('RANK'), os.environ.get('MOEVEMENT_SPARE'), flush=True)\n"
+        "sys.exit(3) if os.environ.get('RANK') == '2' else time.sleep(300)\n"
+    )
+    bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
+    log_dir = tmp_path / "logs"
+    values = dict(
+        VALUES,
+        nodes=2,
+        spare_nodes=1,
+        gpus_per_node=2,
+        replication_factor=1,
+        log_dir=str(log_dir),
+        python=sys.executable,
+        master_port=free_port(),
+        megatron_dir=str(megatron_dir),
+        data_path="mock",
+        extra_args="",
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(TEMPLATES[0], **values))
+    start = time.monotonic()
+    code, output = _run_script(script, _env(tmp_path, bin_dir, "92"), timeout=120)
+    assert code != 0
+    assert time.monotonic() - start < 60  # not the workers' 300 s
+    logs = log_dir / "92"
+    assert "reserved" in (logs / "spare0.log").read_text()
+    assert "STUB" not in (logs / "spare0.log").read_text()
+    coordinator = (logs / "rank0.log").read_text()
+    assert "ranks [2] failed" in coordinator and "cannot take over a rank" in coordinator
+    for rank in (0, 1, 3):
+        assert f"STUB {rank} None" in (logs / f"rank{rank}.log").read_text()

@@ -1,0 +1,323 @@
+"""Unit tests of the recovery machinery that need no training job: the coordinator's store
+protocol (spares, generations, heartbeat watch), the heartbeat thread, and the durable-tier
+fallback of the recovery driver (with fakes for the distributed parts)."""
+
+import json
+import threading
+import time
+from datetime import timedelta
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_moevement.durable.recovery_loader import DurableTierLoader
+import torch.distributed as dist
+
+from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.harness.launcher import JobFailed, JobTimeout
+from megatron_moevement.recovery import (
+    ElasticContext,
+    JobCoordinator,
+    RecoveryDriver,
+    RecoveryError,
+)
+from megatron_moevement.scope import RankStatus, ScopePlan
+
+
+@pytest.fixture
+def store():
+    return dist.TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)
+    )
+
+
+class FakeTable:
+    """Processes 0..n-1; the test sets their exit codes; kill() makes a process exit -9."""
+
+    def __init__(self, n):
+        self.codes = {p: None for p in range(n)}
+        self.killed = []
+
+    def returncode(self, proc):
+        return self.codes[proc]
+
+    def pid(self, proc):
+        return 1000 + proc
+
+    def kill(self, proc):
+        self.killed.append(proc)
+        self.codes[proc] = -9
+
+    def log_hint(self, procs=None):
+        return " <logs>"
+
+
+def beat(store, rank, n, timeout_s=1.0, done=False, pid=None):
+    store.set(
+        f"hb/{rank}",
+        json.dumps(
+            dict(
+                beat=n,
+                pid=pid or 1000 + rank,
+                host="h",
+                generation=0,
+                interval_s=0.1,
+                timeout_s=timeout_s,
+                done=done,
+            )
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- coordinator
+
+
+def test_dead_ranks_are_replaced_by_spares_in_one_generation(store):
+    table = FakeTable(6)
+    coord = JobCoordinator(store, 4, spares=[4, 5], batch_window_s=0.0)
+    table.codes[1] = -9
+    table.codes[3] = 1
+    coord._replace(table, coord._dead(table))
+    assert coord.generation == 1
+    assert json.loads(store.get("gen/1")) == {"generation": 1, "failed": [1, 3]}
+    assert json.loads(store.get("spare/4")) == {"rank": 1, "generation": 1}
+    assert json.loads(store.get("spare/5")) == {"rank": 3, "generation": 1}
+    assert coord.rank_to_proc == {0: 0, 1: 4, 2: 2, 3: 5}
+    assert [(f["rank"], f["code"], f["cause"], f["pid"]) for f in coord.failures] == [
+        (1, -9, "exit", 1001),
+        (3, 1, "exit", 1003),
+    ]
+    # No spare left: the next failure ends the job, killing the remaining ranks by pid.
+    table.codes[0] = -9
+    with pytest.raises(JobFailed, match="only 0 spare"):
+        coord._replace(table, coord._dead(table))
+    assert sorted(table.killed) == [2, 4, 5] and store.check(["job/failed"])
+
+
+def test_failure_before_the_last_recovery_finished_widens_the_failed_set(store):
+    table = FakeTable(6)
+    coord = JobCoordinator(store, 4, spares=[4, 5], batch_window_s=0.0)
+    table.codes[1] = -9
+    coord._replace(table, [1])
+    table.codes[2] = -9  # generation 1 never became stable (no stable/1 count)
+    coord._replace(table, [2])
+    assert json.loads(store.get("gen/2"))["failed"] == [1, 2]
+    store.add("stable/2", 4)
+    table.codes[5] = -9
+    coord.free_spares = [0]
+    table.codes[0] = None
+    coord._replace(table, [2])
+    assert json.loads(store.get("gen/3"))["failed"] == [2]
+
+
+def test_non_elastic_job_ends_at_the_first_failure(store):
+    table = FakeTable(4)
+    coord = JobCoordinator(store, 3, spares=[3], elastic=False)
+    table.codes[1] = 3
+    with pytest.raises(JobFailed, match="cannot take over a rank"):
+        coord._replace(table, coord._dead(table))
+    assert sorted(table.killed) == [0, 2]  # the spare process is not a rank
+    assert "ranks [1] failed" in store.get("job/failed").decode()
+
+
+def test_silent_rank_is_aborted_and_killed_then_replaced(store):
+    table = FakeTable(3)
+    coord = JobCoordinator(store, 2, spares=[2], batch_window_s=0.0)
+    beat(store, 0, 1)
+    assert coord._silent(table, now=0.0) == []  # rank 1 has not beaten yet: not watched
+    beat(store, 1, 1)
+    assert coord._silent(table, now=0.1) == []
+    beat(store, 0, 2)
+    assert coord._silent(table, now=0.9) == []
+    beat(store, 0, 3)
+    silent = coord._silent(table, now=1.5)  # rank 1 unchanged since 0.1: 1.4 s > 1 s
+    assert [r for r, _ in silent] == [1] and silent[0][1] == pytest.approx(1.4)
+    coord._abort(table, silent)
+    abort = json.loads(store.get("abort/0"))
+    assert abort["ranks"] == [1] and "no heartbeat for 1.4s" in abort["reason"]
+    assert table.killed == [1]
+    coord._replace(table, coord._dead(table))
+    [failure] = coord.failures
+    assert failure["cause"] == "heartbeat" and failure["silent_s"] == pytest.approx(1.4)
+    # The replacement gets the full timeout from its assignment before it counts as silent.
+    assigned = coord._beats[1][1]
+    beat(store, 0, 4)
+    assert coord._silent(table, now=assigned + 0.5) == []
+    beat(store, 1, 1, pid=2002)  # the spare's first beat
+    beat(store, 0, 5)
+    assert coord._silent(table, now=assigned + 1.2) == []
+    assert coord._silent(table, now=assigned + 2.5) == [
+        (0, pytest.approx(1.3)),
+        (1, pytest.approx(1.3)),
+    ]
+
+
+def test_finished_and_exited_ranks_are_not_silent(store):
+    table = FakeTable(2)
+    coord = JobCoordinator(store, 2, spares=[])
+    beat(store, 0, 1)
+    beat(store, 1, 1)
+    coord._silent(table, now=0.0)
+    beat(store, 0, 2, done=True)  # rank 0 finished: its last beat says so
+    table.codes[1] = 0  # rank 1 exited
+    assert coord._silent(table, now=100.0) == []
+
+
+def test_run_loop_until_done(store):
+    table = FakeTable(3)
+    coord = JobCoordinator(store, 2, spares=[2], batch_window_s=0.05)
+    errors = []
+    thread = threading.Thread(target=lambda: _run_catching(coord, table, 20, errors))
+    thread.start()
+    table.codes[0] = -9
+    deadline = time.monotonic() + 10
+    while not store.check(["gen/1"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    table.codes[2] = table.codes[1] = 0  # the spare (now rank 0) and rank 1 finish
+    thread.join(timeout=10)
+    assert not errors and store.check(["job/done"])
+    assert coord.rank_to_proc == {0: 2, 1: 1}
+
+
+def test_run_loop_times_out(store):
+    coord = JobCoordinator(store, 1, spares=[])
+    with pytest.raises(JobTimeout, match="within 0s"):
+        coord.run(FakeTable(1), timeout=0.1)
+    assert store.check(["job/failed"])
+
+
+def _run_catching(coord, table, timeout, errors):
+    try:
+        coord.run(table, timeout)
+    except Exception as exc:  # pragma: no cover - reported by the test
+        errors.append(exc)
+
+
+# ----------------------------------------------------------------------------- heartbeat
+
+
+def test_heartbeat_beats_and_says_when_done(store):
+    ctx = ElasticContext(store, rank=2, world_size=4)
+    hb = ctx.start_heartbeat(interval_s=0.05, timeout_s=0.5)
+    assert ctx.start_heartbeat(1.0, 10.0) is hb  # started once
+    time.sleep(0.4)
+    info = json.loads(store.get("hb/2"))
+    assert info["beat"] >= 3 and info["timeout_s"] == 0.5 and not info["done"]
+    hb.stop(done=True)
+    assert json.loads(store.get("hb/2"))["done"]
+
+
+def test_abort_request_is_relayed_once_and_only_for_the_live_generation(store):
+    ctx = ElasticContext(store, rank=0, world_size=2)
+    store.set("abort/0", json.dumps(dict(ranks=[1], reason="rank 1 sent no heartbeat")))
+    assert not ctx.abort_if_requested(store)  # no live process group yet
+    ctx._live_generation = 0
+    assert ctx.abort_if_requested(store)
+    assert not ctx.abort_if_requested(store)  # once per generation
+    ctx._live_generation = 1  # the next generation is not aborted by abort/0
+    assert not ctx.abort_if_requested(store)
+    ctx.mark_torn_down()
+    assert ctx._live_generation is None
+
+
+def test_waiting_for_a_generation_stops_when_the_job_failed(store):
+    ctx = ElasticContext(store, rank=0, world_size=2)
+    store.set("job/failed", "ranks [1] died and only 0 spare(s) are left")
+    with pytest.raises(RecoveryError, match="agent gave up: ranks"):
+        ctx.wait_for_generation(0, wait_s=5)
+
+
+# ----------------------------------------------------------------------------- durable tier
+
+
+def make_driver(rank, config, loader=None, checkpoints=()):
+    ctx = ElasticContext(store=None, rank=rank, world_size=4)
+    driver = RecoveryDriver(ctx, build=lambda: None, config=config, durable_loader=loader)
+    driver.strategy = SimpleNamespace(
+        config=config, replicator_ranks_per_node=4, checkpoints=list(checkpoints), scalar_log={}
+    )
+    driver.trainer = SimpleNamespace(layout="pp2xdp2")
+    # One rank's view of the collectives: every rank agrees with it.
+    driver._agree = lambda value, op: value
+    driver._gather_flags = lambda flag: [bool(flag)] * 4
+    return driver
+
+
+STATUSES = [RankStatus(r, r // 2, r % 2, 7, False, r not in (0, 3), True) for r in range(4)]
+SCOPED = ScopePlan(True, [0, 1], [0], 7, "")
+
+
+def ckpt(generation):
+    return SimpleNamespace(generation=generation, start_iteration=3 * generation)
+
+
+def test_lost_replicas_without_durable_tier_is_a_clear_error():
+    cfg = MoEvementConfig(replication_factor=1)
+    driver = make_driver(1, cfg)
+    lost = driver._lost_ranks([0, 3], [True, False, False, True])
+    assert lost == [3]  # rank 0's replica lives on rank 1; rank 3's on rank 0, which failed
+    with pytest.raises(RecoveryError) as err:
+        driver._durable_fallback(lost, 1, SCOPED, STATUSES, [0, 3])
+    text = str(err.value)
+    assert "rank 3's sparse checkpoint has no surviving replica" in text
+    assert "durable tier" in text and "durable_dir is not set" in text
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    driver = make_driver(1, cfg)
+    # With durable_dir set, the driver reads the real durable tier by default...
+    assert isinstance(driver.durable_loader, DurableTierLoader)
+    assert driver.durable_loader.durable_dir == "/ckpt"
+    driver.durable_loader = None  # ...unless the loader is removed
+    with pytest.raises(RecoveryError, match="no durable checkpoint loader is installed"):
+        driver._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+
+
+def test_durable_checkpoint_of_the_same_window_replaces_only_the_lost_rank():
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    calls = []
+
+    def loader(rank, layout):
+        calls.append((rank, layout))
+        return ckpt(1)
+
+    lost_rank = make_driver(3, cfg, loader)
+    window, plan = lost_rank._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+    assert (window, plan) == (1, SCOPED) and calls == [(3, "pp2xdp2")]
+    assert lost_rank.strategy.checkpoints[0].generation == 1 and lost_rank._received_ckpt
+    survivor = make_driver(2, cfg, loader, checkpoints=["live"])
+    survivor._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+    assert survivor.strategy.checkpoints == ["live"]  # keeps its in-memory checkpoint
+
+
+def test_older_durable_window_means_global_rollback_to_it():
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    driver = make_driver(2, cfg, lambda rank, layout: ckpt(0), checkpoints=["live"])
+    window, plan = driver._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+    assert window == 0 and not plan.scoped and plan.ranks == [0, 1, 2, 3]
+    assert plan.committed == 7 and "durable tier holds window 0" in plan.reason
+    assert driver.strategy.checkpoints[0].generation == 0
+
+
+def test_missing_durable_checkpoint_or_loader_error_is_reported():
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    with pytest.raises(RecoveryError, match=r"ranks \[0, 1, 2, 3\] have no durable checkpoint"):
+        make_driver(2, cfg, lambda r, l: None)._durable_fallback([3], 1, SCOPED, STATUSES, [3])
+
+    def broken(rank, layout):
+        raise OSError("disk gone")
+
+    with pytest.raises(RecoveryError, match="loader failed on rank 2: OSError: disk gone"):
+        make_driver(2, cfg, broken)._durable_fallback([3], 1, SCOPED, STATUSES, [3])
+
+
+def test_replay_from_durable_needs_the_scalar_log():
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    driver = make_driver(2, cfg)
+
+    class Log(dict):
+        def span(self):
+            return "6..9"
+
+    driver.strategy.scalar_log = Log({i: 1 for i in range(6, 10)})
+    driver._check_scalar_coverage(ckpt(2), committed=9)  # start 6: replays 7..9, all logged
+    with pytest.raises(RecoveryError, match=r"covers 6\.\.9 .*lacks \[4, 5\]"):
+        driver._check_scalar_coverage(ckpt(1), committed=9)  # start 3: needs 4..9
