@@ -2,7 +2,9 @@
 
 Runs three jobs of the same model on the local CPU harness, one per mode, in one invocation, and
 reports the median iteration time of each (after warm-up), the ratios to no checkpointing, and the
-bytes snapshotted per iteration (summed over ranks). Results go to JSON.
+bytes snapshotted per iteration (summed over ranks). ``--baselines`` adds the Gemini-like (dense
+snapshot every ``--gemini-interval`` iterations) and MoC-like (non-expert state plus
+``--moc-fraction`` of the experts every iteration) strategies. Results go to JSON.
 
     python benchmarks/snapshot_overhead.py --layout ep2 --output results/snapshot_overhead.json
 """
@@ -20,6 +22,7 @@ from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
 
 MODES = ("none", "dense", "moevement")
+BASELINE_MODES = ("gemini", "moc")
 
 
 def main() -> None:
@@ -39,6 +42,10 @@ def main() -> None:
     parser.add_argument("--d2h-bandwidth", type=float, default=None,
                         help="bytes/s assumed by Algorithm 1 (default: measured)")
     parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--baselines", action="store_true",
+                        help="also run the gemini and moc baselines")
+    parser.add_argument("--gemini-interval", type=int, default=4)
+    parser.add_argument("--moc-fraction", type=float, default=0.25)
     parser.add_argument("--output", type=Path, default=Path("results/snapshot_overhead.json"))
     args = parser.parse_args()
 
@@ -53,9 +60,14 @@ def main() -> None:
         warmup = 2 * (window if isinstance(window, int) else 8) + 2
     if warmup >= args.iterations:
         raise SystemExit(f"--iterations {args.iterations} must exceed the warm-up ({warmup})")
+    modes = MODES + (BASELINE_MODES if args.baselines else ())
+    baselines = dict(gemini=dict(interval=args.gemini_interval),
+                     moc=dict(expert_fraction=args.moc_fraction))
     with tempfile.TemporaryDirectory(prefix="moevement-bench-") as tmp:
-        for mode in MODES:
+        for mode in modes:
             moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
+            if mode in baselines:
+                moe["baseline"] = baselines[mode]
             if args.d2h_bandwidth:
                 moe["d2h_bandwidth_bytes_per_s"] = args.d2h_bandwidth
             spec = WorkerSpec(job="overhead", layout=layout.to_dict(), model=model,
@@ -74,11 +86,11 @@ def main() -> None:
                 iteration_times=data["iteration_times"],
             )
     base = results["none"]["median_iteration_s"]
-    for mode in MODES:
+    for mode in modes:
         results[mode]["ratio_to_none"] = results[mode]["median_iteration_s"] / base
     print(f"\nlayout {layout}, model {model}")
     print(f"{'mode':<10} {'W':>4} {'median it (s)':>14} {'x no-ckpt':>10} {'MB/iteration':>13}")
-    for mode in MODES:
+    for mode in modes:
         r = results[mode]
         w = "-" if r["window_size"] is None else r["window_size"]
         print(f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "

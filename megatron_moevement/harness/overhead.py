@@ -2,7 +2,8 @@
 
 Modes: ``none`` (no checkpointing), ``dense`` (a full in-memory snapshot of every operator every
 iteration through the same engine: window size 1, Gemini-style), ``moevement`` (sparse snapshots
-with the configured window). Every rank times each iteration end to end (forward/backward,
+with the configured window), ``gemini`` and ``moc`` (the baselines of
+:mod:`megatron_moevement.baselines`, policy fields under ``baseline``). Every rank times each iteration end to end (forward/backward,
 optimizer step including any wait for a pending copy, and the snapshot call); rank 0 writes the
 job-wide maximum per iteration, which is what the slowest rank imposes on everyone.
 """
@@ -23,26 +24,29 @@ def run_overhead(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.strategy import MoEvementStrategy
+    from megatron_moevement.baselines import build_strategy
 
     mode = spec.moevement.get("mode", "moevement")
     layout = ParallelLayout(**spec.layout)
     trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), layout)
     strategy = None
     if mode != "none":
-        fields = {k: v for k, v in spec.moevement.items() if k != "mode"}
+        fields = {k: v for k, v in spec.moevement.items() if k not in ("mode", "baseline")}
         if mode == "dense":
             fields["window_size"] = 1
-        strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer,
-                                     MoEvementConfig.from_dict(fields))
+        name = mode if mode in ("gemini", "moc") else "moevement"
+        strategy = build_strategy(name, trainer.gpt_model, trainer.optimizer,
+                                  MoEvementConfig.from_dict(fields),
+                                  spec.moevement.get("baseline"))
     times, snap_bytes = [], []
     for it in range(spec.iterations):
         dist.barrier()
         start = time.perf_counter()
         trainer.train_iteration(it)
         if strategy is not None:
+            before = strategy.snapshot_bytes_total
             strategy.after_optimizer_step(it)
-            snap_bytes.append(strategy.engine.bytes_captured_last)
+            snap_bytes.append(strategy.snapshot_bytes_total - before)
         else:
             snap_bytes.append(0)
         times.append(time.perf_counter() - start)
@@ -52,7 +56,7 @@ def run_overhead(spec) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     b = torch.tensor(snap_bytes, dtype=torch.float64)
     dist.all_reduce(b, op=dist.ReduceOp.SUM)
-    window = strategy.scheduler.schedule.window_size if strategy is not None else None
+    window = strategy.stats()["window_size"] if strategy is not None else None
     if strategy is not None:
         strategy.shutdown()
     if dist.get_rank() == 0:
