@@ -111,14 +111,34 @@ def learning_rates(optimizer) -> list[list[float]]:
 
 @contextlib.contextmanager
 def frozen_operators(registry, names: Iterable[str]):
-    """Marks the parameters of operators ``names`` as frozen (``requires_grad=False``)."""
+    """Marks the parameters of operators ``names`` as frozen (``requires_grad=False``).
+
+    Frozen operators still propagate input gradients. When the input embedding is frozen, its
+    output is made to require grad so the backward pass always reaches every layer: otherwise a
+    rank whose local experts of a layer are all frozen (with everything before them frozen too)
+    would skip that layer's all-to-all backward while an expert-parallel peer with active experts
+    runs it, and the peers would deadlock. Weight gradients do not depend on it.
+    """
+    names = list(names)
     params = [p.param for name in names for p in registry[name].params]
     previous = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
+    embedding = getattr(registry, "input_embedding", None)
+    handle = None
+    if embedding is not None and "embedding" in names:
+
+        def require_grad(module, args, output):
+            if torch.is_tensor(output) and output.is_floating_point() and not output.requires_grad:
+                return output.detach().requires_grad_()
+            return output
+
+        handle = embedding.register_forward_hook(require_grad)
     try:
         yield params
     finally:
+        if handle is not None:
+            handle.remove()
         for p, req in zip(params, previous):
             p.requires_grad_(req)
 

@@ -170,6 +170,8 @@ class OperatorRegistry:
         num_experts: int | None = None,
     ) -> None:
         self.optimizer_view = OptimizerView(optimizer)
+        self.input_embedding = getattr(gpt_model, "embedding", None)
+        """The first stage's input embedding module (``None`` on later stages)."""
         layer_numbers = _layer_numbers(gpt_model)
         expert_ids = _local_expert_ids(gpt_model)
         ops: dict[str, Operator] = {}
