@@ -26,13 +26,22 @@ from megatron_moevement.harness.worker import WorkerSpec
 
 
 def _elastic(tmp: Path, name: str, layout, model, iterations, window, fault, scope) -> dict:
-    spec = WorkerSpec(job="resilient", layout=layout.to_dict(), model=model,
-                      iterations=iterations, log_level="WARNING", timeout_s=60,
-                      moevement=dict(window_size=window, replication_factor=1,
-                                     recovery_scope=scope, faults=[fault]))
+    spec = WorkerSpec(
+        job="resilient",
+        layout=layout.to_dict(),
+        model=model,
+        iterations=iterations,
+        log_level="WARNING",
+        timeout_s=60,
+        moevement=dict(
+            window_size=window, replication_factor=1, recovery_scope=scope, faults=[fault]
+        ),
+    )
     run_elastic_job(spec, tmp / name, timeout=1200, spares=1)
-    reports = [json.loads((tmp / name / f"recovery_rank{r}.json").read_text())["reports"][-1]
-               for r in range(layout.world_size)]
+    reports = [
+        json.loads((tmp / name / f"recovery_rank{r}.json").read_text())["reports"][-1]
+        for r in range(layout.world_size)
+    ]
     total = max(sum(r["times_s"].values()) for r in reports)
     return dict(
         scope=reports[0]["scope"],
@@ -45,8 +54,9 @@ def _elastic(tmp: Path, name: str, layout, model, iterations, window, fault, sco
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layout", default="pp2xdp2xep2")
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--window-size", type=int, default=3)
@@ -63,42 +73,66 @@ def main() -> None:
         for scope in ("auto", "global"):
             print(f"running {scope} ...", flush=True)
             results["scoped" if scope == "auto" else "global"] = _elastic(
-                tmp, scope, layout, model, args.iterations, args.window_size, fault, scope)
+                tmp, scope, layout, model, args.iterations, args.window_size, fault, scope
+            )
         # Restart: relaunch everything, load the dense on-disk checkpoint taken at the persisted
         # window start, recompute up to the last committed iteration; time the whole relaunch.
         start_it = results["global"]["iterations_replayed"][0] - 1
         committed = results["global"]["iterations_replayed"][-1]
         ckpt_dir = tmp / "dense_ckpt"
-        run_worker_job(WorkerSpec(job="dense_save", layout=layout.to_dict(), model=model,
-                                  iterations=start_it + 1, log_level="WARNING",
-                                  moevement=dict(checkpoint_dir=str(ckpt_dir))),
-                       tmp / "dense_save", timeout=1200)
+        run_worker_job(
+            WorkerSpec(
+                job="dense_save",
+                layout=layout.to_dict(),
+                model=model,
+                iterations=start_it + 1,
+                log_level="WARNING",
+                moevement=dict(checkpoint_dir=str(ckpt_dir)),
+            ),
+            tmp / "dense_save",
+            timeout=1200,
+        )
         print("running restart ...", flush=True)
         t = time.perf_counter()
-        run_worker_job(WorkerSpec(job="dense_restart", layout=layout.to_dict(), model=model,
-                                  iterations=committed + 1, log_level="WARNING",
-                                  moevement=dict(checkpoint_dir=str(ckpt_dir),
-                                                 resume_from=start_it + 1)),
-                       tmp / "restart", timeout=1200)
+        run_worker_job(
+            WorkerSpec(
+                job="dense_restart",
+                layout=layout.to_dict(),
+                model=model,
+                iterations=committed + 1,
+                log_level="WARNING",
+                moevement=dict(checkpoint_dir=str(ckpt_dir), resume_from=start_it + 1),
+            ),
+            tmp / "restart",
+            timeout=1200,
+        )
         phases = json.loads((tmp / "restart" / "restart.json").read_text())
         recomputed = committed - start_it
-        results["restart"] = dict(scope="global", recovery_s=time.perf_counter() - t,
-                                  phases_s=phases,
-                                  microbatches_recomputed=recomputed * 4 * layout.world_size,
-                                  note="fresh launch of every process, model build, dense "
-                                       "checkpoint load from local disk, recompute of "
-                                       f"{recomputed} iterations")
+        results["restart"] = dict(
+            scope="global",
+            recovery_s=time.perf_counter() - t,
+            phases_s=phases,
+            microbatches_recomputed=recomputed * 4 * layout.world_size,
+            note="fresh launch of every process, model build, dense "
+            "checkpoint load from local disk, recompute of "
+            f"{recomputed} iterations",
+        )
     base = results["scoped"]["recovery_s"]
-    print(f"\n{'mode':<8} {'scope ranks':<14} {'recovery (s)':>12} {'x scoped':>9} "
-          f"{'microbatches recomputed':>24}")
+    print(
+        f"\n{'mode':<8} {'scope ranks':<14} {'recovery (s)':>12} {'x scoped':>9} "
+        f"{'microbatches recomputed':>24}"
+    )
     for mode, r in results.items():
         r["ratio_to_scoped"] = r["recovery_s"] / base
         ranks = ",".join(map(str, r.get("scope_ranks", []))) or "all"
-        print(f"{mode:<8} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
-              f"{r['microbatches_recomputed']:>24}")
+        print(
+            f"{mode:<8} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
+            f"{r['microbatches_recomputed']:>24}"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(dict(layout=str(layout), fault=fault, results=results),
-                                      indent=1))
+    args.output.write_text(
+        json.dumps(dict(layout=str(layout), fault=fault, results=results), indent=1)
+    )
     print(f"\nwrote {args.output}")
 
 

@@ -21,8 +21,9 @@ from megatron_moevement.harness.worker import WorkerSpec
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layout", default="ep2")
     parser.add_argument("--window-size", type=int, default=6)
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -33,12 +34,24 @@ def main() -> None:
     args = parser.parse_args()
     layout = ParallelLayout.parse(args.layout)
     w = args.window_size
-    model = dict(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-                 num_experts=args.num_experts, num_attention_heads=8, seq_length=64,
-                 micro_batch_size=4, num_microbatches=4, precision="bf16")
-    spec = WorkerSpec(job="replay_cost", layout=layout.to_dict(), model=model,
-                      moevement=dict(window_size=w, replication_factor=0, repeats=args.repeats),
-                      iterations=2 * w + 1, log_level="WARNING")
+    model = dict(
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_experts=args.num_experts,
+        num_attention_heads=8,
+        seq_length=64,
+        micro_batch_size=4,
+        num_microbatches=4,
+        precision="bf16",
+    )
+    spec = WorkerSpec(
+        job="replay_cost",
+        layout=layout.to_dict(),
+        model=model,
+        moevement=dict(window_size=w, replication_factor=0, repeats=args.repeats),
+        iterations=2 * w + 1,
+        log_level="WARNING",
+    )
     with tempfile.TemporaryDirectory(prefix="moevement-replay-") as tmp:
         run_worker_job(spec, Path(tmp), timeout=1800)
         data = json.loads((Path(tmp) / "replay_cost.json").read_text())
@@ -48,16 +61,22 @@ def main() -> None:
     active = [r["seconds"] for r in data["replay"] if r["frozen_operators"] == 0]
     all_active = sorted(active)[len(active) // 2] if active else normal
     data["all_active_replay_s"] = all_active
-    print(f"layout {layout}, W={data['window_size']}, normal iteration {normal:.4f} s, "
-          f"all-active replay iteration {all_active:.4f} s")
-    print(f"{'iteration':>9} {'frozen ops':>11} {'seconds':>9} {'x normal':>9} "
-          f"{'x all-active':>13}")
+    print(
+        f"layout {layout}, W={data['window_size']}, normal iteration {normal:.4f} s, "
+        f"all-active replay iteration {all_active:.4f} s"
+    )
+    print(
+        f"{'iteration':>9} {'frozen ops':>11} {'seconds':>9} {'x normal':>9} "
+        f"{'x all-active':>13}"
+    )
     for row in data["replay"]:
         row["ratio_to_normal"] = row["seconds"] / normal
         row["ratio_to_all_active_replay"] = row["seconds"] / all_active
-        print(f"{row['iteration']:>9} {row['frozen_operators']:>4}/{row['operators']:<6} "
-              f"{row['seconds']:>9.4f} {row['ratio_to_normal']:>9.3f} "
-              f"{row['ratio_to_all_active_replay']:>13.3f}")
+        print(
+            f"{row['iteration']:>9} {row['frozen_operators']:>4}/{row['operators']:<6} "
+            f"{row['seconds']:>9.4f} {row['ratio_to_normal']:>9.3f} "
+            f"{row['ratio_to_all_active_replay']:>13.3f}"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(dict(layout=str(layout), model=model, **data), indent=1))
     print(f"wrote {args.output}")

@@ -26,33 +26,52 @@ BASELINE_MODES = ("gemini", "moc")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layout", default="ep2")
     parser.add_argument("--iterations", type=int, default=36)
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="iterations excluded from the statistics (default: 2W + 2, so "
-                        "every host buffer of both window generations is allocated)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="iterations excluded from the statistics (default: 2W + 2, so "
+        "every host buffer of both window generations is allocated)",
+    )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--ffn-hidden-size", type=int, default=1024)
     parser.add_argument("--num-experts", type=int, default=8)
     parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--window-size", default="auto",
-                        help='MoEvement window: "auto" (Algorithm 1) or an int')
-    parser.add_argument("--d2h-bandwidth", type=float, default=None,
-                        help="bytes/s assumed by Algorithm 1 (default: measured)")
+    parser.add_argument(
+        "--window-size", default="auto", help='MoEvement window: "auto" (Algorithm 1) or an int'
+    )
+    parser.add_argument(
+        "--d2h-bandwidth",
+        type=float,
+        default=None,
+        help="bytes/s assumed by Algorithm 1 (default: measured)",
+    )
     parser.add_argument("--replication-factor", type=int, default=1)
-    parser.add_argument("--baselines", action="store_true",
-                        help="also run the gemini and moc baselines")
+    parser.add_argument(
+        "--baselines", action="store_true", help="also run the gemini and moc baselines"
+    )
     parser.add_argument("--gemini-interval", type=int, default=4)
     parser.add_argument("--moc-fraction", type=float, default=0.25)
     parser.add_argument("--output", type=Path, default=Path("results/snapshot_overhead.json"))
     args = parser.parse_args()
 
     layout = ParallelLayout.parse(args.layout)
-    model = dict(hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-                 num_experts=args.num_experts, num_layers=args.num_layers, precision="bf16",
-                 num_attention_heads=8, seq_length=64, micro_batch_size=4, num_microbatches=4)
+    model = dict(
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_experts=args.num_experts,
+        num_layers=args.num_layers,
+        precision="bf16",
+        num_attention_heads=8,
+        seq_length=64,
+        micro_batch_size=4,
+        num_microbatches=4,
+    )
     window = args.window_size if args.window_size == "auto" else int(args.window_size)
     results = {}
     warmup = args.warmup
@@ -61,8 +80,9 @@ def main() -> None:
     if warmup >= args.iterations:
         raise SystemExit(f"--iterations {args.iterations} must exceed the warm-up ({warmup})")
     modes = MODES + (BASELINE_MODES if args.baselines else ())
-    baselines = dict(gemini=dict(interval=args.gemini_interval),
-                     moc=dict(expert_fraction=args.moc_fraction))
+    baselines = dict(
+        gemini=dict(interval=args.gemini_interval), moc=dict(expert_fraction=args.moc_fraction)
+    )
     with tempfile.TemporaryDirectory(prefix="moevement-bench-") as tmp:
         for mode in modes:
             moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
@@ -70,19 +90,26 @@ def main() -> None:
                 moe["baseline"] = baselines[mode]
             if args.d2h_bandwidth:
                 moe["d2h_bandwidth_bytes_per_s"] = args.d2h_bandwidth
-            spec = WorkerSpec(job="overhead", layout=layout.to_dict(), model=model,
-                              moevement=moe, iterations=args.iterations, log_level="WARNING")
+            spec = WorkerSpec(
+                job="overhead",
+                layout=layout.to_dict(),
+                model=model,
+                moevement=moe,
+                iterations=args.iterations,
+                log_level="WARNING",
+            )
             out = Path(tmp) / mode
             print(f"running {mode} ...", flush=True)
             run_worker_job(spec, out, timeout=1200)
             data = json.loads((out / "overhead.json").read_text())
-            steady = data["iteration_times"][warmup :]
+            steady = data["iteration_times"][warmup:]
             results[mode] = dict(
                 window_size=data["window_size"],
                 median_iteration_s=statistics.median(steady),
                 mean_iteration_s=statistics.fmean(steady),
                 snapshot_bytes_per_iteration=statistics.fmean(
-                    data["snapshot_bytes_per_iteration"][warmup :]),
+                    data["snapshot_bytes_per_iteration"][warmup:]
+                ),
                 iteration_times=data["iteration_times"],
             )
     base = results["none"]["median_iteration_s"]
@@ -93,11 +120,14 @@ def main() -> None:
     for mode in modes:
         r = results[mode]
         w = "-" if r["window_size"] is None else r["window_size"]
-        print(f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
-              f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f}")
+        print(
+            f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
+            f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f}"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(dict(layout=str(layout), model=model, results=results),
-                                      indent=1))
+    args.output.write_text(
+        json.dumps(dict(layout=str(layout), model=model, results=results), indent=1)
+    )
     print(f"\nwrote {args.output}")
 
 

@@ -131,8 +131,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=8)
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: all "
-                        "ranks of a pipeline stage)")
+    parser.add_argument(
+        "--ep",
+        type=int,
+        default=None,
+        help="expert-parallel size (default: all " "ranks of a pipeline stage)",
+    )
     parser.add_argument("--window-size", type=int, default=3)
     parser.add_argument("--num-microbatches", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=2)

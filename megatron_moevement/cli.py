@@ -32,8 +32,12 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="keep logs and state dumps here (default: a temporary folder)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="keep logs and state dumps here (default: a temporary folder)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
 
 
@@ -51,8 +55,11 @@ def _train(args: argparse.Namespace) -> int:
     layout = ParallelLayout.parse(args.layout)
     model = _model_from_args(args)
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-train-"))
-    print(f"training {args.iterations} iterations on {layout.world_size} CPU processes "
-          f"({layout}), logs in {out / 'logs'}", flush=True)
+    print(
+        f"training {args.iterations} iterations on {layout.world_size} CPU processes "
+        f"({layout}), logs in {out / 'logs'}",
+        flush=True,
+    )
     spec = WorkerSpec(layout=layout.to_dict(), model=model.to_dict(), iterations=args.iterations)
     run_worker_job(spec, out, timeout=args.timeout)
     last_rank = layout.world_size - 1
@@ -71,41 +78,66 @@ def _demo(args: argparse.Namespace) -> int:
     layout = ParallelLayout.parse(args.layout)
     model = _model_from_args(args)
     if not 0 <= args.kill_rank < layout.world_size:
-        raise SystemExit(f"--kill-rank {args.kill_rank} is not a rank of {layout} "
-                         f"(0..{layout.world_size - 1})")
+        raise SystemExit(
+            f"--kill-rank {args.kill_rank} is not a rank of {layout} "
+            f"(0..{layout.world_size - 1})"
+        )
     if not args.window_size < args.kill_iteration < args.iterations:
-        raise SystemExit(f"--kill-iteration must lie in ({args.window_size}, {args.iterations}): "
-                         "a sparse checkpoint must be persisted first, and the kill must happen "
-                         "before the run ends")
+        raise SystemExit(
+            f"--kill-iteration must lie in ({args.window_size}, {args.iterations}): "
+            "a sparse checkpoint must be persisted first, and the kill must happen "
+            "before the run ends"
+        )
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-demo-"))
     world = layout.world_size
-    print(f"[1/3] fault-free reference: {args.iterations} iterations on {world} processes "
-          f"({layout})", flush=True)
-    ref_spec = WorkerSpec(layout=layout.to_dict(), model=model.to_dict(),
-                          iterations=args.iterations, log_level="WARNING")
+    print(
+        f"[1/3] fault-free reference: {args.iterations} iterations on {world} processes "
+        f"({layout})",
+        flush=True,
+    )
+    ref_spec = WorkerSpec(
+        layout=layout.to_dict(),
+        model=model.to_dict(),
+        iterations=args.iterations,
+        log_level="WARNING",
+    )
     run_worker_job(ref_spec, out / "fault_free", timeout=args.timeout)
     fault = dict(rank=args.kill_rank, iteration=args.kill_iteration, phase=args.phase)
-    print(f"[2/3] MoEvement run (W={args.window_size}, r=1, 1 spare); SIGKILL of rank "
-          f"{args.kill_rank} at iteration {args.kill_iteration} ({args.phase})", flush=True)
-    spec = WorkerSpec(job="resilient", layout=layout.to_dict(), model=model.to_dict(),
-                      iterations=args.iterations, log_level="WARNING", timeout_s=60,
-                      moevement=dict(window_size=args.window_size, replication_factor=1,
-                                     faults=[fault]))
+    print(
+        f"[2/3] MoEvement run (W={args.window_size}, r=1, 1 spare); SIGKILL of rank "
+        f"{args.kill_rank} at iteration {args.kill_iteration} ({args.phase})",
+        flush=True,
+    )
+    spec = WorkerSpec(
+        job="resilient",
+        layout=layout.to_dict(),
+        model=model.to_dict(),
+        iterations=args.iterations,
+        log_level="WARNING",
+        timeout_s=60,
+        moevement=dict(window_size=args.window_size, replication_factor=1, faults=[fault]),
+    )
     agent = run_elastic_job(spec, out / "recovered", timeout=args.timeout, spares=1)
     for f in agent.failures:
-        print(f"  agent: rank {f['rank']} (pid {f['pid']}) died with code {f['code']}; spare "
-              f"process {f['spare']} took it (generation {f['generation']})")
+        print(
+            f"  agent: rank {f['rank']} (pid {f['pid']}) died with code {f['code']}; spare "
+            f"process {f['spare']} took it (generation {f['generation']})"
+        )
     print("  recovery report:")
-    print(f"  {'rank':>4} {'spare':>5} {'scope':>6} {'window':>6} {'replayed':>14} "
-          f"{'detect':>7} {'rebuild':>7} {'fetch':>7} {'replay':>7}")
+    print(
+        f"  {'rank':>4} {'spare':>5} {'scope':>6} {'window':>6} {'replayed':>14} "
+        f"{'detect':>7} {'rebuild':>7} {'fetch':>7} {'replay':>7}"
+    )
     for rank in range(world):
         rep = json.loads((out / "recovered" / f"recovery_rank{rank}.json").read_text())
         for r in rep["reports"]:
             t = r["times_s"]
             replayed = ",".join(str(i) for i in r["iterations_replayed"])
-            print(f"  {rank:>4} {str(r['spare']):>5} {r['scope']:>6} {r['window_start']:>6} "
-                  f"{replayed:>14} {t['detect']:>6.3f}s {t['rebuild']:>6.3f}s "
-                  f"{t['fetch']:>6.3f}s {t['replay']:>6.3f}s")
+            print(
+                f"  {rank:>4} {str(r['spare']):>5} {r['scope']:>6} {r['window_start']:>6} "
+                f"{replayed:>14} {t['detect']:>6.3f}s {t['rebuild']:>6.3f}s "
+                f"{t['fetch']:>6.3f}s {t['replay']:>6.3f}s"
+            )
     print("[3/3] bitwise check against the fault-free run", flush=True)
     compared, differing = 0, []
     for rank in range(world):
@@ -113,20 +145,26 @@ def _demo(args: argparse.Namespace) -> int:
         b = torch.load(out / "recovered" / f"state_rank{rank}.pt")
         for key in a:
             compared += 1
-            if key not in b or not torch.equal(a[key].reshape(-1).view(torch.uint8),
-                                               b[key].reshape(-1).view(torch.uint8)):
+            if key not in b or not torch.equal(
+                a[key].reshape(-1).view(torch.uint8), b[key].reshape(-1).view(torch.uint8)
+            ):
                 differing.append(f"rank {rank} {key}")
     if differing:
         print(f"  MISMATCH: {len(differing)} of {compared} tensors differ, e.g. {differing[:3]}")
         return 1
-    print(f"  bitwise equal: all {compared} tensors (params, FP32 main params, optimizer "
-          f"moments, steps) on {world} ranks. Outputs in {out}")
+    print(
+        f"  bitwise equal: all {compared} tensors (params, FP32 main params, optimizer "
+        f"moments, steps) on {world} ranks. Outputs in {out}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moevement-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="moevement-train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the harness model and print the loss")
     _add_model_args(train)
@@ -136,8 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--window-size", type=int, default=3, help="MoEvement window W")
     demo.add_argument("--kill-rank", type=int, default=1)
     demo.add_argument("--kill-iteration", type=int, default=7)
-    demo.add_argument("--phase", default="microbatch2",
-                      help="before | microbatch<k> | after_step | after_snapshot")
+    demo.add_argument(
+        "--phase",
+        default="microbatch2",
+        help="before | microbatch<k> | after_step | after_snapshot",
+    )
     demo.set_defaults(func=_demo, iterations=10, distributed_optimizer=True)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -335,8 +335,12 @@ class MoEvementConfig:
 
     def _validate_flags(self) -> None:
         if self.recovery_scope not in ("auto", "global"):
-            _fail("recovery_scope", self.recovery_scope, 'must be "auto" or "global"',
-                  'use "auto" (scoped when possible) or "global"')
+            _fail(
+                "recovery_scope",
+                self.recovery_scope,
+                'must be "auto" or "global"',
+                'use "auto" (scoped when possible) or "global"',
+            )
         for name in ("upstream_logging", "snapshot_async"):
             value = getattr(self, name)
             if not isinstance(value, bool):

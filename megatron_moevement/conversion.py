@@ -52,9 +52,13 @@ class StepScalars:
     """The fp16 loss scaler's state before the step (``None`` without a scaler)."""
 
     def to_dict(self) -> dict:
-        return dict(iteration=self.iteration, grad_norm=self.grad_norm,
-                    update_successful=self.update_successful,
-                    learning_rates=self.learning_rates, scaler_state=self.scaler_state)
+        return dict(
+            iteration=self.iteration,
+            grad_norm=self.grad_norm,
+            update_successful=self.update_successful,
+            learning_rates=self.learning_rates,
+            scaler_state=self.scaler_state,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> "StepScalars":
@@ -105,8 +109,9 @@ class ScalarLog:
 
 
 def learning_rates(optimizer) -> list[list[float]]:
-    return [[float(g["lr"]) for g in leaf.optimizer.param_groups]
-            for leaf in iter_optimizers(optimizer)]
+    return [
+        [float(g["lr"]) for g in leaf.optimizer.param_groups] for leaf in iter_optimizers(optimizer)
+    ]
 
 
 @contextlib.contextmanager
@@ -151,12 +156,17 @@ def restore_scaler_state(optimizer, scalars: StepScalars) -> None:
     for leaf in iter_optimizers(optimizer):
         scaler = getattr(leaf, "grad_scaler", None)
         if scaler is not None:
-            scaler.load_state_dict({k: torch.tensor([v]) if k == "scale" else v
-                                    for k, v in scalars.scaler_state.items()})
+            scaler.load_state_dict(
+                {
+                    k: torch.tensor([v]) if k == "scale" else v
+                    for k, v in scalars.scaler_state.items()
+                }
+            )
 
 
-def replay_optimizer_step(optimizer, scalars: StepScalars, frozen_main_params: Sequence,
-                          use_logged_norm: bool = True):
+def replay_optimizer_step(
+    optimizer, scalars: StepScalars, frozen_main_params: Sequence, use_logged_norm: bool = True
+):
     """One optimizer step of a replayed iteration, driven by the original run's scalars.
 
     Runs Megatron's own step phases — ``prepare_grads`` (copy to main grads, unscale),
@@ -258,8 +268,7 @@ def default_operator_groups() -> OperatorGroups:
 
     return OperatorGroups(
         dense=gloo_or(ps.get_data_parallel_group_gloo, ps.get_data_parallel_group),
-        expert=gloo_or(ps.get_expert_data_parallel_group_gloo,
-                       ps.get_expert_data_parallel_group),
+        expert=gloo_or(ps.get_expert_data_parallel_group_gloo, ps.get_expert_data_parallel_group),
     )
 
 
@@ -332,8 +341,9 @@ class SlotLoader:
             op = self.registry[name]
             stats["full"] += self._place(op, ("main", "optim"), slot, from_owner=not distributed)
         for name in [n for s in slices[k:] for n in s]:
-            stats["compute"] += self._place(self.registry[name], ("compute",), slot,
-                                            from_owner=True)
+            stats["compute"] += self._place(
+                self.registry[name], ("compute",), slot, from_owner=True
+            )
         return stats
 
 

@@ -228,7 +228,8 @@ class OperatorRegistry:
         self.refresh()
         report = {op.name: op.bytes_by_kind() for op in self.operators}
         report["total"] = {
-            key: sum(row[key] for row in report.values()) for key in ("compute", "main", "optimizer")
+            key: sum(row[key] for row in report.values())
+            for key in ("compute", "main", "optimizer")
         }
         return report
 
@@ -257,4 +258,3 @@ def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str
                 state = leaf.optimizer.state.get(p, {})
                 optim += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
     return {"compute": compute, "main": main, "optimizer": optim}
-

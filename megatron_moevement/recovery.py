@@ -135,8 +135,12 @@ class ElasticContext:
                     raise SystemExit(0)
                 time.sleep(_POLL_S)
             assignment = _get_json(store, key)
-            logger.warning("spare %s takes rank %d in generation %d", spare_id,
-                           assignment["rank"], assignment["generation"])
+            logger.warning(
+                "spare %s takes rank %d in generation %d",
+                spare_id,
+                assignment["rank"],
+                assignment["generation"],
+            )
             return cls(store, assignment["rank"], world, assignment["generation"], timeout_s)
         return cls(store, int(os.environ["RANK"]), world, 0, timeout_s)
 
@@ -198,7 +202,10 @@ class ElasticContext:
             info = _get_json(store, key)
             logger.warning(
                 "rank %d: the agent declared generation %d failed (%s); aborting this rank's "
-                "collectives", self.rank, generation, info.get("reason", "no reason given"),
+                "collectives",
+                self.rank,
+                generation,
+                info.get("reason", "no reason given"),
             )
             self._abort_collectives(store)
             return True
@@ -284,15 +291,25 @@ class Heartbeat:
             target=self._run, name=f"moevement-heartbeat-r{self.ctx.rank}", daemon=True
         )
         self._thread.start()
-        logger.debug("heartbeat of rank %d every %.2fs (timeout %.2fs)", self.ctx.rank,
-                     self.interval_s, self.timeout_s)
+        logger.debug(
+            "heartbeat of rank %d every %.2fs (timeout %.2fs)",
+            self.ctx.rank,
+            self.interval_s,
+            self.timeout_s,
+        )
         return self
 
     def _beat(self, done: bool = False) -> None:
         self.beats += 1
-        value = dict(beat=self.beats, pid=os.getpid(), host=socket.gethostname(),
-                     generation=self.ctx.generation, interval_s=self.interval_s,
-                     timeout_s=self.timeout_s, done=done)
+        value = dict(
+            beat=self.beats,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            generation=self.ctx.generation,
+            interval_s=self.interval_s,
+            timeout_s=self.timeout_s,
+            done=done,
+        )
         self._store.set(HEARTBEAT_KEY.format(rank=self.ctx.rank), json.dumps(value))
 
     def _run(self) -> None:
@@ -304,8 +321,9 @@ class Heartbeat:
             except Exception as exc:  # the store is gone (agent died) or a transient error
                 self._failed_writes += 1
                 if self._failed_writes == 3:
-                    logger.warning("rank %d: heartbeat cannot reach the job's store (%s)",
-                                   self.ctx.rank, exc)
+                    logger.warning(
+                        "rank %d: heartbeat cannot reach the job's store (%s)", self.ctx.rank, exc
+                    )
 
     def stop(self, done: bool = True) -> None:
         """Stops beating; with ``done`` the last beat says this rank finished (not silent)."""
@@ -364,8 +382,14 @@ class JobCoordinator:
     BEAT_CHECK_S = 0.1
     """How often heartbeats are read."""
 
-    def __init__(self, store, world_size: int, spares: Iterable[int], batch_window_s: float = 0.5,
-                 elastic: bool = True) -> None:
+    def __init__(
+        self,
+        store,
+        world_size: int,
+        spares: Iterable[int],
+        batch_window_s: float = 0.5,
+        elastic: bool = True,
+    ) -> None:
         self.store = store
         self.world_size = world_size
         self.batch_window_s = batch_window_s
@@ -399,8 +423,9 @@ class JobCoordinator:
             now = time.monotonic()
             if now > deadline:
                 self.fail(f"the job did not finish within {timeout:.0f}s")
-                raise JobTimeout(f"elastic job did not finish within {timeout:.0f}s"
-                                 + table.log_hint())
+                raise JobTimeout(
+                    f"elastic job did not finish within {timeout:.0f}s" + table.log_hint()
+                )
             dead = self._dead(table)
             if dead:
                 time.sleep(self.batch_window_s)  # gather simultaneous failures into one batch
@@ -439,13 +464,17 @@ class JobCoordinator:
         now = time.monotonic()
         codes = {r: table.returncode(self.rank_to_proc[r]) for r in dead}
         if not self.elastic:
-            reason = (f"ranks {dead} failed (exit codes {[codes[r] for r in dead]}) and the "
-                      "workers cannot take over a rank of a running job; restart the job")
+            reason = (
+                f"ranks {dead} failed (exit codes {[codes[r] for r in dead]}) and the "
+                "workers cannot take over a rank of a running job; restart the job"
+            )
             self._end(table, reason)
             raise JobFailed(reason + table.log_hint([self.rank_to_proc[r] for r in dead]))
         if len(dead) > len(self.free_spares):
-            reason = (f"ranks {dead} died and only {len(self.free_spares)} spare(s) are left; "
-                      "restart the job with more spares (--spares)")
+            reason = (
+                f"ranks {dead} died and only {len(self.free_spares)} spare(s) are left; "
+                "restart the job with more spares (--spares)"
+            )
             self._end(table, reason)
             raise JobFailed(reason + table.log_hint())
         if not self._stable(self.generation):
@@ -459,20 +488,32 @@ class JobCoordinator:
             proc = self.rank_to_proc[rank]
             spare = self.free_spares.pop(0)
             silenced = self._silenced.pop(rank, None)
-            entry = dict(rank=rank, pid=table.pid(proc), code=codes[rank],
-                         generation=self.generation, spare=spare,
-                         cause="exit" if silenced is None else "heartbeat")
+            entry = dict(
+                rank=rank,
+                pid=table.pid(proc),
+                code=codes[rank],
+                generation=self.generation,
+                spare=spare,
+                cause="exit" if silenced is None else "heartbeat",
+            )
             entry.update(silenced or {})
             self.failures.append(entry)
             self.rank_to_proc[rank] = spare
             if rank in self._beats:  # the replacement's first beat changes it: time from now
                 self._beats[rank] = (self._beats[rank][0], now)
-            self.store.set(f"spare/{spare}", json.dumps(dict(rank=rank, generation=self.generation)))
+            self.store.set(
+                f"spare/{spare}", json.dumps(dict(rank=rank, generation=self.generation))
+            )
         self.failures[-1]["failed"] = failed
-        self.store.set(f"gen/{self.generation}",
-                       json.dumps(dict(generation=self.generation, failed=failed)))
-        logger.warning("agent: ranks %s failed; generation %d with spares %s", dead,
-                       self.generation, [self.rank_to_proc[r] for r in dead])
+        self.store.set(
+            f"gen/{self.generation}", json.dumps(dict(generation=self.generation, failed=failed))
+        )
+        logger.warning(
+            "agent: ranks %s failed; generation %d with spares %s",
+            dead,
+            self.generation,
+            [self.rank_to_proc[r] for r in dead],
+        )
 
     def _end(self, table: ProcessTable, reason: str) -> None:
         self.fail(reason)
@@ -513,14 +554,19 @@ class JobCoordinator:
         ranks = [r for r, _ in silent]
         reason = ", ".join(f"rank {r} sent no heartbeat for {age:.1f}s" for r, age in silent)
         # Survivors first (their heartbeat threads shut their connections down), then the kill.
-        self.store.set(ABORT_KEY.format(generation=self.generation),
-                       json.dumps(dict(ranks=ranks, reason=reason)))
+        self.store.set(
+            ABORT_KEY.format(generation=self.generation),
+            json.dumps(dict(ranks=ranks, reason=reason)),
+        )
         for rank, age in silent:
             proc = self.rank_to_proc[rank]
             self._silenced[rank] = dict(silent_s=round(age, 3), detected_at=time.time())
-            logger.warning("agent: %s (pid %s); killing it and aborting generation %d",
-                           f"rank {rank} sent no heartbeat for {age:.1f}s", table.pid(proc),
-                           self.generation)
+            logger.warning(
+                "agent: %s (pid %s); killing it and aborting generation %d",
+                f"rank {rank} sent no heartbeat for {age:.1f}s",
+                table.pid(proc),
+                self.generation,
+            )
             table.kill(proc)
 
 
@@ -609,8 +655,14 @@ class RecoveryDriver:
             :class:`~megatron_moevement.durable.recovery_loader.DurableTierLoader` over it.
     """
 
-    def __init__(self, ctx: ElasticContext, build: Callable, fault_hook: Callable | None = None,
-                 config=None, durable_loader: DurableCheckpointLoader | None = None):
+    def __init__(
+        self,
+        ctx: ElasticContext,
+        build: Callable,
+        fault_hook: Callable | None = None,
+        config=None,
+        durable_loader: DurableCheckpointLoader | None = None,
+    ):
         from megatron_moevement.config import MoEvementConfig
 
         self.ctx = ctx
@@ -622,8 +674,9 @@ class RecoveryDriver:
             # checkpoint the strategy's periodic saver wrote under durable_dir.
             from megatron_moevement.durable.recovery_loader import DurableTierLoader
 
-            durable_loader = DurableTierLoader(self.config.durable_dir,
-                                               strategy_of=lambda: self.strategy)
+            durable_loader = DurableTierLoader(
+                self.config.durable_dir, strategy_of=lambda: self.strategy
+            )
         self.durable_loader = durable_loader
         """The durable tier's loader (a :class:`DurableCheckpointLoader`), or None."""
         self.trainer = None
@@ -697,8 +750,12 @@ class RecoveryDriver:
     def recover(self, failure: str) -> RecoveryReport:
         """Recovers from a failed collective (``failure`` describes it)."""
         t0 = time.perf_counter()
-        logger.warning("rank %d: failure detected at generation %d (%s); recovering",
-                       self.ctx.rank, self.ctx.generation, failure)
+        logger.warning(
+            "rank %d: failure detected at generation %d (%s); recovering",
+            self.ctx.rank,
+            self.ctx.generation,
+            failure,
+        )
         old = self.strategy
         if old is not None and self.has_state and self._live_backup is None:
             self._dirty = old.step_in_progress
@@ -719,8 +776,11 @@ class RecoveryDriver:
                     raise
                 self._noticed_at = time.time()
                 again = _describe(exc)
-            logger.warning("rank %d: failure during recovery (%s); widening and restarting",
-                           self.ctx.rank, again)
+            logger.warning(
+                "rank %d: failure during recovery (%s); widening and restarting",
+                self.ctx.rank,
+                again,
+            )
 
     def _teardown(self) -> None:
         """Destroys every process group *and every reference to one*, so that the gloo/NCCL
@@ -744,8 +804,7 @@ class RecoveryDriver:
             if dist.get_backend() == "gloo":
                 from megatron_moevement.runtime.connections import sever_connections
 
-                n = sever_connections([int(os.environ["MASTER_PORT"])],
-                                      self.ctx.job_hosts())
+                n = sever_connections([int(os.environ["MASTER_PORT"])], self.ctx.job_hosts())
                 logger.debug("severed %d gloo connections", n)
             try:
                 dist.destroy_process_group()
@@ -802,14 +861,19 @@ class RecoveryDriver:
         t_rebuild = time.perf_counter() - t1
         # 2. Where everyone stands; choose the scope (scoped if the cut allows, else global).
         statuses = gather_status(
-            RankStatus(self.ctx.rank, self.trainer.pp_rank, self.trainer.dp_rank,
-                       -1 if spare else self.committed, self._dirty and not spare, not spare,
-                       self.strategy.upstream_log is not None),
+            RankStatus(
+                self.ctx.rank,
+                self.trainer.pp_rank,
+                self.trainer.dp_rank,
+                -1 if spare else self.committed,
+                self._dirty and not spare,
+                not spare,
+                self.strategy.upstream_log is not None,
+            ),
             self.ctx.world_size,
         )
         cfg = self.strategy.config
-        plan = plan_scope(statuses, failed,
-                          cfg.upstream_logging and cfg.recovery_scope == "auto")
+        plan = plan_scope(statuses, failed, cfg.upstream_logging and cfg.recovery_scope == "auto")
         in_scope = self.ctx.rank in plan.ranks
         committed = plan.committed
         if spare:
@@ -829,8 +893,11 @@ class RecoveryDriver:
             self.strategy.scalar_log.load_dict(self._received_log)
         have = [c.generation for c in self.strategy.checkpoints]
         needs_ckpt = self._gather_flags(in_scope and window not in have)
-        lost = self._lost_ranks(failed, needs_ckpt) if window >= 0 else list(range(
-            self.ctx.world_size))
+        lost = (
+            self._lost_ranks(failed, needs_ckpt)
+            if window >= 0
+            else list(range(self.ctx.world_size))
+        )
         path = "scoped" if plan.scoped else "global"
         tier = "sparse-checkpoint"
         if lost:
@@ -842,25 +909,37 @@ class RecoveryDriver:
             path, tier = "durable", "durable"
             # Same window: the other ranks that lack it still fetch it from replicas. An older
             # window: every rank has just loaded it.
-            needs_ckpt = [n and r not in lost and window == in_memory_window
-                          for r, n in enumerate(needs_ckpt)]
+            needs_ckpt = [
+                n and r not in lost and window == in_memory_window for r, n in enumerate(needs_ckpt)
+            ]
         needs_log = self._gather_flags(
-            in_scope and (plan.scoped or (spare and self._received_log is None)))
+            in_scope and (plan.scoped or (spare and self._received_log is None))
+        )
         ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
-        log_source = min(r for r in range(self.ctx.world_size)
-                         if (r not in plan.ranks if plan.scoped else statuses[r].has_state))
+        log_source = min(
+            r
+            for r in range(self.ctx.world_size)
+            if (r not in plan.ranks if plan.scoped else statuses[r].has_state)
+        )
         self._exchange_scalar_log(log_source, needs_log)
         feed = {}
         if plan.scoped:
             iterations = list(range(ckpt.start_iteration + 1, committed + 1))
-            feed = exchange_logs(self.ctx.rank, statuses, plan, self.strategy.upstream_log,
-                                 iterations, self.trainer.model_config.num_microbatches)
+            feed = exchange_logs(
+                self.ctx.rank,
+                statuses,
+                plan,
+                self.strategy.upstream_log,
+                iterations,
+                self.trainer.model_config.num_microbatches,
+            )
         if tier == "durable":
             self._check_scalar_coverage(ckpt, committed)
         t_fetch = time.perf_counter() - t2
         # 4. In scope: roll back and replay to the committed iteration. Outside: keep live state.
         t3 = time.perf_counter()
         if in_scope:
+
             def replay_iteration(it: int) -> None:
                 self.fault_hook(it, "replay", self)
                 self.trainer.train_iteration(it)
@@ -868,9 +947,12 @@ class RecoveryDriver:
             if plan.scoped and self.trainer.layout.pp > 1:
                 pp = self.trainer.pp_rank
                 self.trainer.p2p_communicator = make_replay_communicator(
-                    self.strategy.gpt_model.config, feed,
-                    prev_in_scope=(pp - 1) in plan.stages, next_in_scope=(pp + 1) in plan.stages,
-                    upstream_log=self.strategy.upstream_log)
+                    self.strategy.gpt_model.config,
+                    feed,
+                    prev_in_scope=(pp - 1) in plan.stages,
+                    next_in_scope=(pp + 1) in plan.stages,
+                    upstream_log=self.strategy.upstream_log,
+                )
             try:
                 replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
             finally:
@@ -910,9 +992,20 @@ class RecoveryDriver:
             "rank %d recovered (generation %d, failed %s, path %s: %s recovery of ranks %s from "
             "window %d [%s]%s): replayed iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs "
             "replay %.3fs",
-            self.ctx.rank, report.generation, failed, path, report.scope, plan.ranks,
-            report.window, tier, f", because {plan.reason}" if plan.reason else "",
-            report.iterations_replayed, t_detect, t_rebuild, t_fetch, t_replay,
+            self.ctx.rank,
+            report.generation,
+            failed,
+            path,
+            report.scope,
+            plan.ranks,
+            report.window,
+            tier,
+            f", because {plan.reason}" if plan.reason else "",
+            report.iterations_replayed,
+            t_detect,
+            t_rebuild,
+            t_fetch,
+            t_replay,
         )
         return report
 
@@ -932,9 +1025,14 @@ class RecoveryDriver:
         cfg = self.strategy.config
         world = self.ctx.world_size
         rpn = self.strategy.replicator_ranks_per_node
-        return [r for r in range(world) if needs[r]
-                and not [p for p in choose_peers(r, world, cfg.replication_factor, rpn)
-                         if p not in failed]]
+        return [
+            r
+            for r in range(world)
+            if needs[r]
+            and not [
+                p for p in choose_peers(r, world, cfg.replication_factor, rpn) if p not in failed
+            ]
+        ]
 
     def _durable_fallback(self, lost: list[int], window: int, plan, statuses, failed):
         """Loads the durable tier's checkpoints; returns ``(window, plan)`` to recover with.
@@ -953,36 +1051,51 @@ class RecoveryDriver:
         world = self.ctx.world_size
         rpn = self.strategy.replicator_ranks_per_node
         if window < 0:
-            why = ("no sparse checkpoint is persisted on every surviving rank yet (failure in the "
-                   "first window)")
+            why = (
+                "no sparse checkpoint is persisted on every surviving rank yet (failure in the "
+                "first window)"
+            )
         else:
             why = "; ".join(
                 f"rank {r}'s sparse checkpoint has no surviving replica (its peers "
-                f"{choose_peers(r, world, cfg.replication_factor, rpn)} failed too)" for r in lost)
+                f"{choose_peers(r, world, cfg.replication_factor, rpn)} failed too)"
+                for r in lost
+            )
         if cfg.durable_dir is None or self.durable_loader is None:
-            missing = ("MoEvementConfig.durable_dir is not set" if cfg.durable_dir is None
-                       else "no durable checkpoint loader is installed "
-                       "(RecoveryDriver.durable_loader)")
+            missing = (
+                "MoEvementConfig.durable_dir is not set"
+                if cfg.durable_dir is None
+                else "no durable checkpoint loader is installed " "(RecoveryDriver.durable_loader)"
+            )
             raise RecoveryError(
                 f"{why}. Tried scoped and global in-memory recovery; the durable tier is the next "
                 f"fallback, but {missing}. Fix: configure the durable tier "
                 "(MoEvementConfig.durable_dir) or raise replication_factor; restart the job from "
                 "the durable tier."
             )
-        logger.warning("rank %d: %s; falling back to the durable tier (%s)", self.ctx.rank, why,
-                       cfg.durable_dir)
+        logger.warning(
+            "rank %d: %s; falling back to the durable tier (%s)",
+            self.ctx.rank,
+            why,
+            cfg.durable_dir,
+        )
         try:
             mine = self.durable_loader(self.ctx.rank, getattr(self.trainer, "layout", None))
         except Exception as exc:
-            raise RecoveryError(f"the durable checkpoint loader failed on rank {self.ctx.rank}: "
-                                f"{_describe(exc)}") from exc
+            raise RecoveryError(
+                f"the durable checkpoint loader failed on rank {self.ctx.rank}: "
+                f"{_describe(exc)}"
+            ) from exc
         durable = -1 if mine is None else int(mine.generation)
         low = self._agree(durable, dist.ReduceOp.MIN)
         high = self._agree(durable, dist.ReduceOp.MAX)
         if low < 0 or low != high:
             absent = [r for r, flag in enumerate(self._gather_flags(mine is None)) if flag]
-            detail = (f"ranks {absent} have no durable checkpoint" if absent
-                      else f"durable checkpoints span windows {low}..{high}")
+            detail = (
+                f"ranks {absent} have no durable checkpoint"
+                if absent
+                else f"durable checkpoints span windows {low}..{high}"
+            )
             raise RecoveryError(
                 f"{why}, and the durable tier ({cfg.durable_dir}) cannot replace it: {detail}. "
                 "Restart the job from an older durable checkpoint."
@@ -991,8 +1104,9 @@ class RecoveryDriver:
             if self.ctx.rank in lost:
                 self.strategy.checkpoints = [mine]
                 self._received_ckpt = mine
-            logger.warning("rank %d: durable tier: window %d for ranks %s", self.ctx.rank, low,
-                           lost)
+            logger.warning(
+                "rank %d: durable tier: window %d for ranks %s", self.ctx.rank, low, lost
+            )
             return window, plan
         # An older window: every rank rolls back to it (global).
         self.strategy.checkpoints = [mine]
@@ -1000,11 +1114,18 @@ class RecoveryDriver:
             self._received_ckpt = mine
         survivors = [s for s in statuses if s.has_state]
         committed = min(s.committed for s in survivors)
-        reason = (f"the durable tier holds window {low}, not the in-memory window {window}: every "
-                  "rank rolls back to it")
+        reason = (
+            f"the durable tier holds window {low}, not the in-memory window {window}: every "
+            "rank rolls back to it"
+        )
         logger.warning("rank %d: durable tier: %s", self.ctx.rank, reason)
-        return low, ScopePlan(False, [s.rank for s in statuses],
-                              sorted({s.pp_rank for s in statuses}), committed, reason)
+        return low, ScopePlan(
+            False,
+            [s.rank for s in statuses],
+            sorted({s.pp_rank for s in statuses}),
+            committed,
+            reason,
+        )
 
     def _check_scalar_coverage(self, ckpt, committed: int) -> None:
         """Replay from a durable checkpoint needs the scalar log of every replayed iteration."""
@@ -1033,8 +1154,11 @@ class RecoveryDriver:
         ranks_per_node = self.strategy.replicator_ranks_per_node
         for lost in [r for r in range(world) if needs[r]]:
             # (_lost_ranks already sent ranks without a surviving holder to the durable tier.)
-            holders = [p for p in choose_peers(lost, world, cfg.replication_factor, ranks_per_node)
-                       if p not in failed]
+            holders = [
+                p
+                for p in choose_peers(lost, world, cfg.replication_factor, ranks_per_node)
+                if p not in failed
+            ]
             sender = holders[0]
             if self.ctx.rank == sender:
                 slots = self.strategy.replicator.replicas[lost].windows.get(window)
@@ -1056,8 +1180,9 @@ class RecoveryDriver:
                     payload = recv_bytes(sender)
                     buf = allocate_host_buffer(len(payload))
                     if payload:
-                        buf[: len(payload)].copy_(torch.frombuffer(bytearray(payload),
-                                                                   dtype=torch.uint8))
+                        buf[: len(payload)].copy_(
+                            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+                        )
                     slot = SlotSnapshot.from_manifest(manifest, buf)
                     slot.verify()
                     slots.append(slot)

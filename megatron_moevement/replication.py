@@ -35,7 +35,9 @@ class ReplicationError(RuntimeError):
     """A replica is missing or a transfer failed."""
 
 
-def choose_peers(rank: int, world_size: int, replication_factor: int, ranks_per_node: int) -> list[int]:
+def choose_peers(
+    rank: int, world_size: int, replication_factor: int, ranks_per_node: int
+) -> list[int]:
     """The ``replication_factor`` ranks that hold replicas of ``rank``'s slots.
 
     Off-node ranks come first (same local index on the following nodes), then the other ranks in
@@ -63,10 +65,13 @@ def choose_peers(rank: int, world_size: int, replication_factor: int, ranks_per_
     return peers
 
 
-def sources_of(rank: int, world_size: int, replication_factor: int, ranks_per_node: int) -> list[int]:
+def sources_of(
+    rank: int, world_size: int, replication_factor: int, ranks_per_node: int
+) -> list[int]:
     """The ranks whose replicas ``rank`` holds."""
     return [
-        s for s in range(world_size)
+        s
+        for s in range(world_size)
         if rank in choose_peers(s, world_size, replication_factor, ranks_per_node)
     ]
 
@@ -105,8 +110,9 @@ class PeerReplicator:
         group: Dedicated gloo process group (created collectively by the caller).
     """
 
-    def __init__(self, rank: int, world_size: int, replication_factor: int, ranks_per_node: int,
-                 group=None) -> None:
+    def __init__(
+        self, rank: int, world_size: int, replication_factor: int, ranks_per_node: int, group=None
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.replication_factor = replication_factor
@@ -115,7 +121,10 @@ class PeerReplicator:
         if self.peers and ranks_per_node >= world_size:
             logger.warning(
                 "all %d ranks are on one node: replicas of rank %d live on the same node "
-                "(peers %s) and do not survive a node failure", world_size, rank, self.peers
+                "(peers %s) and do not survive a node failure",
+                world_size,
+                rank,
+                self.peers,
             )
         self.group = group
         self.replicas = {s: ReplicaStore(s) for s in self.sources}
@@ -142,8 +151,9 @@ class PeerReplicator:
             slot.wait()
             manifest = json.dumps(slot.manifest()).encode()
             used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
-            header = torch.tensor([slot.generation, slot.slot, used, len(manifest)],
-                                  dtype=torch.int64)
+            header = torch.tensor(
+                [slot.generation, slot.slot, used, len(manifest)], dtype=torch.int64
+            )
             manifest_t = torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
             headers = {s: torch.zeros(4, dtype=torch.int64) for s in self.sources}
             ops = [dist.P2POp(dist.isend, header, p, self.group) for p in self.peers]
@@ -153,15 +163,16 @@ class PeerReplicator:
             payload_ops = []
             incoming = {}
             for p in self.peers:
-                payload_ops.append(dist.P2POp(dist.isend, slot.buffer[:max(used, 1)], p,
-                                              self.group))
+                payload_ops.append(
+                    dist.P2POp(dist.isend, slot.buffer[: max(used, 1)], p, self.group)
+                )
                 payload_ops.append(dist.P2POp(dist.isend, manifest_t, p, self.group))
             for s in self.sources:
                 gen, index, nbytes, mbytes = (int(v) for v in headers[s])
                 buf = self.replicas[s].buffer(gen, index, nbytes)
                 mbuf = torch.empty(mbytes, dtype=torch.uint8)
                 incoming[s] = (buf, mbuf, nbytes)
-                payload_ops.append(dist.P2POp(dist.irecv, buf[:max(nbytes, 1)], s, self.group))
+                payload_ops.append(dist.P2POp(dist.irecv, buf[: max(nbytes, 1)], s, self.group))
                 payload_ops.append(dist.P2POp(dist.irecv, mbuf, s, self.group))
             for req in dist.batch_isend_irecv(payload_ops):
                 req.wait()
@@ -172,8 +183,9 @@ class PeerReplicator:
             ckpt.replicated.add(slot.slot)
         except BaseException as exc:
             self.error = exc
-            logger.error("replication of window %d slot %d failed: %s", slot.generation,
-                         slot.slot, exc)
+            logger.error(
+                "replication of window %d slot %d failed: %s", slot.generation, slot.slot, exc
+            )
             raise
 
     def replica(self, source: int, generation: int, slot: int) -> SlotSnapshot:

@@ -60,12 +60,21 @@ def gather_status(status: RankStatus, world_size: int) -> list[RankStatus]:
     import torch.distributed as dist
 
     t = torch.zeros(world_size, 6, dtype=torch.int64)
-    t[status.rank] = torch.tensor([status.pp_rank, status.dp_rank, status.committed,
-                                   int(status.dirty), int(status.has_state),
-                                   int(status.logging)])
+    t[status.rank] = torch.tensor(
+        [
+            status.pp_rank,
+            status.dp_rank,
+            status.committed,
+            int(status.dirty),
+            int(status.has_state),
+            int(status.logging),
+        ]
+    )
     dist.all_reduce(t)
-    return [RankStatus(r, *[int(v) for v in t[r][:3]], bool(t[r][3]), bool(t[r][4]),
-                       bool(t[r][5])) for r in range(world_size)]
+    return [
+        RankStatus(r, *[int(v) for v in t[r][:3]], bool(t[r][3]), bool(t[r][4]), bool(t[r][5]))
+        for r in range(world_size)
+    ]
 
 
 def plan_scope(statuses: list[RankStatus], failed: list[int], prefer_scoped: bool) -> ScopePlan:
@@ -79,20 +88,28 @@ def plan_scope(statuses: list[RankStatus], failed: list[int], prefer_scoped: boo
     outside = [s for s in statuses if s.pp_rank not in bad_stages]
 
     def global_plan(reason: str) -> ScopePlan:
-        return ScopePlan(False, [s.rank for s in statuses],
-                         sorted({s.pp_rank for s in statuses}), global_committed, reason)
+        return ScopePlan(
+            False,
+            [s.rank for s in statuses],
+            sorted({s.pp_rank for s in statuses}),
+            global_committed,
+            reason,
+        )
 
     if not prefer_scoped:
-        return global_plan("scoped recovery disabled (upstream logging off or "
-                           "recovery_scope='global')")
+        return global_plan(
+            "scoped recovery disabled (upstream logging off or " "recovery_scope='global')"
+        )
     if not outside:
         return global_plan("every pipeline stage lost state")
     if not all(s.logging for s in statuses):
         return global_plan("upstream logs are not kept on every rank")
     cut = {s.committed for s in outside}
     if len(cut) != 1:
-        return global_plan(f"ranks outside the failed stages disagree on the last committed "
-                           f"iteration {sorted(cut)}")
+        return global_plan(
+            f"ranks outside the failed stages disagree on the last committed "
+            f"iteration {sorted(cut)}"
+        )
     return ScopePlan(True, [s.rank for s in scope], sorted(bad_stages), cut.pop(), "")
 
 
@@ -126,8 +143,14 @@ def restore_live_state(registry, backup: dict[str, torch.Tensor]) -> int:
 
 
 # ---------------------------------------------------------------------------- log exchange
-def exchange_logs(me: int, statuses: list[RankStatus], plan: ScopePlan, upstream_log,
-                  iterations: list[int], num_microbatches: int) -> dict:
+def exchange_logs(
+    me: int,
+    statuses: list[RankStatus],
+    plan: ScopePlan,
+    upstream_log,
+    iterations: list[int],
+    num_microbatches: int,
+) -> dict:
     """Neighbours outside the scope send the logged tensors a replaying rank needs.
 
     Returns, on a rank in scope, ``{(direction, iteration, microbatch): tensor}``.
@@ -159,15 +182,19 @@ def exchange_logs(me: int, statuses: list[RankStatus], plan: ScopePlan, upstream
                 offset = 0
                 for it, mb, dtype, shape in header:
                     dt = dtype_from_name(dtype)
-                    n = int(torch.tensor(shape).prod().item()) * torch.empty(0, dtype=dt).element_size()
-                    raw = torch.frombuffer(bytearray(blob[offset:offset + n]), dtype=torch.uint8)
+                    n = (
+                        int(torch.tensor(shape).prod().item())
+                        * torch.empty(0, dtype=dt).element_size()
+                    )
+                    raw = torch.frombuffer(bytearray(blob[offset : offset + n]), dtype=torch.uint8)
                     received[(direction, it, mb)] = raw.view(dt).reshape(shape).clone()
                     offset += n
     return received
 
 
-def make_replay_communicator(config, feed: dict, prev_in_scope: bool, next_in_scope: bool,
-                             upstream_log=None):
+def make_replay_communicator(
+    config, feed: dict, prev_in_scope: bool, next_in_scope: bool, upstream_log=None
+):
     """A ``P2PCommunicator`` for replay: real p2p towards in-scope neighbours, logged tensors from
     out-of-scope neighbours (and no sends to them). Sends are still logged into
     ``upstream_log``, so this rank's log is whole again for later recoveries of its neighbours."""
@@ -191,22 +218,34 @@ def make_replay_communicator(config, feed: dict, prev_in_scope: bool, next_in_sc
                 raise UpstreamLogError(f"neighbour log lacks {key}; fall back to global rollback")
             return feed[key]
 
-        def _communicate(self, *, tensor_send_next=None, tensor_send_prev=None, recv_prev=False,
-                         recv_next=False, tensor_shape=None, wait_on_reqs=True):
+        def _communicate(
+            self,
+            *,
+            tensor_send_next=None,
+            tensor_send_prev=None,
+            recv_prev=False,
+            recv_next=False,
+            tensor_shape=None,
+            wait_on_reqs=True,
+        ):
             if upstream_log is not None:
                 if tensor_send_next is not None:
-                    upstream_log.put(ACTIVATION, self.iteration, self._counts[ACTIVATION],
-                                     tensor_send_next)
+                    upstream_log.put(
+                        ACTIVATION, self.iteration, self._counts[ACTIVATION], tensor_send_next
+                    )
                     self._counts[ACTIVATION] += 1
                 if tensor_send_prev is not None:
-                    upstream_log.put(GRADIENT, self.iteration, self._counts[GRADIENT],
-                                     tensor_send_prev)
+                    upstream_log.put(
+                        GRADIENT, self.iteration, self._counts[GRADIENT], tensor_send_prev
+                    )
                     self._counts[GRADIENT] += 1
             out_prev = out_next = None
-            real = dict(tensor_send_next=tensor_send_next if next_in_scope else None,
-                        tensor_send_prev=tensor_send_prev if prev_in_scope else None,
-                        recv_prev=recv_prev and prev_in_scope,
-                        recv_next=recv_next and next_in_scope)
+            real = dict(
+                tensor_send_next=tensor_send_next if next_in_scope else None,
+                tensor_send_prev=tensor_send_prev if prev_in_scope else None,
+                recv_prev=recv_prev and prev_in_scope,
+                recv_next=recv_next and next_in_scope,
+            )
             if recv_prev and not prev_in_scope:
                 out_prev = self._feed(ACTIVATION, "recv_prev").clone().requires_grad_(True)
             if recv_next and not next_in_scope:
@@ -214,7 +253,8 @@ def make_replay_communicator(config, feed: dict, prev_in_scope: bool, next_in_sc
             reqs = None
             if any(v is not None and v is not False for v in real.values()):
                 got_prev, got_next, reqs = super()._communicate(
-                    **real, tensor_shape=tensor_shape, wait_on_reqs=wait_on_reqs)
+                    **real, tensor_shape=tensor_shape, wait_on_reqs=wait_on_reqs
+                )
                 out_prev = got_prev if out_prev is None else out_prev
                 out_next = got_next if out_next is None else out_next
             return out_prev, out_next, reqs

@@ -49,7 +49,9 @@ class ShardingContext:
             (self.expert_dp_rank, self.expert_dp_size, "expert_dp"),
         ):
             if size < 1 or not 0 <= rank < size:
-                raise ValueError(f"ShardingContext: {what}_rank={rank} not in [0, {what}_size={size})")
+                raise ValueError(
+                    f"ShardingContext: {what}_rank={rank} not in [0, {what}_size={size})"
+                )
 
 
 @dataclass

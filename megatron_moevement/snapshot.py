@@ -61,13 +61,20 @@ class TensorRecord:
     checksum: str = ""
 
     def to_dict(self) -> dict:
-        return dict(key=self.key, dtype=self.dtype, shape=list(self.shape), offset=self.offset,
-                    nbytes=self.nbytes, checksum=self.checksum)
+        return dict(
+            key=self.key,
+            dtype=self.dtype,
+            shape=list(self.shape),
+            offset=self.offset,
+            nbytes=self.nbytes,
+            checksum=self.checksum,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorRecord":
-        return cls(d["key"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"],
-                   d.get("checksum", ""))
+        return cls(
+            d["key"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"], d.get("checksum", "")
+        )
 
 
 def allocate_host_buffer(nbytes: int) -> torch.Tensor:
@@ -136,27 +143,40 @@ class SlotSnapshot:
             got = checksum(self.buffer[rec.offset : rec.offset + rec.nbytes], self.algorithm)
             if got != rec.checksum:
                 raise SnapshotChecksumError(
-                    key, rec.checksum, got, self.algorithm,
+                    key,
+                    rec.checksum,
+                    got,
+                    self.algorithm,
                     shard=f"rank{self.owner_rank}/window{self.generation}/slot{self.slot}",
                 )
 
     def manifest(self) -> dict:
         return dict(
-            generation=self.generation, slot=self.slot, iteration=self.iteration,
-            full_state_ops=list(self.full_state_ops), compute_ops=list(self.compute_ops),
-            algorithm=self.algorithm, owner_rank=self.owner_rank,
-            window_start=self.window_start, schedule=self.schedule,
+            generation=self.generation,
+            slot=self.slot,
+            iteration=self.iteration,
+            full_state_ops=list(self.full_state_ops),
+            compute_ops=list(self.compute_ops),
+            algorithm=self.algorithm,
+            owner_rank=self.owner_rank,
+            window_start=self.window_start,
+            schedule=self.schedule,
             records=[r.to_dict() for r in self.records.values()],
         )
 
     @classmethod
     def from_manifest(cls, manifest: dict, buffer: torch.Tensor) -> "SlotSnapshot":
         slot = cls(
-            generation=manifest["generation"], slot=manifest["slot"],
-            iteration=manifest["iteration"], full_state_ops=tuple(manifest["full_state_ops"]),
-            compute_ops=tuple(manifest["compute_ops"]), algorithm=manifest["algorithm"],
-            owner_rank=manifest["owner_rank"], buffer=buffer,
-            window_start=manifest.get("window_start", -1), schedule=manifest.get("schedule"),
+            generation=manifest["generation"],
+            slot=manifest["slot"],
+            iteration=manifest["iteration"],
+            full_state_ops=tuple(manifest["full_state_ops"]),
+            compute_ops=tuple(manifest["compute_ops"]),
+            algorithm=manifest["algorithm"],
+            owner_rank=manifest["owner_rank"],
+            buffer=buffer,
+            window_start=manifest.get("window_start", -1),
+            schedule=manifest.get("schedule"),
             records={d["key"]: TensorRecord.from_dict(d) for d in manifest["records"]},
         )
         slot.ready.set()
@@ -202,9 +222,14 @@ class SparseCheckpoint:
         if not slots or any(s is None for s in slots):
             raise SnapshotError("cannot rebuild a sparse checkpoint from an incomplete window")
         first = slots[0]
-        ckpt = cls(generation=first.generation, start_iteration=first.window_start,
-                   window_size=len(slots), schedule=first.schedule, owner_rank=first.owner_rank,
-                   slots=list(slots))
+        ckpt = cls(
+            generation=first.generation,
+            start_iteration=first.window_start,
+            window_size=len(slots),
+            schedule=first.schedule,
+            owner_rank=first.owner_rank,
+            slots=list(slots),
+        )
         ckpt.replicated = set(range(len(slots)))
         return ckpt
 
@@ -324,8 +349,9 @@ class _Copier:
     def _seal(slot: SlotSnapshot) -> None:
         for key, rec in list(slot.records.items()):
             digest = checksum(slot.buffer[rec.offset : rec.offset + rec.nbytes], slot.algorithm)
-            slot.records[key] = TensorRecord(rec.key, rec.dtype, rec.shape, rec.offset,
-                                             rec.nbytes, digest)
+            slot.records[key] = TensorRecord(
+                rec.key, rec.dtype, rec.shape, rec.offset, rec.nbytes, digest
+            )
 
     def wait_for_copies(self) -> None:
         """Called before the optimizer step mutates the state being copied."""
@@ -400,15 +426,23 @@ class SnapshotEngine:
         offset = 0
         for key, tensor in live:
             nbytes = tensor.numel() * tensor.element_size()
-            records.append(TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape),
-                                        offset, nbytes))
+            records.append(
+                TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes)
+            )
             offset += -(-nbytes // _ALIGN) * _ALIGN
         buffer = self.pool.get(ckpt.generation, slot_index, offset)
         slot = SlotSnapshot(
-            generation=ckpt.generation, slot=slot_index, iteration=iteration,
-            full_state_ops=tuple(full_ops), compute_ops=tuple(compute_ops),
-            records={r.key: r for r in records}, buffer=buffer, algorithm=self.algorithm,
-            owner_rank=self.rank, window_start=ckpt.start_iteration, schedule=ckpt.schedule,
+            generation=ckpt.generation,
+            slot=slot_index,
+            iteration=iteration,
+            full_state_ops=tuple(full_ops),
+            compute_ops=tuple(compute_ops),
+            records={r.key: r for r in records},
+            buffer=buffer,
+            algorithm=self.algorithm,
+            owner_rank=self.rank,
+            window_start=ckpt.start_iteration,
+            schedule=ckpt.schedule,
         )
         ckpt.slots[slot_index] = slot
         self.bytes_captured_last = sum(r.nbytes for r in records)

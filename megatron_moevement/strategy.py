@@ -63,12 +63,14 @@ class ScheduledOperator:
 
 def _scheduled(op) -> ScheduledOperator:
     numel = sum(p.param.numel() for p in op.params)
-    return ScheduledOperator(op.name, op.kind, op.layer, op.expert, op.compute_bytes,
-                             numel * _FULL_STATE_BYTES_PER_PARAM)
+    return ScheduledOperator(
+        op.name, op.kind, op.layer, op.expert, op.compute_bytes, numel * _FULL_STATE_BYTES_PER_PARAM
+    )
 
 
-def measure_d2h_bandwidth(nbytes: int = 32 << 20, repeats: int = 3,
-                          checksum_algorithm: str | None = None) -> float:
+def measure_d2h_bandwidth(
+    nbytes: int = 32 << 20, repeats: int = 3, checksum_algorithm: str | None = None
+) -> float:
     """Effective snapshot throughput in bytes/s, as Algorithm 1 needs it.
 
     On CUDA: device-to-host copies into a pinned buffer (checksums run on the host, off the
@@ -116,9 +118,15 @@ class MoEvementStrategy:
             :meth:`recover`; :meth:`rollback_and_replay` can also take it per call.
     """
 
-    def __init__(self, gpt_model, optimizer, config: MoEvementConfig | None = None,
-                 num_experts: int | None = None, verify_replicas: bool | None = None,
-                 train_iteration=None) -> None:
+    def __init__(
+        self,
+        gpt_model,
+        optimizer,
+        config: MoEvementConfig | None = None,
+        num_experts: int | None = None,
+        verify_replicas: bool | None = None,
+        train_iteration=None,
+    ) -> None:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
@@ -128,8 +136,9 @@ class MoEvementStrategy:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         num_experts = num_experts or getattr(gpt_model.config, "num_moe_experts", None)
-        self.registry = OperatorRegistry(gpt_model, optimizer, ps.get_expert_model_parallel_rank(),
-                                         num_experts)
+        self.registry = OperatorRegistry(
+            gpt_model, optimizer, ps.get_expert_model_parallel_rank(), num_experts
+        )
         self.sharding = ShardingContext(
             dp_rank=ps.get_data_parallel_rank(),
             dp_size=ps.get_data_parallel_world_size(),
@@ -138,14 +147,16 @@ class MoEvementStrategy:
             distributed_optimizer=hasattr(_first_leaf(optimizer), "shard_fp32_groups"),
         )
         # Sizes that are the same on every replica, so all replicas compute the same split.
-        self.shard_plan = plan_shards([_scheduled(op) for op in self.registry.operators],
-                                      self.sharding)
+        self.shard_plan = plan_shards(
+            [_scheduled(op) for op in self.registry.operators], self.sharding
+        )
         if verify_replicas or (verify_replicas is None and not _REBUILDING[0]):
             verify_replicas_identical(self.registry, self.sharding, self.config.checksum)
         self.popularity = ExpertPopularity(ema_decay=self.config.ema_decay)
         self._hooks = self._install_router_hooks()
         bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth(
-            checksum_algorithm=self.config.checksum)
+            checksum_algorithm=self.config.checksum
+        )
         self.d2h_bandwidth = bandwidth
         self.scheduler: ScheduleManager | None = None
         self._replaying = False
@@ -155,13 +166,15 @@ class MoEvementStrategy:
             popularity_group=ps.get_data_parallel_group(),
             include_compute_in_full_slot=True,
         )
-        self.engine = SnapshotEngine(self.registry, self.shard_plan, self.rank,
-                                     self.config.checksum)
+        self.engine = SnapshotEngine(
+            self.registry, self.shard_plan, self.rank, self.config.checksum
+        )
         ranks_per_node = self.config.ranks_per_node or _local_world_size()
         self.replicator_ranks_per_node = ranks_per_node
         group = dist.new_group(backend="gloo") if self.config.replication_factor > 0 else None
-        self.replicator = PeerReplicator(self.rank, self.world_size,
-                                         self.config.replication_factor, ranks_per_node, group)
+        self.replicator = PeerReplicator(
+            self.rank, self.world_size, self.config.replication_factor, ranks_per_node, group
+        )
         self.checkpoints: list[SparseCheckpoint] = []  # oldest first: [persisted, in flight]
         # Upstream logging (pipeline-parallel jobs): hand p2p_communicator and pg_collection to
         # the schedule (forward_backward_func(..., p2p_communicator=..., pg_collection=...)).
@@ -173,7 +186,8 @@ class MoEvementStrategy:
 
             self.upstream_log = UpstreamLog(self.config.host_memory_budget_bytes)
             self.p2p_communicator, self.pg_collection = make_logging_communicator(
-                gpt_model.config, self.upstream_log)
+                gpt_model.config, self.upstream_log
+            )
         self.train_iteration = train_iteration
         self.last_iteration: int | None = None
         """The last iteration reported to :meth:`after_optimizer_step`."""
@@ -204,8 +218,12 @@ class MoEvementStrategy:
         logger.info(
             "MoEvement on rank %d: %d operators, %d full-state / %d compute on this rank, "
             "replicas to %s, d2h %.2f GB/s",
-            self.rank, len(self.registry), len(self.shard_plan.full_state),
-            len(self.shard_plan.compute), self.replicator.peers, bandwidth / 1e9,
+            self.rank,
+            len(self.registry),
+            len(self.shard_plan.full_state),
+            len(self.shard_plan.compute),
+            self.replicator.peers,
+            bandwidth / 1e9,
         )
 
     # ------------------------------------------------------------------ wiring
@@ -219,8 +237,10 @@ class MoEvementStrategy:
                 if self.replay_probe is not None:
                     self.replay_probe(self._replay_iteration, self._frozen_mains)
                 return replay_optimizer_step(
-                    self.optimizer, self.scalar_log.get(self._replay_iteration),
-                    self._frozen_mains, use_logged_norm=self.replay_uses_scalar_log,
+                    self.optimizer,
+                    self.scalar_log.get(self._replay_iteration),
+                    self._frozen_mains,
+                    use_logged_norm=self.replay_uses_scalar_log,
                 )
             lrs = learning_rates(self.optimizer)  # at step time: schedulers move them after
             scaler = _scaler_state(self.optimizer)
@@ -322,9 +342,12 @@ class MoEvementStrategy:
     def stats(self) -> dict:
         """Facts for reports: strategy, window, slots captured and mean bytes per slot."""
         window = self.scheduler.schedule.window_size if self.scheduler is not None else None
-        return dict(strategy="moevement", window_size=window,
-                    snapshots_taken=self.snapshots_taken,
-                    bytes_per_snapshot=self.snapshot_bytes_total / max(1, self.snapshots_taken))
+        return dict(
+            strategy="moevement",
+            window_size=window,
+            snapshots_taken=self.snapshots_taken,
+            bytes_per_snapshot=self.snapshot_bytes_total / max(1, self.snapshots_taken),
+        )
 
     def _iteration_time_estimate(self) -> float:
         """The time budget of one slot: the (median recent) iteration time, scaled by the
@@ -344,8 +367,9 @@ class MoEvementStrategy:
             self.engine.drain()
             self.replicator.drain()
         self.durable.before_buffer_reuse(self._window_count)
-        ckpt = self.engine.begin_window(assignment.schedule, assignment.iteration,
-                                        self._window_count)
+        ckpt = self.engine.begin_window(
+            assignment.schedule, assignment.iteration, self._window_count
+        )
         self._window_count += 1
         self.checkpoints.append(ckpt)
         while len(self.checkpoints) > 2:
@@ -389,8 +413,9 @@ class MoEvementStrategy:
                 f"target iteration {target_iteration} precedes the end of window "
                 f"{ckpt.generation} ({start}..{start + window - 1})"
             )
-        loader = SlotLoader(self.registry, self.shard_plan, self.sharding,
-                            default_operator_groups())
+        loader = SlotLoader(
+            self.registry, self.shard_plan, self.sharding, default_operator_groups()
+        )
         slices = ckpt.schedule["slices"]
         frozen_counts: dict[int, int] = {}
         replayed: list[int] = []
@@ -420,12 +445,22 @@ class MoEvementStrategy:
             self._replay_iteration = None
             self._frozen_mains = []
             self._replaying = False
-        report = dict(window=ckpt.generation, window_start=start, window_size=window,
-                      target_iteration=target_iteration, iterations_replayed=replayed,
-                      frozen_operators=frozen_counts)
+        report = dict(
+            window=ckpt.generation,
+            window_start=start,
+            window_size=window,
+            target_iteration=target_iteration,
+            iterations_replayed=replayed,
+            frozen_operators=frozen_counts,
+        )
         self.replay_reports.append(report)
-        logger.info("replayed iterations %s from window %d (start %d, W=%d)", replayed,
-                    ckpt.generation, start, window)
+        logger.info(
+            "replayed iterations %s from window %d (start %d, W=%d)",
+            replayed,
+            ckpt.generation,
+            start,
+            window,
+        )
         return report
 
     def recover(self, target_iteration: int | None = None, ckpt=None) -> dict:
@@ -522,8 +557,12 @@ class MoEvementStrategy:
         snap = self.engine.pool.nbytes
         repl = self.replicator.host_bytes
         logs = 0 if self.upstream_log is None else self.upstream_log.nbytes
-        return {"snapshots": snap, "replicas": repl, "upstream_log": logs,
-                "total": snap + repl + logs}
+        return {
+            "snapshots": snap,
+            "replicas": repl,
+            "upstream_log": logs,
+            "total": snap + repl + logs,
+        }
 
     def flush(self) -> None:
         """Waits for every pending copy and replication (e.g. before a planned shutdown)."""
@@ -561,7 +600,9 @@ class ReplicaMismatchError(RuntimeError):
     """Data-parallel replicas of an operator hold different compute weights."""
 
 
-def verify_replicas_identical(registry, sharding: ShardingContext, algorithm: str = "crc32") -> None:
+def verify_replicas_identical(
+    registry, sharding: ShardingContext, algorithm: str = "crc32"
+) -> None:
     """Raises :class:`ReplicaMismatchError` unless every replicated operator has the same compute
     weights on all of its data-parallel replicas (collective over the DP and expert-DP groups)."""
     import torch.distributed as dist
@@ -569,8 +610,10 @@ def verify_replicas_identical(registry, sharding: ShardingContext, algorithm: st
     from megatron_moevement.serialization import checksum
 
     groups = default_operator_groups()
-    for kind, group, size in (("dense", groups.dense, sharding.dp_size),
-                              ("expert", groups.expert, sharding.expert_dp_size)):
+    for kind, group, size in (
+        ("dense", groups.dense, sharding.dp_size),
+        ("expert", groups.expert, sharding.expert_dp_size),
+    ):
         if size <= 1:
             continue
         ops = [op for op in registry.operators if (op.kind == "expert") == (kind == "expert")]
@@ -578,11 +621,18 @@ def verify_replicas_identical(registry, sharding: ShardingContext, algorithm: st
         mine = {op.name: [checksum(p.param, algorithm) for p in op.params] for op in ops}
         gathered: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
-        differing = sorted({name for _, other in gathered for name, digest in other.items()
-                            if mine.get(name, digest) != digest})
+        differing = sorted(
+            {
+                name
+                for _, other in gathered
+                for name, digest in other.items()
+                if mine.get(name, digest) != digest
+            }
+        )
         if differing:
-            ranks = [r for r, other in gathered if any(other.get(n) != mine.get(n)
-                                                       for n in differing)]
+            ranks = [
+                r for r, other in gathered if any(other.get(n) != mine.get(n) for n in differing)
+            ]
             raise ReplicaMismatchError(
                 f"rank {dist.get_rank()}: {len(differing)} {kind} operator(s) differ between "
                 f"data-parallel replicas (e.g. {differing[:3]}; ranks {ranks} disagree with this "
@@ -599,8 +649,9 @@ def _scaler_state(optimizer) -> dict | None:
     scaler = getattr(_first_leaf(optimizer), "grad_scaler", None)
     if scaler is None:
         return None
-    return {k: (float(v.item()) if torch.is_tensor(v) else v)
-            for k, v in scaler.state_dict().items()}
+    return {
+        k: (float(v.item()) if torch.is_tensor(v) else v) for k, v in scaler.state_dict().items()
+    }
 
 
 def _first_leaf(optimizer):

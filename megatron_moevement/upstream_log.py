@@ -157,14 +157,16 @@ def make_logging_communicator(config, log: UpstreamLog):
         def _communicate(self, *, tensor_send_next=None, tensor_send_prev=None, **kwargs):
             if self.enabled:
                 if tensor_send_next is not None:
-                    self.log.put(ACTIVATION, self.iteration, self._sent[ACTIVATION],
-                                 tensor_send_next)
+                    self.log.put(
+                        ACTIVATION, self.iteration, self._sent[ACTIVATION], tensor_send_next
+                    )
                     self._sent[ACTIVATION] += 1
                 if tensor_send_prev is not None:
                     self.log.put(GRADIENT, self.iteration, self._sent[GRADIENT], tensor_send_prev)
                     self._sent[GRADIENT] += 1
-            return super()._communicate(tensor_send_next=tensor_send_next,
-                                        tensor_send_prev=tensor_send_prev, **kwargs)
+            return super()._communicate(
+                tensor_send_next=tensor_send_next, tensor_send_prev=tensor_send_prev, **kwargs
+            )
 
     return LoggingP2PCommunicator(), pipeline_process_groups()
 

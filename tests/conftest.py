@@ -66,7 +66,8 @@ RESILIENT_ITERATIONS = 10
 def fault_free_pp2xdp2xep2(tmp_path_factory):
     """Final states of a fault-free run that the recovery tests (local and SLURM) compare to."""
     out = tmp_path_factory.mktemp("fault_free_pp2xdp2xep2")
-    spec = WorkerSpec(layout=RESILIENT_LAYOUT, model=RESILIENT_MODEL,
-                      iterations=RESILIENT_ITERATIONS)
+    spec = WorkerSpec(
+        layout=RESILIENT_LAYOUT, model=RESILIENT_MODEL, iterations=RESILIENT_ITERATIONS
+    )
     run_worker_job(spec, out, timeout=300)
     return load_states(out, 4)

@@ -159,6 +159,8 @@ def test_replace_revalidates():
 def test_heartbeat_defaults_and_error_names_the_interval():
     cfg = MoEvementConfig()
     assert cfg.heartbeat_interval_s == 1.0 and cfg.heartbeat_timeout_s == 10.0
-    assert MoEvementConfig(heartbeat_interval_s=0.25, heartbeat_timeout_s=2).heartbeat_timeout_s == 2.0
+    assert (
+        MoEvementConfig(heartbeat_interval_s=0.25, heartbeat_timeout_s=2).heartbeat_timeout_s == 2.0
+    )
     with pytest.raises(MoEvementConfigError, match="twice heartbeat_interval_s"):
         MoEvementConfig(heartbeat_interval_s=4, heartbeat_timeout_s=8)

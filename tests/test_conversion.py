@@ -25,27 +25,48 @@ EXTRA = 2
 
 CASES = [
     pytest.param("single", dict(precision="fp32"), "hard_count", True, id="single-fp32"),
-    pytest.param("ep2", dict(precision="bf16", use_distributed_optimizer=True), "hard_count",
-                 False, id="ep2-bf16-distopt"),
+    pytest.param(
+        "ep2",
+        dict(precision="bf16", use_distributed_optimizer=True),
+        "hard_count",
+        False,
+        id="ep2-bf16-distopt",
+    ),
     pytest.param("pp2", dict(precision="bf16"), "hard_count", False, id="pp2-bf16"),
-    pytest.param("pp2xdp2xep2", dict(precision="bf16", use_distributed_optimizer=True),
-                 "hard_count", True, id="pp2xdp2xep2-bf16-distopt"),
-    pytest.param("pp2xdp2xep2", dict(precision="fp32"), "soft_count", False,
-                 id="pp2xdp2xep2-fp32-soft_count"),
+    pytest.param(
+        "pp2xdp2xep2",
+        dict(precision="bf16", use_distributed_optimizer=True),
+        "hard_count",
+        True,
+        id="pp2xdp2xep2-bf16-distopt",
+    ),
+    pytest.param(
+        "pp2xdp2xep2", dict(precision="fp32"), "soft_count", False, id="pp2xdp2xep2-fp32-soft_count"
+    ),
     pytest.param("ep2", dict(precision="fp32"), "ema", False, id="ep2-fp32-ema"),
 ]
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("layout_name,model,ordering,check_no_log", CASES)
-def test_replay_is_bitwise_equal_to_fault_free_run(run_job, layout_name, model, ordering,
-                                                   check_no_log):
+def test_replay_is_bitwise_equal_to_fault_free_run(
+    run_job, layout_name, model, ordering, check_no_log
+):
     layout = LAYOUTS[layout_name]
     world = ParallelLayout(**layout).world_size
     replay_dir = run_job(
-        "replay", job="replay_check", layout=layout, model=model, iterations=ITERATIONS,
-        moevement=dict(window_size=3, ordering=ordering, replication_factor=0,
-                       extra_iterations=EXTRA, replay_without_log=check_no_log),
+        "replay",
+        job="replay_check",
+        layout=layout,
+        model=model,
+        iterations=ITERATIONS,
+        moevement=dict(
+            window_size=3,
+            ordering=ordering,
+            replication_factor=0,
+            extra_iterations=EXTRA,
+            replay_without_log=check_no_log,
+        ),
     )
     reference = run_job("reference", layout=layout, model=model, iterations=ITERATIONS + EXTRA)
     for rank in range(world):
@@ -55,7 +76,11 @@ def test_replay_is_bitwise_equal_to_fault_free_run(run_job, layout_name, model, 
         assert rep["target_mismatches"] == [], f"rank {rank} after replay to the target"
         # Conversion really ran sparse: operators were frozen in the first replayed iterations.
         assert rep["conversion"]["iterations_replayed"] == [4, 5]
-        assert rep["conversion"]["frozen_operators"]["4"] > rep["conversion"]["frozen_operators"]["5"] > 0
+        assert (
+            rep["conversion"]["frozen_operators"]["4"]
+            > rep["conversion"]["frozen_operators"]["5"]
+            > 0
+        )
         # Frozen operators never got a weight gradient (.grad or DDP main_grad) written.
         assert rep["probe"]["frozen_checked"] > 0
         assert rep["probe"]["frozen_grad_writes"] == 0
@@ -97,7 +122,9 @@ def _registry(shape=(4, 3)):
         param = torch.nn.Parameter(torch.randn(shape))
         main = torch.randn(shape)
         state = ParamState(param, main, {"exp_avg": torch.randn(shape), "step": torch.tensor(3.0)})
-        ops.append(Operator(name, "dense", layer=0, params=[OperatorParam(f"{name}.w", param, state)]))
+        ops.append(
+            Operator(name, "dense", layer=0, params=[OperatorParam(f"{name}.w", param, state)])
+        )
     return _Registry(ops)
 
 

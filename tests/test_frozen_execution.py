@@ -24,8 +24,12 @@ def _asymmetric_frozen_job(out: str) -> None:
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     trainer = HarnessTrainer(TinyMoEConfig(), ParallelLayout(dp=2, ep=2))
-    registry = OperatorRegistry(trainer.gpt_model, trainer.optimizer, trainer.ep_rank,
-                                trainer.gpt_model.config.num_moe_experts)
+    registry = OperatorRegistry(
+        trainer.gpt_model,
+        trainer.optimizer,
+        trainer.ep_rank,
+        trainer.gpt_model.config.num_moe_experts,
+    )
     experts = [op for op in registry.operators if op.kind == "expert" and op.layer == 0]
     frozen = ["embedding", "layer0.dense", "layer0.router"]
     if dist.get_rank() == 0:
@@ -35,8 +39,9 @@ def _asymmetric_frozen_job(out: str) -> None:
         chunk.zero_grad_buffer()
     with frozen_operators(registry, frozen):
         trainer.train_iteration(1)
-    grads = {op.name: any(float(p.param.main_grad.abs().sum()) > 0 for p in op.params)
-             for op in experts}
+    grads = {
+        op.name: any(float(p.param.main_grad.abs().sum()) > 0 for p in op.params) for op in experts
+    }
     Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(grads))
     dist.destroy_process_group()
 
@@ -45,8 +50,13 @@ def _asymmetric_frozen_job(out: str) -> None:
 def test_expert_ranks_with_different_frozen_sets_do_not_deadlock(tmp_path):
     from megatron_moevement.harness.launcher import LocalJob
 
-    with LocalJob(2, "tests.test_frozen_execution", [str(tmp_path)], log_dir=tmp_path,
-                  env={"PYTHONPATH": str(REPO)}) as job:
+    with LocalJob(
+        2,
+        "tests.test_frozen_execution",
+        [str(tmp_path)],
+        log_dir=tmp_path,
+        env={"PYTHONPATH": str(REPO)},
+    ) as job:
         job.check(timeout=120)
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "rank1.json").read_text())

@@ -58,8 +58,9 @@ def test_registry_covers_every_parameter_once(run_job, layout_name, model):
 
 
 def test_bf16_full_state_is_larger_than_compute_weights(run_job):
-    out = run_job("reg", job="registry", layout=LAYOUTS["single"], model=dict(precision="bf16"),
-                  iterations=1)
+    out = run_job(
+        "reg", job="registry", layout=LAYOUTS["single"], model=dict(precision="bf16"), iterations=1
+    )
     rep = json.loads((out / "registry_rank0.json").read_text())
     for op in rep["operators"]:
         b = op["bytes"]

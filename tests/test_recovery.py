@@ -34,10 +34,16 @@ def fault_free(fault_free_pp2xdp2xep2):
 
 
 def _run(tmp_path, faults, spares, replication_factor=1, **moevement):
-    spec = WorkerSpec(job="resilient", layout=LAYOUT, model=MODEL, iterations=ITERATIONS,
-                      moevement=dict(window_size=3, replication_factor=replication_factor,
-                                     faults=faults, **moevement),
-                      timeout_s=60)
+    spec = WorkerSpec(
+        job="resilient",
+        layout=LAYOUT,
+        model=MODEL,
+        iterations=ITERATIONS,
+        moevement=dict(
+            window_size=3, replication_factor=replication_factor, faults=faults, **moevement
+        ),
+        timeout_s=60,
+    )
     agent = run_elastic_job(spec, tmp_path, timeout=600, spares=spares)
     reports = [json.loads((tmp_path / f"recovery_rank{r}.json").read_text()) for r in range(4)]
     return agent, reports
@@ -90,8 +96,9 @@ def test_hung_rank_is_noticed_by_its_heartbeat(fault_free, tmp_path):
     # collectives with rank 1 until the agent sees its heartbeat stop, aborts generation 0 and
     # kills it by pid. Recovery then runs as after a crash, and the result is bitwise equal.
     fault = dict(rank=1, iteration=6, phase="microbatch2", signal="SIGSTOP")
-    agent, reports = _run(tmp_path, [fault], spares=1, heartbeat_interval_s=0.25,
-                          heartbeat_timeout_s=2.0)
+    agent, reports = _run(
+        tmp_path, [fault], spares=1, heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0
+    )
     [failure] = agent.failures
     assert failure["rank"] == 1 and failure["cause"] == "heartbeat"
     assert failure["code"] == -9  # killed by the agent, by pid, while stopped
@@ -134,8 +141,9 @@ def test_lost_replica_falls_back_to_the_durable_tier(fault_free, tmp_path):
     # iteration, and the driver's default DurableTierLoader reads rank 3's from there; rank 0's
     # comes from its surviving replica on rank 1.
     faults = [dict(rank=0, iteration=6, phase="before"), dict(rank=3, iteration=6, phase="before")]
-    agent, reports = _run(tmp_path, faults, spares=2, durable_dir=str(tmp_path / "durable"),
-                          durable_interval=1)
+    agent, reports = _run(
+        tmp_path, faults, spares=2, durable_dir=str(tmp_path / "durable"), durable_interval=1
+    )
     assert sorted(f["rank"] for f in agent.failures) == [0, 3]
     assert_states_bitwise_equal(load_states(tmp_path, 4), fault_free)
     for rep in reports:
@@ -146,8 +154,10 @@ def test_lost_replica_falls_back_to_the_durable_tier(fault_free, tmp_path):
 
 def test_second_kill_during_recovery(fault_free, tmp_path):
     # Rank 1 dies; while stage 0 replays, rank 2 (outside the scope, waiting) dies too.
-    faults = [dict(rank=1, iteration=7, phase="microbatch0"),
-              dict(rank=2, iteration=6, phase="recovery_wait", generation=1)]
+    faults = [
+        dict(rank=1, iteration=7, phase="microbatch0"),
+        dict(rank=2, iteration=6, phase="recovery_wait", generation=1),
+    ]
     agent, reports = _run(tmp_path, faults, spares=2)
     assert [f["rank"] for f in agent.failures] == [1, 2]
     # The second failure hit the other stage: the widened scope covers both, hence global.
@@ -156,8 +166,10 @@ def test_second_kill_during_recovery(fault_free, tmp_path):
 
 def test_second_kill_in_the_same_stage_stays_scoped(fault_free, tmp_path):
     # With r=2, rank 0's replicas live on ranks 1 and 2: one survives rank 1's loss.
-    faults = [dict(rank=1, iteration=7, phase="microbatch0"),
-              dict(rank=0, iteration=5, phase="replay", generation=1)]
+    faults = [
+        dict(rank=1, iteration=7, phase="microbatch0"),
+        dict(rank=0, iteration=5, phase="replay", generation=1),
+    ]
     agent, reports = _run(tmp_path, faults, spares=2, replication_factor=2)
     assert [f["rank"] for f in agent.failures] == [1, 0]
     _check(fault_free, tmp_path, reports, [0, 1], expected_scope="scoped")
@@ -168,8 +180,9 @@ PHASES = ["before", "microbatch0", "microbatch3", "after_step", "after_snapshot"
 
 def _random_fault(seed):
     rng = random.Random(seed)
-    return dict(rank=rng.randrange(4), iteration=rng.randrange(6, ITERATIONS),
-                phase=rng.choice(PHASES))
+    return dict(
+        rank=rng.randrange(4), iteration=rng.randrange(6, ITERATIONS), phase=rng.choice(PHASES)
+    )
 
 
 @pytest.mark.parametrize("seed", [11, 23])

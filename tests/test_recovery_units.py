@@ -9,11 +9,10 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-
-from megatron_moevement.durable.recovery_loader import DurableTierLoader
 import torch.distributed as dist
 
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.durable.recovery_loader import DurableTierLoader
 from megatron_moevement.harness.launcher import JobFailed, JobTimeout
 from megatron_moevement.recovery import (
     ElasticContext,

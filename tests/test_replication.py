@@ -20,8 +20,10 @@ def test_sources_are_the_inverse_of_peers():
         for source in sources_of(rank, world, r, per_node):
             assert rank in choose_peers(source, world, r, per_node)
     # Every rank's shard has exactly r replicas.
-    holders = [sum(rank in choose_peers(s, world, r, per_node) for s in range(world))
-               for rank in range(world)]
+    holders = [
+        sum(rank in choose_peers(s, world, r, per_node) for s in range(world))
+        for rank in range(world)
+    ]
     assert holders == [r] * world
 
 

@@ -59,8 +59,9 @@ def test_assignment_is_balanced_and_deterministic():
 
 def test_distributed_optimizer_captures_own_shard_of_every_operator():
     ops = _ops()
-    plans = [plan_shards(ops, ShardingContext(d, 2, d, 2, distributed_optimizer=True))
-             for d in range(2)]
+    plans = [
+        plan_shards(ops, ShardingContext(d, 2, d, 2, distributed_optimizer=True)) for d in range(2)
+    ]
     names = {op.name for op in ops}
     for p in plans:
         assert p.full_state == names  # every rank owns a shard of every operator's state

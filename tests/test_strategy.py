@@ -42,8 +42,9 @@ def test_diverged_replicas_are_rejected_with_a_fix(tmp_path):
 
     from megatron_moevement.harness.launcher import LocalJob
 
-    with LocalJob(2, "tests.test_strategy", [str(tmp_path)], log_dir=tmp_path,
-                  env={"PYTHONPATH": str(REPO)}) as job:
+    with LocalJob(
+        2, "tests.test_strategy", [str(tmp_path)], log_dir=tmp_path, env={"PYTHONPATH": str(REPO)}
+    ) as job:
         job.check(timeout=120)
     for rank in (0, 1):
         error = json.loads((tmp_path / f"rank{rank}.json").read_text())["error"]

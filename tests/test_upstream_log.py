@@ -17,9 +17,14 @@ from tests.conftest import LAYOUTS
 
 @pytest.mark.multiproc
 def test_logs_match_what_neighbours_received(run_job):
-    out = run_job("up", job="upstream_check", layout=LAYOUTS["pp2xdp2xep2"],
-                  model=dict(precision="bf16", use_distributed_optimizer=True), iterations=8,
-                  moevement=dict(window_size=3, replication_factor=1))
+    out = run_job(
+        "up",
+        job="upstream_check",
+        layout=LAYOUTS["pp2xdp2xep2"],
+        model=dict(precision="bf16", use_distributed_optimizer=True),
+        iterations=8,
+        moevement=dict(window_size=3, replication_factor=1),
+    )
     reps = [json.loads((out / f"upstream_rank{r}.json").read_text()) for r in range(4)]
     by_stage = {(r["pp_rank"], r["dp_rank"]): r for r in reps}
     checked = 0

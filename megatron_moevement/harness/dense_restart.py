@@ -66,5 +66,8 @@ def run_dense_restart(spec) -> None:
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     torch.save(trainer.capture_state(), Path(spec.output_dir) / f"state_rank{dist.get_rank()}.pt")
     if dist.get_rank() == 0:
-        (Path(spec.output_dir) / "restart.json").write_text(json.dumps(
-            dict(build_s=float(times[0]), load_s=float(times[1]), recompute_s=float(times[2]))))
+        (Path(spec.output_dir) / "restart.json").write_text(
+            json.dumps(
+                dict(build_s=float(times[0]), load_s=float(times[1]), recompute_s=float(times[2]))
+            )
+        )

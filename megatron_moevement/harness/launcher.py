@@ -228,9 +228,13 @@ class ElasticAgent:
         self.job = job
         self.batch_window_s = batch_window_s
         job.port = free_port()
-        self.store = dist.TCPStore("127.0.0.1", job.port, is_master=True,
-                                   timeout=datetime.timedelta(seconds=600),
-                                   wait_for_workers=False)
+        self.store = dist.TCPStore(
+            "127.0.0.1",
+            job.port,
+            is_master=True,
+            timeout=datetime.timedelta(seconds=600),
+            wait_for_workers=False,
+        )
         self.coordinator = None
 
     def start(self) -> "ElasticAgent":
@@ -245,8 +249,9 @@ class ElasticAgent:
         if job.port != port:
             raise RuntimeError("internal: LocalJob must reuse the agent's port")
         world = job.nprocs - job.spares
-        self.coordinator = JobCoordinator(self.store, world, range(world, job.nprocs),
-                                          self.batch_window_s)
+        self.coordinator = JobCoordinator(
+            self.store, world, range(world, job.nprocs), self.batch_window_s
+        )
         return self
 
     @property
@@ -287,8 +292,13 @@ def run_elastic_job(spec, output_dir: Path, timeout: float, spares: int) -> Elas
     spec.output_dir = str(output_dir)
     spec_path = spec.save(output_dir / "spec.json")
     world = ParallelLayout(**spec.layout).world_size
-    job = LocalJob(world + spares, "megatron_moevement.harness.worker", [str(spec_path)],
-                   spares=spares, log_dir=output_dir / "logs")
+    job = LocalJob(
+        world + spares,
+        "megatron_moevement.harness.worker",
+        [str(spec_path)],
+        spares=spares,
+        log_dir=output_dir / "logs",
+    )
     agent = ElasticAgent(job)
     try:
         agent.start()

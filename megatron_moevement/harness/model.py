@@ -69,9 +69,18 @@ class TinyMoEConfig:
     """Seed of parameter initialization and of the synthetic data."""
 
     def __post_init__(self) -> None:
-        positive = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                    "num_experts", "moe_router_topk", "vocab_size", "seq_length",
-                    "micro_batch_size", "num_microbatches")
+        positive = (
+            "num_layers",
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_attention_heads",
+            "num_experts",
+            "moe_router_topk",
+            "vocab_size",
+            "seq_length",
+            "micro_batch_size",
+            "num_microbatches",
+        )
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -119,9 +128,7 @@ def build_transformer_config(cfg: TinyMoEConfig, layout) -> "TransformerConfig":
             "give every pipeline stage the same number of layers"
         )
     if cfg.num_experts % layout.ep:
-        raise ModelConfigError(
-            f"num_experts={cfg.num_experts} is not divisible by ep={layout.ep}"
-        )
+        raise ModelConfigError(f"num_experts={cfg.num_experts} is not divisible by ep={layout.ep}")
     half = cfg.precision in ("bf16", "fp16")
     return TransformerConfig(
         num_layers=cfg.num_layers,

@@ -20,11 +20,11 @@ import torch
 def run_overhead(spec) -> None:
     import torch.distributed as dist
 
+    from megatron_moevement.baselines import build_strategy
     from megatron_moevement.config import MoEvementConfig
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.baselines import build_strategy
 
     mode = spec.moevement.get("mode", "moevement")
     layout = ParallelLayout(**spec.layout)
@@ -35,9 +35,13 @@ def run_overhead(spec) -> None:
         if mode == "dense":
             fields["window_size"] = 1
         name = mode if mode in ("gemini", "moc") else "moevement"
-        strategy = build_strategy(name, trainer.gpt_model, trainer.optimizer,
-                                  MoEvementConfig.from_dict(fields),
-                                  spec.moevement.get("baseline"))
+        strategy = build_strategy(
+            name,
+            trainer.gpt_model,
+            trainer.optimizer,
+            MoEvementConfig.from_dict(fields),
+            spec.moevement.get("baseline"),
+        )
     times, snap_bytes = [], []
     for it in range(spec.iterations):
         dist.barrier()
@@ -61,7 +65,13 @@ def run_overhead(spec) -> None:
         strategy.shutdown()
     if dist.get_rank() == 0:
         out = Path(spec.output_dir)
-        (out / "overhead.json").write_text(json.dumps(dict(
-            mode=mode, window_size=window, iteration_times=t.tolist(),
-            snapshot_bytes_per_iteration=b.tolist(),
-        )))
+        (out / "overhead.json").write_text(
+            json.dumps(
+                dict(
+                    mode=mode,
+                    window_size=window,
+                    iteration_times=t.tolist(),
+                    snapshot_bytes_per_iteration=b.tolist(),
+                )
+            )
+        )

@@ -39,9 +39,11 @@ def _scramble(registry, seed: int) -> None:
 
 def _diff(state, ref) -> list[str]:
     return [
-        k for k in ref
-        if not torch.equal(state[k].reshape(-1).view(torch.uint8),
-                           ref[k].reshape(-1).view(torch.uint8))
+        k
+        for k in ref
+        if not torch.equal(
+            state[k].reshape(-1).view(torch.uint8), ref[k].reshape(-1).view(torch.uint8)
+        )
     ]
 
 
@@ -59,8 +61,9 @@ def run_replay_check(spec) -> None:
     without_log = fields.pop("replay_without_log", False)
     layout = ParallelLayout(**spec.layout)
     trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), layout)
-    strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer,
-                                 MoEvementConfig.from_dict(fields))
+    strategy = MoEvementStrategy(
+        trainer.gpt_model, trainer.optimizer, MoEvementConfig.from_dict(fields)
+    )
     registry = strategy.registry
     ref = {}
     last = spec.iterations - 1
@@ -90,8 +93,14 @@ def run_replay_check(spec) -> None:
                     probe["active_with_grads"] += 1
 
     strategy.replay_probe = replay_probe
-    result = {"rank": dist.get_rank(), "window": ckpt.generation, "start": ckpt.start_iteration,
-              "window_size": ckpt.window_size, "dense_at": dense_at, "target": last}
+    result = {
+        "rank": dist.get_rank(),
+        "window": ckpt.generation,
+        "start": ckpt.start_iteration,
+        "window_size": ckpt.window_size,
+        "dense_at": dense_at,
+        "target": last,
+    }
 
     _scramble(registry, 1)
     result["conversion"] = strategy.rollback_and_replay(dense_at, trainer.train_iteration, ckpt)

@@ -25,8 +25,9 @@ def run_replay_cost(spec) -> None:
     fields = dict(spec.moevement)
     repeats = fields.pop("repeats", 3)
     trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), ParallelLayout(**spec.layout))
-    strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer,
-                                 MoEvementConfig.from_dict(fields))
+    strategy = MoEvementStrategy(
+        trainer.gpt_model, trainer.optimizer, MoEvementConfig.from_dict(fields)
+    )
     normal = []
     for it in range(spec.iterations):
         dist.barrier()
@@ -44,19 +45,27 @@ def run_replay_cost(spec) -> None:
         trainer.train_iteration(iteration)
         timings.setdefault(iteration, []).append(time.perf_counter() - start)
 
-    reports = [strategy.rollback_and_replay(spec.iterations - 1, timed, ckpt)
-               for _ in range(repeats)]
+    reports = [
+        strategy.rollback_and_replay(spec.iterations - 1, timed, ckpt) for _ in range(repeats)
+    ]
     frozen = reports[-1]["frozen_operators"]
     rows = []
     for iteration, values in sorted(timings.items()):
         t = torch.tensor(sorted(values)[len(values) // 2], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        rows.append(dict(iteration=iteration, frozen_operators=frozen[iteration],
-                         operators=len(strategy.registry), seconds=float(t)))
+        rows.append(
+            dict(
+                iteration=iteration,
+                frozen_operators=frozen[iteration],
+                operators=len(strategy.registry),
+                seconds=float(t),
+            )
+        )
     steady = sorted(normal[2:])
     t = torch.tensor(steady[len(steady) // 2], dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     strategy.shutdown()
     if dist.get_rank() == 0:
-        (Path(spec.output_dir) / "replay_cost.json").write_text(json.dumps(dict(
-            normal_iteration_s=float(t), window_size=ckpt.window_size, replay=rows)))
+        (Path(spec.output_dir) / "replay_cost.json").write_text(
+            json.dumps(dict(normal_iteration_s=float(t), window_size=ckpt.window_size, replay=rows))
+        )

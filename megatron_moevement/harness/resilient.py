@@ -61,11 +61,20 @@ def run_resilient(spec) -> None:
 
     def fault_hook(iteration: int, phase: str, driver) -> None:
         for f in faults:
-            if (f["rank"] == driver.ctx.rank and f["iteration"] == iteration
-                    and f["phase"] == phase and f.get("generation", 0) == driver.ctx.generation):
+            if (
+                f["rank"] == driver.ctx.rank
+                and f["iteration"] == iteration
+                and f["phase"] == phase
+                and f.get("generation", 0) == driver.ctx.generation
+            ):
                 sig = getattr(signal, f.get("signal", "SIGKILL"))
-                logger.warning("fault injection: %s rank %d at iteration %d (%s)", sig.name,
-                               driver.ctx.rank, iteration, phase)
+                logger.warning(
+                    "fault injection: %s rank %d at iteration %d (%s)",
+                    sig.name,
+                    driver.ctx.rank,
+                    iteration,
+                    phase,
+                )
                 if spec.output_dir:
                     with open(Path(spec.output_dir) / "faults.jsonl", "a") as log:
                         log.write(json.dumps(dict(f, time=time.time())) + "\n")
@@ -74,8 +83,9 @@ def run_resilient(spec) -> None:
     def build():
         trainer = HarnessTrainer(model_cfg, layout)
         trainer.microbatch_hook = lambda it, mb: fault_hook(it, f"microbatch{mb}", driver)
-        strategy = build_strategy(strategy_name, trainer.gpt_model, trainer.optimizer, config,
-                                  baseline)
+        strategy = build_strategy(
+            strategy_name, trainer.gpt_model, trainer.optimizer, config, baseline
+        )
         trainer.p2p_communicator = strategy.p2p_communicator
         trainer.pg_collection = strategy.pg_collection
         return trainer, strategy
@@ -101,11 +111,18 @@ def run_resilient(spec) -> None:
     rank = dist.get_rank()
     out = Path(spec.output_dir)
     torch.save(driver.trainer.capture_state(), out / f"state_rank{rank}.pt")
-    (out / f"recovery_rank{rank}.json").write_text(json.dumps(dict(
-        rank=rank, generation=ctx.generation, joined_as_spare=driver.joined_as_spare,
-        reports=[r.to_dict() for r in driver.reports],
-        timeline=dict(start=started, commits=commits),
-        stats=driver.strategy.stats() if hasattr(driver.strategy, "stats") else {},
-    ), indent=1))
+    (out / f"recovery_rank{rank}.json").write_text(
+        json.dumps(
+            dict(
+                rank=rank,
+                generation=ctx.generation,
+                joined_as_spare=driver.joined_as_spare,
+                reports=[r.to_dict() for r in driver.reports],
+                timeline=dict(start=started, commits=commits),
+                stats=driver.strategy.stats() if hasattr(driver.strategy, "stats") else {},
+            ),
+            indent=1,
+        )
+    )
     driver.strategy.shutdown()
     dist.destroy_process_group()

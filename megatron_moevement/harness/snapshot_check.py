@@ -78,15 +78,29 @@ def run_snapshot_check(spec) -> None:
             for key in slot.keys():
                 stored = slot.tensor(key)
                 ref = live[slot.iteration][key]
-                if not torch.equal(stored.reshape(-1).view(torch.uint8),
-                                   ref.reshape(-1).view(torch.uint8)):
+                if not torch.equal(
+                    stored.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)
+                ):
                     mismatches.append(f"window {ckpt.generation} slot {slot.slot} {key}")
-            slots.append(dict(slot=slot.slot, iteration=slot.iteration,
-                              full_state_ops=list(slot.full_state_ops),
-                              compute_ops=list(slot.compute_ops), hashes=_slot_hashes(slot)))
-        windows.append(dict(generation=ckpt.generation, start=ckpt.start_iteration,
-                            window_size=ckpt.window_size, persisted=ckpt.persisted,
-                            slices=ckpt.schedule["slices"], slots=slots))
+            slots.append(
+                dict(
+                    slot=slot.slot,
+                    iteration=slot.iteration,
+                    full_state_ops=list(slot.full_state_ops),
+                    compute_ops=list(slot.compute_ops),
+                    hashes=_slot_hashes(slot),
+                )
+            )
+        windows.append(
+            dict(
+                generation=ckpt.generation,
+                start=ckpt.start_iteration,
+                window_size=ckpt.window_size,
+                persisted=ckpt.persisted,
+                slices=ckpt.schedule["slices"],
+                slots=slots,
+            )
+        )
 
     replicas = []
     for source, store in strategy.replicator.replicas.items():
@@ -95,8 +109,14 @@ def run_snapshot_check(spec) -> None:
                 if slot is None:
                     continue
                 slot.verify()
-                replicas.append(dict(source=source, generation=generation, slot=slot.slot,
-                                     hashes=_slot_hashes(slot)))
+                replicas.append(
+                    dict(
+                        source=source,
+                        generation=generation,
+                        slot=slot.slot,
+                        hashes=_slot_hashes(slot),
+                    )
+                )
 
     # Corruption is detected with a clear error (on a private copy of a slot).
     corruption_message = None

@@ -147,7 +147,9 @@ class HarnessTrainer:
             fp16=cfg.precision == "fp16",
             params_dtype=cfg.params_dtype,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
-            loss_scale=None if cfg.precision == "fp16" else 1.0 if cfg.precision == "bf16" else None,
+            loss_scale=(
+                None if cfg.precision == "fp16" else 1.0 if cfg.precision == "bf16" else None
+            ),
             initial_loss_scale=2.0**16,
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks)
@@ -162,8 +164,13 @@ class HarnessTrainer:
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.ep_rank = parallel_state.get_expert_model_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
-        logger.debug("harness ready: layout=%s dp=%d pp=%d ep=%d", layout, self.dp_rank,
-                     self.pp_rank, self.ep_rank)
+        logger.debug(
+            "harness ready: layout=%s dp=%d pp=%d ep=%d",
+            layout,
+            self.dp_rank,
+            self.pp_rank,
+            self.ep_rank,
+        )
 
     # --------------------------------------------------------------- training
     def train_iteration(

@@ -30,8 +30,9 @@ def run_upstream_check(spec) -> None:
 
     model_cfg = TinyMoEConfig.from_dict(spec.model)
     trainer = HarnessTrainer(model_cfg, ParallelLayout(**spec.layout))
-    strategy = MoEvementStrategy(trainer.gpt_model, trainer.optimizer,
-                                 MoEvementConfig.from_dict(spec.moevement))
+    strategy = MoEvementStrategy(
+        trainer.gpt_model, trainer.optimizer, MoEvementConfig.from_dict(spec.moevement)
+    )
     trainer.p2p_communicator = strategy.p2p_communicator
     trainer.pg_collection = strategy.pg_collection
     received = {"activation": {}, "gradient": {}}
@@ -63,9 +64,16 @@ def run_upstream_check(spec) -> None:
     for direction, it, mb in log.keys():
         logged[direction][f"{it}/{mb}"] = _sha(log.get(direction, it, mb))
     rank = dist.get_rank()
-    report = dict(rank=rank, pp_rank=trainer.pp_rank, dp_rank=trainer.dp_rank, logged=logged,
-                  received=received, spans=spans, nbytes=log.nbytes,
-                  persisted_start=strategy.persisted_checkpoint.start_iteration,
-                  memory=strategy.host_memory_bytes())
+    report = dict(
+        rank=rank,
+        pp_rank=trainer.pp_rank,
+        dp_rank=trainer.dp_rank,
+        logged=logged,
+        received=received,
+        spans=spans,
+        nbytes=log.nbytes,
+        persisted_start=strategy.persisted_checkpoint.start_iteration,
+        memory=strategy.host_memory_bytes(),
+    )
     strategy.shutdown()
     (Path(spec.output_dir) / f"upstream_rank{rank}.json").write_text(json.dumps(report))

@@ -150,7 +150,9 @@ _LAZY_JOBS = {
     "durable_convert": ("megatron_moevement.durable.convert", "run_convert_job"),
     "durable_save_check": ("megatron_moevement.harness.durable_check", "run_durable_save_check"),
     "durable_verify_check": (
-        "megatron_moevement.harness.durable_check", "run_durable_verify_check"),
+        "megatron_moevement.harness.durable_check",
+        "run_durable_verify_check",
+    ),
 }
 
 JOBS = {"train": run_training, "registry": run_registry_report}
@@ -165,7 +167,9 @@ def _job(name: str):
     if name in _LAZY_JOBS:
         module, function = _LAZY_JOBS[name]
         return getattr(importlib.import_module(module), function)
-    raise ValueError(f"unknown job {name!r}; use one of {sorted([*JOBS, *_LAZY_JOBS, 'resilient'])}")
+    raise ValueError(
+        f"unknown job {name!r}; use one of {sorted([*JOBS, *_LAZY_JOBS, 'resilient'])}"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -306,7 +306,8 @@ def maybe_build_strategy(
             "dense torch_dist checkpoint with moevement-convert. A restarted Megatron-LM job "
             "still restores from Megatron's own --save/--load: replaying a sparse checkpoint needs "
             "data addressable by iteration, which Megatron-LM's data iterator is not",
-            config.durable_interval, config.durable_dir,
+            config.durable_interval,
+            config.durable_dir,
         )
     spares = spare_hosts_from_args(args)
     if spares:

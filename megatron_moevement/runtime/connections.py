@@ -60,8 +60,10 @@ def sever_connections(keep_ports: Iterable[int], job_hosts: Iterable[str] = ()) 
         except OSError:
             continue
         try:
-            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET,
-                                                                      socket.AF_INET6):
+            if sock.type != socket.SOCK_STREAM or sock.family not in (
+                socket.AF_INET,
+                socket.AF_INET6,
+            ):
                 continue
             try:
                 peer = sock.getpeername()

@@ -17,7 +17,11 @@ def test_batches_are_addressable_and_repeatable():
 def test_different_addresses_differ():
     data = SyntheticTokenData(vocab_size=128, seq_length=16, micro_batch_size=2, seed=7)
     base = data.batch(MicrobatchAddress(1, 0, 0))["tokens"]
-    for addr in [MicrobatchAddress(2, 0, 0), MicrobatchAddress(1, 1, 0), MicrobatchAddress(1, 0, 1)]:
+    for addr in [
+        MicrobatchAddress(2, 0, 0),
+        MicrobatchAddress(1, 1, 0),
+        MicrobatchAddress(1, 0, 1),
+    ]:
         assert not torch.equal(base, data.batch(addr)["tokens"])
 
 

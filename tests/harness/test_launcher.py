@@ -49,7 +49,9 @@ def test_sigkill_one_process_is_reported_unless_allowed(tmp_path):
 
 
 def test_failures_raise_with_logs(tmp_path):
-    with LocalJob(1, "timeit", ["-n", "1", "-r", "1", "raise SystemExit(3)"], log_dir=tmp_path) as job:
+    with LocalJob(
+        1, "timeit", ["-n", "1", "-r", "1", "raise SystemExit(3)"], log_dir=tmp_path
+    ) as job:
         with pytest.raises(JobFailed, match="codes"):
             job.check(timeout=30)
 
