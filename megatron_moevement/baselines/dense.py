@@ -12,50 +12,23 @@ bitwise equal to a fault-free one.
 
 from __future__ import annotations
 
-from megatron_moevement.baselines.config import BaselineConfig
-from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.baselines.base import BaselineStrategy
 from megatron_moevement.conversion import SlotLoader, default_operator_groups, restore_scaler_state
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.strategy import MoEvementStrategy
 
 __all__ = ["DenseSnapshotStrategy"]
 
 logger = get_logger(__name__)
 
 
-class DenseSnapshotStrategy(MoEvementStrategy):
+class DenseSnapshotStrategy(BaselineStrategy):
     """Dense in-memory checkpointing every ``baseline.interval`` iterations (Gemini-like).
 
-    Args:
-        gpt_model: The unwrapped Megatron-Core ``GPTModel`` stage of this rank.
-        optimizer: Its Megatron optimizer.
-        config: Shared storage settings (replication factor, checksum, ...); the window, upstream
-            logging and recovery scope are overridden (see :meth:`BaselineConfig.moevement_config`).
-        baseline: The policy (``strategy="gemini"``, ``interval``).
-        num_experts: Experts per MoE layer (defaults to the model config's).
-        **kwargs: Further :class:`~megatron_moevement.strategy.MoEvementStrategy` arguments
-            (``train_iteration`` for :meth:`recover`, ``verify_replicas``).
+    Constructed like :class:`~megatron_moevement.baselines.base.BaselineStrategy` (``baseline``
+    holds the policy).
     """
 
     name = "gemini"
-
-    def __init__(
-        self,
-        gpt_model,
-        optimizer,
-        config: MoEvementConfig | None = None,
-        baseline: BaselineConfig | None = None,
-        num_experts: int | None = None,
-        **kwargs,
-    ) -> None:
-        self.baseline = baseline or BaselineConfig(strategy="gemini")
-        if self.baseline.strategy != "gemini":
-            raise ValueError(
-                f"DenseSnapshotStrategy needs strategy='gemini', got {self.baseline.strategy!r}"
-            )
-        super().__init__(
-            gpt_model, optimizer, self.baseline.moevement_config(config), num_experts, **kwargs
-        )
 
     def is_checkpoint_iteration(self, iteration: int) -> bool:
         """True when a dense snapshot follows ``iteration``'s optimizer step."""

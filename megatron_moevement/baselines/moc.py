@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from megatron_moevement.baselines.base import BaselineStrategy
 from megatron_moevement.baselines.config import BaselineConfig
 from megatron_moevement.baselines.lost_tokens import TokenLedger
 from megatron_moevement.baselines.retention import retain_generations
@@ -30,7 +31,7 @@ from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.conversion import SlotLoader, default_operator_groups
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.scheduler import SparseSchedule
-from megatron_moevement.strategy import MoEvementStrategy, _owning_layer
+from megatron_moevement.strategy import _owning_layer
 
 __all__ = ["CheckpointFetchError", "PartialExpertStrategy"]
 
@@ -45,18 +46,11 @@ class CheckpointFetchError(RuntimeError):
     """A replacement rank's older checkpoint has no surviving replica."""
 
 
-class PartialExpertStrategy(MoEvementStrategy):
+class PartialExpertStrategy(BaselineStrategy):
     """Partial expert checkpointing every iteration (MoC-System-like), with lost-token accounting.
 
-    Args:
-        gpt_model: The unwrapped Megatron-Core ``GPTModel`` stage of this rank.
-        optimizer: Its Megatron optimizer.
-        config: Shared storage settings (replication factor, checksum, ...); the window, upstream
-            logging and recovery scope are overridden (see :meth:`BaselineConfig.moevement_config`).
-        baseline: The policy (``strategy="moc"``, ``expert_fraction``).
-        num_experts: Experts per MoE layer (defaults to the model config's).
-        **kwargs: Further :class:`~megatron_moevement.strategy.MoEvementStrategy` arguments
-            (``train_iteration`` for :meth:`recover`, ``verify_replicas``).
+    Constructed like :class:`~megatron_moevement.baselines.base.BaselineStrategy` (``baseline``
+    holds the policy).
     """
 
     name = "moc"
@@ -70,14 +64,7 @@ class PartialExpertStrategy(MoEvementStrategy):
         num_experts: int | None = None,
         **kwargs,
     ) -> None:
-        self.baseline = baseline or BaselineConfig(strategy="moc")
-        if self.baseline.strategy != "moc":
-            raise ValueError(
-                f"PartialExpertStrategy needs strategy='moc', got {self.baseline.strategy!r}"
-            )
-        super().__init__(
-            gpt_model, optimizer, self.baseline.moevement_config(config), num_experts, **kwargs
-        )
+        super().__init__(gpt_model, optimizer, config, baseline, num_experts, **kwargs)
         experts = num_experts or gpt_model.config.num_moe_experts
         self.num_experts = experts
         self.groups = num_groups(experts, self.baseline.expert_fraction)
