@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.transport import recv_bytes, send_bytes
+from megatron_moevement.transport import recv_bytes, recv_slot, send_bytes, send_slot
 
 logger = get_logger(__name__)
 
@@ -1144,10 +1144,8 @@ class RecoveryDriver:
     def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
         """Each rank lacking its window-``window`` checkpoint receives it from the lowest
         surviving rank that holds a replica; returns this rank's checkpoint of that window."""
-        import torch.distributed as dist
-
         from megatron_moevement.replication import choose_peers
-        from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, allocate_host_buffer
+        from megatron_moevement.snapshot import SparseCheckpoint
 
         cfg = self.strategy.config
         world = self.ctx.world_size
@@ -1168,24 +1166,10 @@ class RecoveryDriver:
                     )
                 send_bytes(json.dumps(len(slots)).encode(), lost)
                 for slot in slots:
-                    slot.verify()
-                    used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
-                    send_bytes(json.dumps(slot.manifest()).encode(), lost)
-                    send_bytes(bytes(slot.buffer[:used].numpy()), lost)
+                    send_slot(slot, lost)
             elif self.ctx.rank == lost:
                 count = json.loads(recv_bytes(sender))
-                slots = []
-                for _ in range(count):
-                    manifest = json.loads(recv_bytes(sender))
-                    payload = recv_bytes(sender)
-                    buf = allocate_host_buffer(len(payload))
-                    if payload:
-                        buf[: len(payload)].copy_(
-                            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                        )
-                    slot = SlotSnapshot.from_manifest(manifest, buf)
-                    slot.verify()
-                    slots.append(slot)
+                slots = [recv_slot(sender) for _ in range(count)]
                 ckpt = SparseCheckpoint.from_slots(slots)
                 self.strategy.checkpoints = [ckpt]
                 self._received_ckpt = ckpt

@@ -84,6 +84,8 @@ class ReplicaStore:
     source: int
     windows: dict[int, list[SlotSnapshot | None]] = field(default_factory=dict)
     pool: _HostBufferPool = field(default_factory=_HostBufferPool)
+    keep: int = 2
+    """Newest generations kept (one persisted and one in flight by default)."""
 
     def buffer(self, generation: int, slot: int, nbytes: int) -> torch.Tensor:
         return self.pool.get(generation, slot, nbytes)
@@ -91,8 +93,8 @@ class ReplicaStore:
     def put(self, slot: SlotSnapshot, window_size: int) -> None:
         slots = self.windows.setdefault(slot.generation, [None] * window_size)
         slots[slot.slot] = slot
-        for old in [g for g in self.windows if g < slot.generation - 1]:
-            del self.windows[old]  # keep one persisted and one in-flight window
+        for old in [g for g in self.windows if g <= slot.generation - self.keep]:
+            del self.windows[old]
 
     @property
     def nbytes(self) -> int:
@@ -150,7 +152,7 @@ class PeerReplicator:
         try:
             slot.wait()
             manifest = json.dumps(slot.manifest()).encode()
-            used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
+            used = slot.used_bytes
             header = torch.tensor(
                 [slot.generation, slot.slot, used, len(manifest)], dtype=torch.int64
             )

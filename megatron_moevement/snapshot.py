@@ -113,6 +113,11 @@ class SlotSnapshot:
     def nbytes(self) -> int:
         return sum(r.nbytes for r in self.records.values())
 
+    @property
+    def used_bytes(self) -> int:
+        """Length of the buffer prefix the records occupy (what a transfer or file must hold)."""
+        return max((r.offset + r.nbytes for r in self.records.values()), default=0)
+
     def wait(self, timeout: float | None = None) -> None:
         """Blocks until the copy and checksums are done; re-raises a copy failure."""
         if not self.ready.wait(timeout):
@@ -245,15 +250,19 @@ class SparseCheckpoint:
 
 
 class _HostBufferPool:
-    """Host buffers keyed by (generation parity, slot), allocated once and grown only if a
-    schedule change needs more room."""
+    """Host buffers keyed by (generation modulo ``keep``, slot), allocated once and grown only if
+    a schedule change needs more room."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 2) -> None:
+        if keep < 2:
+            raise ValueError(f"keep={keep} must be >= 2 (one persisted, one in flight)")
+        self.keep = keep
+        """Generations whose buffers coexist (keyed by ``generation % keep``)."""
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
         self.allocations = 0
 
     def get(self, generation: int, slot: int, nbytes: int) -> torch.Tensor:
-        key = (generation % 2, slot)
+        key = (generation % self.keep, slot)
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < nbytes:
             buf = allocate_host_buffer(nbytes)

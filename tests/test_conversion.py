@@ -19,6 +19,7 @@ from megatron_moevement.serialization import SnapshotChecksumError
 from megatron_moevement.sharding import ShardingContext, ShardPlan
 from megatron_moevement.snapshot import SnapshotEngine, SnapshotError
 from tests.conftest import LAYOUTS, assert_states_bitwise_equal, load_states
+from tests.fakes import FakeRegistry, FakeSchedule
 
 ITERATIONS = 8  # windows 0-2, 3-5 (persisted), 6-7 (in flight)
 EXTRA = 2
@@ -95,27 +96,6 @@ def test_replay_is_bitwise_equal_to_fault_free_run(
 # ----------------------------------------------------------------------------- unit tests
 
 
-class _Schedule:
-    def __init__(self, slices):
-        self.slices = slices
-        self.window_size = len(slices)
-
-    def to_dict(self):
-        return {"slices": self.slices}
-
-
-class _Registry:
-    def __init__(self, ops):
-        self.operators = ops
-        self._by_name = {op.name: op for op in ops}
-
-    def refresh(self):
-        pass
-
-    def __getitem__(self, name):
-        return self._by_name[name]
-
-
 def _registry(shape=(4, 3)):
     ops = []
     for name in ("a", "b"):
@@ -125,13 +105,13 @@ def _registry(shape=(4, 3)):
         ops.append(
             Operator(name, "dense", layer=0, params=[OperatorParam(f"{name}.w", param, state)])
         )
-    return _Registry(ops)
+    return FakeRegistry(ops)
 
 
 def _captured(registry):
     plan = ShardPlan(full_state={"a", "b"}, compute={"a", "b"}, owner_of={"a": 0, "b": 0})
     engine = SnapshotEngine(registry, plan, rank=0)
-    ckpt = engine.begin_window(_Schedule([["a"], ["b"]]), start_iteration=10, generation=0)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, generation=0)
     engine.capture(ckpt, 0, 10)
     engine.drain()
     return engine, ckpt, plan

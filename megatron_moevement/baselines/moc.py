@@ -257,8 +257,8 @@ class PartialExpertStrategy(BaselineStrategy):
         import torch.distributed as dist
 
         from megatron_moevement.replication import choose_peers
-        from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, allocate_host_buffer
-        from megatron_moevement.transport import recv_bytes, send_bytes
+        from megatron_moevement.snapshot import SparseCheckpoint
+        from megatron_moevement.transport import recv_bytes, recv_slot, send_bytes, send_slot
 
         have = {c.generation for c in self.checkpoints}
         lacks = torch.zeros(self.world_size, max(1, len(needed)), dtype=torch.int64)
@@ -294,23 +294,13 @@ class PartialExpertStrategy(BaselineStrategy):
                     send_bytes(json.dumps(dict(error=error)).encode(), lost)
                     raise CheckpointFetchError(error)
                 for slot in slots:
-                    slot.verify()
-                    used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
-                    send_bytes(json.dumps(slot.manifest()).encode(), lost)
-                    send_bytes(bytes(slot.buffer[:used].numpy()), lost)
+                    send_slot(slot, lost)
             elif self.rank == lost:
                 for _ in gens:
                     manifest = json.loads(recv_bytes(sender))
                     if "error" in manifest:
                         raise CheckpointFetchError(manifest["error"])
-                    payload = recv_bytes(sender)
-                    buf = allocate_host_buffer(len(payload))
-                    if payload:
-                        buf[: len(payload)].copy_(
-                            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-                        )
-                    slot = SlotSnapshot.from_manifest(manifest, buf)
-                    slot.verify()
+                    slot = recv_slot(sender, manifest)
                     self.checkpoints.append(SparseCheckpoint.from_slots([slot]))
                 self.checkpoints.sort(key=lambda c: c.generation)
                 logger.info(

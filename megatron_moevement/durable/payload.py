@@ -91,7 +91,7 @@ class RankPayload:
         buffers = []
         for k, slot in enumerate(self.checkpoint.slots):
             slot.wait(timeout)
-            used = max((r.offset + r.nbytes for r in slot.records.values()), default=0)
+            used = slot.used_bytes
             buffers.append(slot.buffer[:used])
             manifest = slot.manifest()
             manifest.pop("schedule", None)  # stored once, for the window

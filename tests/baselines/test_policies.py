@@ -11,7 +11,7 @@ from megatron_moevement.baselines import (
     build_strategy,
 )
 from megatron_moevement.baselines.lost_tokens import TokenLedger
-from megatron_moevement.baselines.retention import RetainingReplicaStore, RotatingBufferPool
+from megatron_moevement.baselines.retention import retaining_replica_store
 from megatron_moevement.baselines.rotation import (
     captures_by_group,
     experts_per_group,
@@ -21,7 +21,7 @@ from megatron_moevement.baselines.rotation import (
     num_groups,
 )
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.snapshot import SlotSnapshot
+from megatron_moevement.snapshot import SlotSnapshot, _HostBufferPool
 
 
 # ---------------------------------------------------------------- config
@@ -128,17 +128,17 @@ def test_ledger_state_round_trip():
 
 # ---------------------------------------------------------------- retention
 def test_rotating_pool_keeps_generations_apart():
-    pool = RotatingBufferPool(keep=3)
+    pool = _HostBufferPool(keep=3)
     bufs = [pool.get(g, 0, 16) for g in range(3)]
     assert len({b.data_ptr() for b in bufs}) == 3
     assert pool.get(3, 0, 16).data_ptr() == bufs[0].data_ptr()  # reused, not reallocated
     assert pool.allocations == 3
     with pytest.raises(ValueError):
-        RotatingBufferPool(keep=1)
+        _HostBufferPool(keep=1)
 
 
 def test_retaining_replica_store_keeps_n_generations():
-    store = RetainingReplicaStore(source=1, keep=3)
+    store = retaining_replica_store(source=1, keep=3)
     for g in range(5):
         slot = SlotSnapshot(
             generation=g,

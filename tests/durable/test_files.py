@@ -31,29 +31,9 @@ from megatron_moevement.operators import Operator, OperatorParam
 from megatron_moevement.optim_view import ParamState
 from megatron_moevement.sharding import ShardPlan
 from megatron_moevement.snapshot import SnapshotEngine
+from tests.fakes import FakeRegistry, FakeSchedule
 
 WORLD = 2
-
-
-class _Schedule:
-    def __init__(self, slices):
-        self.slices = slices
-        self.window_size = len(slices)
-
-    def to_dict(self):
-        return {"slices": self.slices}
-
-
-class _Registry:
-    def __init__(self, ops):
-        self.operators = ops
-        self._by_name = {op.name: op for op in ops}
-
-    def refresh(self):
-        pass
-
-    def __getitem__(self, name):
-        return self._by_name[name]
 
 
 def _registry(seed: int):
@@ -68,7 +48,7 @@ def _registry(seed: int):
         ops.append(
             Operator(name, "dense", layer=0, params=[OperatorParam(f"{name}.w", param, state)])
         )
-    return _Registry(ops)
+    return FakeRegistry(ops)
 
 
 def _layout(rank: int, **changes) -> RankLayout:
@@ -96,7 +76,7 @@ def _payload(rank: int) -> RankPayload:
     registry = _registry(rank)
     plan = ShardPlan(full_state={"a", "b"}, compute={"a", "b"}, owner_of={"a": 0, "b": 0})
     engine = SnapshotEngine(registry, plan, rank=rank)
-    ckpt = engine.begin_window(_Schedule([["a"], ["b"]]), start_iteration=10, generation=4)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, generation=4)
     engine.capture(ckpt, 0, 10)
     engine.capture(ckpt, 1, 11)
     engine.drain()
