@@ -14,10 +14,13 @@ from megatron_moevement.sim._validation import (
     from_mapping,
 )
 
-__all__ = ["ETTR_MODELS", "STRATEGY_NAMES", "SimulationConfig"]
+__all__ = ["ETTR_MODELS", "MOC_FAILURE_MODELS", "STRATEGY_NAMES", "SimulationConfig"]
 
 STRATEGY_NAMES = ("checkfreq", "gemini", "moc", "moevement")
 """Strategies the simulator models, in report order."""
+
+MOC_FAILURE_MODELS = ("poisson", "evenly_spaced")
+"""Failure processes MoC's expected ETTR can be taken over (see ``moc_failure_model``)."""
 
 ETTR_MODELS = ("first_order", "renewal")
 """Analytic ETTR models: the paper's first-order formula or the exact renewal form."""
@@ -102,6 +105,18 @@ class SimulationConfig:
     moc_growth_factor: float = 2.0
     """Factor applied to MoC's expert fraction each time the lost-token budget is exceeded."""
 
+    moc_failure_model: str = "poisson"
+    """Failure process MoC's expected ETTR is taken over. MoC's policy has a threshold (its
+    fraction grows when PLT crosses the budget, and never shrinks), so its ETTR is not a linear
+    function of the failure times and the run with evenly spaced failures is not its expectation:
+    ``"poisson"`` (default) averages ``moc_expectation_trials`` seeded runs with Poisson failures
+    (the failure model of Appendix C, as for every other strategy's formula);
+    ``"evenly_spaced"`` reports the single run with one failure every MTBF (the mean-field value,
+    always kept in the details as ``ettr_evenly_spaced``)."""
+
+    moc_expectation_trials: int = 200
+    """Seeded runs averaged for MoC's expected ETTR under ``moc_failure_model="poisson"``."""
+
     moc_count_lost_tokens: bool = False
     """Charge MoC's lost expert updates as wasted time (lost iterations x expert share of the
     compute). False follows the paper, which reports MoC's ETTR without that charge."""
@@ -147,6 +162,15 @@ class SimulationConfig:
         check_fraction(owner, "moc_initial_fraction", self.moc_initial_fraction, True)
         check_fraction(owner, "moc_lost_token_budget", self.moc_lost_token_budget)
         check_real(owner, "moc_growth_factor", self.moc_growth_factor, minimum=1.0)
+        if self.moc_failure_model not in MOC_FAILURE_MODELS:
+            fail(
+                owner,
+                "moc_failure_model",
+                self.moc_failure_model,
+                "is unknown",
+                f"use one of {MOC_FAILURE_MODELS}",
+            )
+        check_int(owner, "moc_expectation_trials", self.moc_expectation_trials)
         check_fraction(owner, "popularity_skew", self.popularity_skew, high_open=True)
         check_int(owner, "max_window", self.max_window)
         if self.fixed_window is not None:

@@ -11,12 +11,20 @@ Two simulator columns are produced for every published row:
   the cost models; nothing in them is fitted to these tables.
 
 Deviations are simulator minus paper, in ETTR points (absolute).
+
+:meth:`PaperComparison.ranking` compares the *order* of the strategies per (configuration,
+MTBF): the paper's, the fed column's and the model's, with MoEvement's margin over the best
+other strategy. The paper's order is weak where it prints equal values (QWen-MoE at 2 h:
+CheckFreq = MoC); a simulated order agrees when every pair the paper orders strictly is
+ordered the same way. Where the *fed* order disagrees, the paper's printed ETTR contradicts its
+own published overhead and recovery time under its Appendix C formula; no cost model can
+reproduce such an order without fitting.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.sim.config import SimulationConfig
@@ -31,7 +39,14 @@ from megatron_moevement.sim.paper_data import (
 from megatron_moevement.sim.presets import get_preset
 from megatron_moevement.sim.simulator import Simulator
 
-__all__ = ["ComparisonRow", "PaperComparison", "compare_with_paper", "format_comparison"]
+__all__ = [
+    "ComparisonRow",
+    "PaperComparison",
+    "RankingRow",
+    "compare_with_paper",
+    "format_comparison",
+    "orders_agree",
+]
 
 logger = get_logger(__name__)
 
@@ -103,6 +118,85 @@ def _stats(values: List[float]) -> Dict[str, float]:
     }
 
 
+def _order(values: Mapping[str, float]) -> Tuple[str, ...]:
+    """Strategy names by descending ETTR (ties keep report order)."""
+    return tuple(sorted(values, key=lambda name: -values[name]))
+
+
+def orders_agree(reference: Mapping[str, float], candidate: Mapping[str, float]) -> bool:
+    """True when every pair ``reference`` orders strictly, ``candidate`` orders the same way
+    (pairs the reference ties may come in either order)."""
+    names = [n for n in reference if n in candidate]
+    for a in names:
+        for b in names:
+            if reference[a] > reference[b] and not candidate[a] > candidate[b]:
+                return False
+    return True
+
+
+def _margin(values: Mapping[str, float], name: str = "moevement") -> Optional[float]:
+    """``values[name]`` minus the best other value (positive: ``name`` ranks first)."""
+    others = [v for n, v in values.items() if n != name]
+    if name not in values or not others:
+        return None
+    return values[name] - max(others)
+
+
+@dataclass(frozen=True)
+class RankingRow:
+    """The strategies' order at one (configuration, MTBF): paper, fed and model."""
+
+    config: str
+    """Model name as in the paper."""
+
+    mtbf_label: str
+    """MTBF as printed (``2H`` ... ``10M``)."""
+
+    paper: Dict[str, float]
+    """Published ETTR per strategy."""
+
+    fed: Dict[str, float]
+    """Fed-column ETTR per strategy."""
+
+    model: Optional[Dict[str, float]] = None
+    """Model-column ETTR per strategy (``None`` if not run)."""
+
+    @property
+    def fed_agrees(self) -> bool:
+        """The fed column orders the strategies as the paper does."""
+        return orders_agree(self.paper, self.fed)
+
+    @property
+    def model_agrees(self) -> Optional[bool]:
+        """The model orders the strategies as the paper does."""
+        return None if self.model is None else orders_agree(self.paper, self.model)
+
+    @property
+    def fed_moevement_margin(self) -> Optional[float]:
+        """MoEvement minus the best other strategy, fed column."""
+        return _margin(self.fed)
+
+    @property
+    def model_moevement_margin(self) -> Optional[float]:
+        """MoEvement minus the best other strategy, model column."""
+        return None if self.model is None else _margin(self.model)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "config": self.config,
+            "mtbf_label": self.mtbf_label,
+            "paper_order": list(_order(self.paper)),
+            "fed_order": list(_order(self.fed)),
+            "model_order": None if self.model is None else list(_order(self.model)),
+            "fed_agrees": self.fed_agrees,
+            "model_agrees": self.model_agrees,
+            "paper_moevement_margin": _margin(self.paper),
+            "fed_moevement_margin": self.fed_moevement_margin,
+            "model_moevement_margin": self.model_moevement_margin,
+        }
+
+
 @dataclass
 class PaperComparison:
     """All rows of one table with deviation statistics."""
@@ -133,6 +227,55 @@ class PaperComparison:
             out[column] = {"overall": _stats(values), "per_strategy": per_strategy}
         return out
 
+    def ranking(self) -> List[RankingRow]:
+        """The strategies' order per (configuration, MTBF), in table order."""
+        groups: Dict[Tuple[str, str], Dict[str, ComparisonRow]] = {}
+        for row in self.rows:
+            groups.setdefault((row.paper.config, row.paper.mtbf_label), {})[
+                row.paper.strategy
+            ] = row
+        out = []
+        for (config, mtbf), rows in groups.items():
+            has_model = all(r.model_ettr is not None for r in rows.values())
+            out.append(
+                RankingRow(
+                    config=config,
+                    mtbf_label=mtbf,
+                    paper={s: r.paper.ettr for s, r in rows.items()},
+                    fed={s: r.fed_ettr for s, r in rows.items()},
+                    model={s: r.model_ettr for s, r in rows.items()} if has_model else None,
+                )
+            )
+        return out
+
+    def ranking_summary(self) -> Dict[str, Any]:
+        """How often the fed and model columns order the strategies as the paper does, and
+        rank MoEvement first, with the rows where they do not."""
+        ranking = self.ranking()
+        out: Dict[str, Any] = {"rows": len(ranking)}
+        for column in ("fed", "model"):
+            rows = [r for r in ranking if getattr(r, column) is not None]
+            if not rows:
+                continue
+            agree = [getattr(r, f"{column}_agrees") for r in rows]
+            margins = [getattr(r, f"{column}_moevement_margin") for r in rows]
+            out[column] = {
+                "order_agrees": sum(agree),
+                "moevement_first": sum(m > 0 for m in margins),
+                "disagreements": [
+                    {
+                        "config": r.config,
+                        "mtbf_label": r.mtbf_label,
+                        "order": list(_order(getattr(r, column))),
+                        "paper_order": list(_order(r.paper)),
+                        "moevement_margin": m,
+                    }
+                    for r, ok, m in zip(rows, agree, margins)
+                    if not ok
+                ],
+            }
+        return out
+
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict."""
         return {
@@ -140,6 +283,8 @@ class PaperComparison:
             "source": "MoEvement paper, Table " + self.table,
             "run_s": self.run_s,
             "summary": self.summary(),
+            "ranking_summary": self.ranking_summary(),
+            "ranking": [r.to_dict() for r in self.ranking()],
             "rows": [r.to_dict() for r in self.rows],
         }
 
@@ -222,4 +367,19 @@ def format_comparison(comparison: PaperComparison) -> str:
                     f"  {strategy:<10} max |dev| {stats['max_abs']:.3f}, "
                     f"mean |dev| {stats['mean_abs']:.3f}, mean dev {stats['mean']:+.3f}"
                 )
+    ranking = comparison.ranking_summary()
+    for column, title in (("fed", "fed"), ("model", "model")):
+        if column not in ranking:
+            continue
+        info = ranking[column]
+        lines.append(
+            f"ranking, {title}: order as the paper's in {info['order_agrees']}/{ranking['rows']}, "
+            f"MoEvement first in {info['moevement_first']}/{ranking['rows']}"
+        )
+        for d in info["disagreements"]:
+            lines.append(
+                f"  {d['config']} {d['mtbf_label']}: {' > '.join(d['order'])} "
+                f"(paper: {' > '.join(d['paper_order'])}; MoEvement margin "
+                f"{d['moevement_margin']:+.4f})"
+            )
     return "\n".join(lines)

@@ -45,6 +45,7 @@ from megatron_moevement.sim.ettr import (
     optimal_interval_first_order_s,
     young_daly_interval_s,
 )
+from megatron_moevement.sim.montecarlo import poisson_failure_times
 from megatron_moevement.sim.pipeline import iteration_times, localized_iteration_s
 from megatron_moevement.sim.profile import StageProfile
 from megatron_moevement.sim.recovery import RecoveryModel
@@ -475,38 +476,73 @@ class MoC(Strategy):
         return _MoCRuntime(self, ctx)
 
     def evaluate(self, ctx: ScenarioContext, mtbf_s: float) -> StrategyEvaluation:
-        """Mean-field run: failures evenly spaced at the MTBF, expected recoveries.
+        """Expected ETTR under ``config.moc_failure_model``.
 
-        MoC's overhead depends on the failure history (its fraction only grows), so its
-        expected-value result is a deterministic run over the horizon rather than a formula.
+        MoC's overhead depends on the failure history (its fraction only grows, once PLT crosses
+        the budget), so its result is obtained from runs rather than a formula: the mean of
+        ``moc_expectation_trials`` seeded runs with Poisson failures (default), or the single run
+        with failures evenly spaced at the MTBF (``"evenly_spaced"``, the mean-field value, which
+        is always reported in the details). With a threshold policy the two differ: a cluster of
+        early failures exhausts the budget, which evenly spaced failures never do.
         """
-        horizon = ctx.config.horizon_s
-        count = max(0, round(horizon / mtbf_s))
-        times = [(k + 0.5) * mtbf_s for k in range(count)]
-        runtime = _MoCRuntime(self, ctx)
-        result = run_timeline(runtime, times, horizon, expected_recovery=True)
-        initial = self.recovery(ctx, runtime.history[0][1])
-        final = self.recovery(ctx, runtime.fraction)
-        mean_recovery = result.recovery_s / result.failures if result.failures else initial.mean_s
-        overhead_fraction = result.overhead_fraction if result.useful_s > 0 else float("inf")
-        details = {
-            "initial_expert_fraction": runtime.history[0][1],
-            "lost_token_budget": ctx.config.moc_lost_token_budget,
-            "final_plt": runtime.plt(result.progress_iterations),
-            **result.summary,
+        cfg = ctx.config
+        horizon = cfg.horizon_s
+        count = max(0, round(horizon / mtbf_s)) if math.isfinite(mtbf_s) else 0
+        evenly = _MoCRuntime(self, ctx)
+        mean_field = run_timeline(
+            evenly, [(k + 0.5) * mtbf_s for k in range(count)], horizon, expected_recovery=True
+        )
+        initial = self.recovery(ctx, evenly.history[0][1])
+        details: Dict[str, Any] = {
+            "initial_expert_fraction": evenly.history[0][1],
+            "lost_token_budget": cfg.moc_lost_token_budget,
+            "ettr_evenly_spaced": mean_field.ettr,
+            "evenly_spaced": {
+                "final_plt": evenly.plt(mean_field.progress_iterations),
+                **mean_field.summary,
+            },
         }
+        runs = [(mean_field, evenly)]
+        if cfg.moc_failure_model == "poisson" and count > 0:
+            rng = np.random.default_rng(cfg.seed)
+            runs = []
+            for _ in range(cfg.moc_expectation_trials):
+                runtime = _MoCRuntime(self, ctx)
+                times = poisson_failure_times(mtbf_s, horizon, rng)
+                runs.append((run_timeline(runtime, times, horizon), runtime))
+        ettrs = np.array([r.ettr for r, _ in runs])
+        finals = np.array([rt.fraction for _, rt in runs])
+        useful = sum(r.useful_s for r, _ in runs)
+        training = sum(r.training_s for r, _ in runs)
+        failures = sum(r.failures for r, _ in runs)
+        recovery_s = sum(r.recovery_s for r, _ in runs)
+        details.update(
+            {
+                "failure_model": cfg.moc_failure_model if count > 0 else "none",
+                "runs": len(runs),
+                "ettr_stderr": (
+                    float(ettrs.std(ddof=1) / math.sqrt(len(runs))) if len(runs) > 1 else 0.0
+                ),
+                "final_expert_fraction": float(finals.mean()),
+                "runs_checkpointing_every_expert": float(np.mean(finals >= 1.0)),
+                "final_plt": float(np.mean([rt.plt(r.progress_iterations) for r, rt in runs])),
+            }
+        )
+        final = self.recovery(ctx, float(finals.max()))
         return StrategyEvaluation(
             strategy=self.name,
             mtbf_s=mtbf_s,
             interval_iterations=1.0,
             window_iterations=None,
             iteration_s=ctx.iteration_s,
-            overhead_s_per_iteration=overhead_fraction * ctx.iteration_s,
-            recovery_s=mean_recovery,
+            overhead_s_per_iteration=(
+                (training / useful - 1.0) * ctx.iteration_s if useful > 0 else float("inf")
+            ),
+            recovery_s=recovery_s / failures if failures else initial.mean_s,
             recovery_min_s=min(initial.min_s, final.min_s),
             recovery_max_s=max(initial.max_s, final.max_s),
             expected_failures=horizon / mtbf_s,
-            ettr=result.ettr,
+            ettr=float(ettrs.mean()),
             details=details,
         )
 

@@ -12,10 +12,10 @@ from megatron_moevement.sim.strategies import STRATEGIES
 
 MTBFS = [7200.0, 3600.0, 1800.0, 1200.0, 600.0]  # 2h -> 10min
 
-# At MTBF 2 h the model puts two strategies within half an ETTR point of MoEvement (MoC on
-# GPT-MoE, Gemini on MoE-LLaVa) where the paper measured MoEvement clearly ahead: the paper's
-# MoC/Gemini overheads at 2 h (8-9%, Table 3) come from their implementations, which the
-# first-principles copy model does not reproduce. See docs/simulator.md, "Deviations".
+# At MTBF 2 h (6 failures in 12 h) the model puts Gemini 0.0003 ETTR above MoEvement on
+# MoE-LLaVa, a tie decided by inputs the paper does not publish (Gemini's global restart cost,
+# the effective snapshot bandwidth); the paper measured MoEvement clearly ahead. See
+# docs/simulator.md §7.
 HIGH_MTBF_TOLERANCE = 0.005
 
 
@@ -83,3 +83,18 @@ def test_scaling_presets_run_and_671b_completes_quickly():
     for name in SCALING_PRESETS[:-1]:
         sweep = Simulator(get_preset(name)).sweep([3600.0, 600.0], ["gemini", "moevement"])
         assert 0 < sweep.get("moevement", 600.0).ettr <= 1
+
+
+def test_model_orders_strategies_as_the_paper_from_1h_to_10min():
+    """Every pair of strategies the paper orders at MTBF <= 1 h, the model orders the same way
+    (16 rows of Table 3); at 2 h see the tolerance above and the Table 3 ranking test."""
+    from megatron_moevement.sim.paper_compare import compare_with_paper
+
+    ranking = compare_with_paper("3").ranking()
+    below_2h = [r for r in ranking if r.mtbf_label != "2H"]
+    assert len(below_2h) == 16
+    assert all(r.model_agrees for r in below_2h), [
+        (r.config, r.mtbf_label) for r in below_2h if not r.model_agrees
+    ]
+    at_2h = [r for r in ranking if r.mtbf_label == "2H"]
+    assert all(r.model_moevement_margin > -HIGH_MTBF_TOLERANCE for r in at_2h)
