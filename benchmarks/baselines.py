@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from _results import write_results
 
 from megatron_moevement.harness.launcher import run_elastic_job, run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
@@ -147,22 +148,17 @@ def main() -> None:
         f"{100 * moc['simulator_expected_plt_one_failure']:.2f}% for one failure in "
         f"{args.iterations} iterations (uniform routing)"
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            dict(
-                layout=str(layout),
-                model=model,
-                iterations=args.iterations,
-                fault=fault,
-                setups=setups,
-                results=results,
-            ),
-            indent=1,
-        )
-        + "\n"
+    write_results(
+        args.output,
+        dict(
+            layout=str(layout),
+            model=model,
+            iterations=args.iterations,
+            fault=fault,
+            setups=setups,
+            results=results,
+        ),
     )
-    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

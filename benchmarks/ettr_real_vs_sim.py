@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 from megatron_moevement.harness.launcher import run_elastic_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
@@ -247,25 +249,20 @@ def main() -> None:
             max_abs_relative_difference=max(abs(d) for d in diffs),
             all_agree=all(t["runs"][name]["agree"] for t in trials),
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            dict(
-                layout=str(layout),
-                model=model,
-                window_size=args.window_size,
-                iterations=args.iterations,
-                warmup=args.warmup,
-                faults=faults,
-                tolerance=args.tolerance,
-                trials=trials,
-                summary=summary,
-            ),
-            indent=1,
-        )
-        + "\n"
+    write_results(
+        args.output,
+        dict(
+            layout=str(layout),
+            model=model,
+            window_size=args.window_size,
+            iterations=args.iterations,
+            warmup=args.warmup,
+            faults=faults,
+            tolerance=args.tolerance,
+            trials=trials,
+            summary=summary,
+        ),
     )
-    print(f"\nwrote {args.output}")
 
 
 if __name__ == "__main__":

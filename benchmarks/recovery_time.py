@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 from megatron_moevement.harness.launcher import run_elastic_job, run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
@@ -129,11 +131,7 @@ def main() -> None:
             f"{mode:<8} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
             f"{r['microbatches_recomputed']:>24}"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(dict(layout=str(layout), fault=fault, results=results), indent=1)
-    )
-    print(f"\nwrote {args.output}")
+    write_results(args.output, dict(layout=str(layout), fault=fault, results=results))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
+from _results import write_results
+
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
@@ -77,9 +79,7 @@ def main() -> None:
             f"{row['seconds']:>9.4f} {row['ratio_to_normal']:>9.3f} "
             f"{row['ratio_to_all_active_replay']:>13.3f}"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(dict(layout=str(layout), model=model, **data), indent=1))
-    print(f"wrote {args.output}")
+    write_results(args.output, dict(layout=str(layout), model=model, **data))
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from _results import write_results
 
 from megatron_moevement.logging_utils import configure_logging
 from megatron_moevement.sim.paper_compare import compare_with_paper, format_comparison
@@ -32,9 +33,7 @@ def main() -> None:
     output = args.output or Path(f"results/sim_table{args.table}.json")
     comparison = compare_with_paper(args.table, include_model=not args.no_model)
     print(format_comparison(comparison))
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(comparison.to_dict(), indent=2) + "\n", encoding="utf-8")
-    print(f"\nwrote {output}")
+    write_results(output, comparison.to_dict(), indent=2)
 
 
 if __name__ == "__main__":

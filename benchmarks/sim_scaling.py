@@ -11,9 +11,10 @@ under a minute). Writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
+
+from _results import write_results
 
 from megatron_moevement.logging_utils import configure_logging
 from megatron_moevement.sim import SimulationConfig, Simulator, get_preset
@@ -54,9 +55,7 @@ def main() -> None:
                 + f" {elapsed:>8.2f}s"
             )
         rows.append({"preset": name, "simulation_s": elapsed, "result": result.to_dict()})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"runs": rows}, indent=2, default=float) + "\n")
-    print(f"\nwrote {args.output}")
+    write_results(args.output, {"runs": rows}, indent=2)
 
 
 if __name__ == "__main__":

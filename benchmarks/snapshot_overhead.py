@@ -17,6 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from _results import write_results
+
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
@@ -124,11 +126,7 @@ def main() -> None:
             f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
             f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f}"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(dict(layout=str(layout), model=model, results=results), indent=1)
-    )
-    print(f"\nwrote {args.output}")
+    write_results(args.output, dict(layout=str(layout), model=model, results=results))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""What every benchmark script does with its results: one JSON file, and a line saying where."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+
+def write_results(path: Path, payload: Mapping[str, Any], indent: int = 1) -> None:
+    """Writes ``payload`` as JSON to ``path`` (parents created) and prints where it went.
+
+    Args:
+        path: Output file.
+        payload: JSON-serializable results; numpy scalars are written as floats.
+        indent: JSON indentation.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=indent, default=float) + "\n", encoding="utf-8")
+    print(f"\nwrote {path}")
