@@ -7,7 +7,11 @@ Subcommands:
 * ``demo``: failure and recovery. Trains with MoEvement on N processes plus a spare, SIGKILLs a
   rank mid-iteration, recovers (the spare takes the rank, the state is rebuilt from the sparse
   checkpoints and peer replicas, replay to the last committed iteration), finishes training, and
-  checks every tensor bit for bit against a fault-free run.
+  checks every tensor bit for bit against a fault-free run. ``--strategy gemini`` runs the
+  Gemini-like baseline instead (dense snapshots every ``--baseline-interval`` iterations, global
+  rollback: also bitwise equal); ``--strategy moc`` the MoC-like one (non-expert state plus a
+  rotating ``--baseline-expert-fraction`` of the experts): its recovery restores stale experts, so
+  the demo prints the proportion of lost tokens and checks that the state is *not* bitwise equal.
 """
 
 from __future__ import annotations
@@ -18,10 +22,23 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_moevement.baselines.config import CKPT_STRATEGIES
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.model import TinyMoEConfig
 from megatron_moevement.harness.worker import WorkerSpec
+from megatron_moevement.megatron.args import (
+    MoEvementArgsError,
+    add_baseline_args,
+    baseline_config_for,
+)
+
+DEMO_WINDOW_SIZE = 3
+"""MoEvement's window in the demo."""
+
+DEMO_BASELINE_DEFAULTS = dict(interval=4, expert_fraction=0.25)
+"""The demo's baseline policy: a dense snapshot every 4 iterations (Gemini), a quarter of the
+experts per checkpoint (MoC)."""
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +87,56 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_policy(args: argparse.Namespace):
+    """The demo's :class:`~megatron_moevement.baselines.BaselineConfig` (``None`` for
+    MoEvement) and window size; exits with a message naming the option on a bad combination."""
+    if args.strategy != "moevement" and args.window_size is not None:
+        raise SystemExit(
+            f"--window-size has no effect with --strategy {args.strategy}, which runs with a "
+            "one-slot window. Fix: drop --window-size, or use --strategy moevement."
+        )
+    try:
+        baseline = baseline_config_for(args.strategy, args, "--strategy", DEMO_BASELINE_DEFAULTS)
+    except MoEvementArgsError as exc:
+        raise SystemExit(str(exc)) from None
+    window = 1 if baseline is not None else args.window_size or DEMO_WINDOW_SIZE
+    return baseline, window
+
+
+def _moc_verdict(out: Path, world: int, compared: int, differing: list[str]) -> int:
+    """MoC's step 3: prints the lost tokens and whether the state differs, as it should."""
+    stats = [
+        json.loads((out / "recovered" / f"recovery_rank{r}.json").read_text())["stats"]
+        for r in range(world)
+    ]
+    accounts = {json.dumps(s.get("recoveries"), sort_keys=True) for s in stats}
+    s = stats[0]
+    lost, total, plt = s["lost_tokens"], s["total_tokens"], s["proportion_lost_tokens"]
+    stale = {e: n for event in s["recoveries"] for e, n in event["stale_experts"].items()}
+    print(
+        f"  lost tokens: {lost} of {total} token-to-expert assignments, proportion of lost "
+        f"tokens {100 * plt:.2f}%; {len(stale)} expert(s) restored stale "
+        f"(by up to {max(stale.values(), default=0)} iteration(s))"
+    )
+    if len(accounts) != 1:
+        print("  MISMATCH: the ranks report different lost-token accounting")
+        return 1
+    if lost > 0 and differing:
+        print(
+            f"  not bitwise equal, as expected for MoC: {len(differing)} of {compared} tensors "
+            f"differ (the stale experts' lost updates, and what trained on them). Outputs in {out}"
+        )
+        return 0
+    if lost == 0 and not differing:
+        print(f"  bitwise equal: no token was lost, all {compared} tensors match. Outputs in {out}")
+        return 0
+    if differing:
+        print(f"  MISMATCH: no token was lost, yet {len(differing)} of {compared} tensors differ")
+    else:
+        print(f"  UNEXPECTED: {lost} tokens were lost, yet all {compared} tensors are equal")
+    return 1
+
+
 def _demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -77,15 +144,17 @@ def _demo(args: argparse.Namespace) -> int:
 
     layout = ParallelLayout.parse(args.layout)
     model = _model_from_args(args)
+    baseline, window = _demo_policy(args)
     if not 0 <= args.kill_rank < layout.world_size:
         raise SystemExit(
             f"--kill-rank {args.kill_rank} is not a rank of {layout} "
             f"(0..{layout.world_size - 1})"
         )
-    if not args.window_size < args.kill_iteration < args.iterations:
+    if not window < args.kill_iteration < args.iterations:
+        what = "a sparse checkpoint" if baseline is None else "a snapshot"
         raise SystemExit(
-            f"--kill-iteration must lie in ({args.window_size}, {args.iterations}): "
-            "a sparse checkpoint must be persisted first, and the kill must happen "
+            f"--kill-iteration must lie in ({window}, {args.iterations}): "
+            f"{what} must be persisted first, and the kill must happen "
             "before the run ends"
         )
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-demo-"))
@@ -103,9 +172,22 @@ def _demo(args: argparse.Namespace) -> int:
     )
     run_worker_job(ref_spec, out / "fault_free", timeout=args.timeout)
     fault = dict(rank=args.kill_rank, iteration=args.kill_iteration, phase=args.phase)
+    if baseline is None:
+        run = f"MoEvement run (W={window}, r=1, 1 spare)"
+        fields = dict(window_size=window)
+    else:
+        run = (
+            f"Gemini-like run (a dense snapshot every {baseline.interval} iteration(s), global "
+            "rollback, r=1, 1 spare)"
+            if baseline.strategy == "gemini"
+            else f"MoC-like run (non-expert state + {100 * baseline.expert_fraction:g}% of the "
+            "experts every iteration, r=1, 1 spare)"
+        )
+        policy = {k: v for k, v in baseline.to_dict().items() if k != "strategy"}
+        fields = dict(strategy=baseline.strategy, baseline=policy)
     print(
-        f"[2/3] MoEvement run (W={args.window_size}, r=1, 1 spare); SIGKILL of rank "
-        f"{args.kill_rank} at iteration {args.kill_iteration} ({args.phase})",
+        f"[2/3] {run}; SIGKILL of rank {args.kill_rank} at iteration {args.kill_iteration} "
+        f"({args.phase})",
         flush=True,
     )
     spec = WorkerSpec(
@@ -115,7 +197,7 @@ def _demo(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         log_level="WARNING",
         timeout_s=60,
-        moevement=dict(window_size=args.window_size, replication_factor=1, faults=[fault]),
+        moevement=dict(fields, replication_factor=1, faults=[fault]),
     )
     agent = run_elastic_job(spec, out / "recovered", timeout=args.timeout, spares=1)
     for f in agent.failures:
@@ -138,7 +220,16 @@ def _demo(args: argparse.Namespace) -> int:
                 f"{replayed:>14} {t['detect']:>6.3f}s {t['rebuild']:>6.3f}s "
                 f"{t['fetch']:>6.3f}s {t['replay']:>6.3f}s"
             )
-    print("[3/3] bitwise check against the fault-free run", flush=True)
+    moc = baseline is not None and baseline.strategy == "moc"
+    print(
+        (
+            "[3/3] comparison with the fault-free run (MoC loses tokens: not expected to be "
+            "bitwise equal)"
+            if moc
+            else "[3/3] bitwise check against the fault-free run"
+        ),
+        flush=True,
+    )
     compared, differing = 0, []
     for rank in range(world):
         a = torch.load(out / "fault_free" / f"state_rank{rank}.pt")
@@ -149,6 +240,8 @@ def _demo(args: argparse.Namespace) -> int:
                 a[key].reshape(-1).view(torch.uint8), b[key].reshape(-1).view(torch.uint8)
             ):
                 differing.append(f"rank {rank} {key}")
+    if moc:
+        return _moc_verdict(out, world, compared, differing)
     if differing:
         print(f"  MISMATCH: {len(differing)} of {compared} tensors differ, e.g. {differing[:3]}")
         return 1
@@ -171,7 +264,19 @@ def main(argv: list[str] | None = None) -> int:
     train.set_defaults(func=_train)
     demo = sub.add_parser("demo", help="train, SIGKILL a rank, recover, check bitwise")
     _add_model_args(demo)
-    demo.add_argument("--window-size", type=int, default=3, help="MoEvement window W")
+    demo.add_argument(
+        "--strategy",
+        choices=CKPT_STRATEGIES,
+        default="moevement",
+        help="moevement (default), or the gemini / moc baseline (docs/baselines.md)",
+    )
+    demo.add_argument(
+        "--window-size",
+        type=int,
+        default=None,
+        help=f"MoEvement window W (default: {DEMO_WINDOW_SIZE}; moevement only)",
+    )
+    add_baseline_args(demo, DEMO_BASELINE_DEFAULTS)
     demo.add_argument("--kill-rank", type=int, default=1)
     demo.add_argument("--kill-iteration", type=int, default=7)
     demo.add_argument(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Applies the MoEvement patch (--ckpt-strategy moevement) to a Megatron-LM checkout.
+# Applies the MoEvement patch (--ckpt-strategy moevement|gemini|moc) to a Megatron-LM checkout.
 #
 # Usage: scripts/apply_megatron_patch.sh [--check | --reverse] MEGATRON_LM_DIR
 #
@@ -101,7 +101,7 @@ case "$mode" in
         fi
         git_apply --check || die "the patch does not apply to $dir (megatron-core $version); nothing was changed. Fix: use a clean checkout of $EXPECTED_RELEASE."
         git_apply
-        echo "Applied the MoEvement patch to $dir (megatron-core $version). Run pretrain_gpt.py with --ckpt-strategy moevement; megatron_moevement must be importable (pip install -e this repository)."
+        echo "Applied the MoEvement patch to $dir (megatron-core $version). Run pretrain_gpt.py with --ckpt-strategy moevement (or the gemini / moc baseline); megatron_moevement must be importable (pip install -e this repository)."
         ;;
     reverse)
         [[ "$applied" == yes ]] || die "the MoEvement patch is not applied to $dir; nothing to reverse."

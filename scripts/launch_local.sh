@@ -2,7 +2,8 @@
 # Runs a Megatron-LM pretrain script on local processes with MoEvement and spare processes.
 #
 # Usage: scripts/launch_local.sh --nprocs N [--spares S] [--log-dir DIR] [--timeout SECONDS]
-#            [--window-size auto|W] [--replication-factor R] [--host-memory-budget 64GiB|none]
+#            [--ckpt-strategy moevement|gemini|moc] [--window-size auto|W]
+#            [--replication-factor R] [--host-memory-budget 64GiB|none]
 #            [--no-moevement] [--] SCRIPT [SCRIPT ARGS...]
 #
 # Example (Megatron-LM at core_v0.16.1 with the MoEvement patch applied):

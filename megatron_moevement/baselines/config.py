@@ -20,13 +20,15 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, NoReturn
+from typing import Any, Dict, Mapping, NoReturn, Tuple
 
 from megatron_moevement.config import MoEvementConfig
 
 __all__ = [
+    "BASELINE_OVERRIDES",
     "BASELINE_STRATEGIES",
     "CKPT_STRATEGIES",
+    "POLICY_FIELDS",
     "BaselineConfig",
     "BaselineConfigError",
 ]
@@ -36,6 +38,15 @@ BASELINE_STRATEGIES = ("gemini", "moc")
 
 CKPT_STRATEGIES = ("moevement", *BASELINE_STRATEGIES)
 """Every in-memory checkpointing strategy the harness and :func:`build_strategy` accept."""
+
+BASELINE_OVERRIDES: Dict[str, Any] = dict(
+    window_size=1, upstream_logging=False, recovery_scope="global"
+)
+"""The :class:`MoEvementConfig` fields every baseline overrides, and their values: a one-slot
+window, no upstream logging, global rollback (see :meth:`BaselineConfig.moevement_config`)."""
+
+POLICY_FIELDS: Dict[str, Tuple[str, ...]] = {"gemini": ("interval",), "moc": ("expert_fraction",)}
+"""The :class:`BaselineConfig` policy fields each baseline reads (the others it ignores)."""
 
 
 class BaselineConfigError(ValueError):
@@ -111,9 +122,7 @@ class BaselineConfig:
         """The shared config a baseline runs with: ``base``'s storage knobs, a one-slot window,
         no upstream logging and global rollback (baselines roll every rank back)."""
         base = base or MoEvementConfig()
-        return dataclasses.replace(
-            base, window_size=1, upstream_logging=False, recovery_scope="global"
-        )
+        return dataclasses.replace(base, **BASELINE_OVERRIDES)
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict of every field (inverse of :meth:`from_dict`)."""

@@ -22,6 +22,13 @@ Megatron-LM ``core_v0.16.1``:
 The strategy travels in Megatron's ``checkpointing_context`` dict (key ``"moevement"``), which is
 already passed from ``pretrain()`` to ``train()``; no Megatron signature changes.
 
+``--ckpt-strategy`` picks the strategy: ``moevement``
+(:class:`~megatron_moevement.strategy.MoEvementStrategy`) or one of the baselines ``gemini`` /
+``moc`` (:mod:`megatron_moevement.baselines`, built by
+:func:`~megatron_moevement.baselines.build_strategy` with the ``--baseline-*`` policy). Every
+function here works the same for all three; the baselines run without upstream logging, so
+:func:`wrap_forward_backward_func` leaves the schedule alone for them.
+
 ``megatron/training/training.py`` is shared by every Megatron-LM pretrain script, most of which
 do not register :func:`~megatron_moevement.megatron.args.add_moevement_args`. Every function here
 therefore treats arguments without ``--ckpt-strategy`` as ``--ckpt-strategy default``: MoEvement
@@ -43,10 +50,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
+from megatron_moevement.baselines.config import BaselineConfig
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.megatron.args import (
     add_moevement_args,
+    baseline_config_from_args,
     moevement_config_from_args,
     spare_hosts_from_args,
 )
@@ -63,6 +72,7 @@ __all__ = [
     "maybe_build_strategy",
     "moevement_requested",
     "recover_or_load",
+    "requested_strategy",
     "shutdown",
     "strategy_from",
     "unwrap_gpt_model",
@@ -78,10 +88,13 @@ _MAX_WRAPPER_DEPTH = 16
 
 ArgsProvider = Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 StrategyFactory = Callable[[Any, Any, MoEvementConfig], Any]
+"""``f(gpt_model, optimizer, config) -> strategy``: builds the strategy of one rank."""
+
+_STRATEGY_LABELS = {"moevement": "MoEvement", "gemini": "Gemini-like", "moc": "MoC-like"}
 
 
 class MoEvementIntegrationError(RuntimeError):
-    """The Megatron-LM job cannot run with ``--ckpt-strategy moevement`` as configured; the
+    """The Megatron-LM job cannot run with the requested ``--ckpt-strategy`` as configured; the
     message says what to change."""
 
 
@@ -151,10 +164,24 @@ def extra_args_provider(*others: Optional[ArgsProvider]) -> ArgsProvider:
     return provider
 
 
+def requested_strategy(args: Any) -> str:
+    """The ``--ckpt-strategy`` value: ``default``, ``moevement``, ``gemini`` or ``moc``
+    (``default`` when the arguments were parsed without our provider: another pretrain script
+    sharing ``training.py``)."""
+    return getattr(args, "ckpt_strategy", "default")
+
+
 def moevement_requested(args: Any) -> bool:
-    """True for ``--ckpt-strategy moevement``; False for ``default`` or when the arguments were
-    parsed without our provider (another pretrain script sharing ``training.py``)."""
-    return getattr(args, "ckpt_strategy", "default") == "moevement"
+    """True when an in-memory strategy was requested (``--ckpt-strategy moevement``, ``gemini``
+    or ``moc``); False for ``default`` or arguments parsed without our provider."""
+    return requested_strategy(args) != "default"
+
+
+def _check_default_args(args: Any) -> None:
+    """With ``--ckpt-strategy default``: rejects ``--baseline-*`` options, which only a baseline
+    reads (a forgotten ``--ckpt-strategy gemini`` / ``moc``)."""
+    if hasattr(args, "ckpt_strategy"):
+        baseline_config_from_args(args)
 
 
 # --------------------------------------------------------------------------------- model
@@ -222,7 +249,7 @@ def unwrap_gpt_model(model: Any, gpt_model_types: Optional[Tuple[type, ...]] = N
 
 
 def _check_supported(args: Any) -> None:
-    """Rejects Megatron-LM options that the strategy does not handle, naming the option."""
+    """Rejects Megatron-LM options that the strategies do not handle, naming the option."""
     unsupported = []
     if getattr(args, "use_torch_fsdp2", False) or getattr(args, "use_megatron_fsdp", False):
         unsupported.append(
@@ -238,16 +265,33 @@ def _check_supported(args: Any) -> None:
         unsupported.append("--use-legacy-models (use the Megatron-Core GPTModel)")
     if unsupported:
         raise MoEvementIntegrationError(
-            "--ckpt-strategy moevement does not support: "
+            f"--ckpt-strategy {requested_strategy(args)} does not support: "
             + "; ".join(unsupported)
             + ". Fix: drop those options or use --ckpt-strategy default."
         )
 
 
 def _build_strategy(gpt_model: Any, optimizer: Any, config: MoEvementConfig) -> Any:
-    from megatron_moevement.strategy import MoEvementStrategy
+    """Builds a :class:`~megatron_moevement.strategy.MoEvementStrategy` (tests replace this)."""
+    from megatron_moevement.baselines import build_strategy
 
-    return MoEvementStrategy(gpt_model, optimizer, config)
+    return build_strategy("moevement", gpt_model, optimizer, config)
+
+
+def _default_factory(name: str, baseline: Optional[BaselineConfig]) -> StrategyFactory:
+    """The factory for ``--ckpt-strategy name``: :func:`_build_strategy` for ``moevement``, else
+    one that builds the baseline with its policy (closed over, so that every factory keeps the
+    ``f(gpt_model, optimizer, config)`` signature)."""
+    if baseline is None:
+        return _build_strategy  # looked up at call time, so that tests can replace it
+
+    def build_baseline(gpt_model: Any, optimizer: Any, config: MoEvementConfig) -> Any:
+        from megatron_moevement.baselines import build_strategy
+
+        return build_strategy(name, gpt_model, optimizer, config, baseline)
+
+    build_baseline.__name__ = f"build_{name}"
+    return build_baseline
 
 
 def maybe_build_strategy(
@@ -257,35 +301,44 @@ def maybe_build_strategy(
     *,
     strategy_factory: Optional[StrategyFactory] = None,
 ) -> Any:
-    """Builds the :class:`~megatron_moevement.strategy.MoEvementStrategy` when requested.
+    """Builds the strategy that ``--ckpt-strategy`` requests (none with ``default``).
 
-    Call it on every rank once Megatron's model and optimizer exist. :func:`recover_or_load`
-    calls it before Megatron's checkpoint load (so that the load can go through the strategy);
-    the call in ``pretrain()`` then returns that same strategy. A strategy left from an earlier
-    ``pretrain()`` call in this process (in-process restart) is replaced.
+    ``moevement`` builds a :class:`~megatron_moevement.strategy.MoEvementStrategy`; ``gemini``
+    and ``moc`` build the baseline (:func:`~megatron_moevement.baselines.build_strategy`) with the
+    ``--baseline-*`` policy and the ``--moevement-*`` storage settings. Call it on every rank once
+    Megatron's model and optimizer exist. :func:`recover_or_load` calls it before Megatron's
+    checkpoint load (so that the load can go through the strategy); the call in ``pretrain()``
+    then returns that same strategy. A strategy left from an earlier ``pretrain()`` call in this
+    process (in-process restart) is replaced.
 
     Args:
         args: Megatron's parsed arguments (``get_args()``).
         model: Megatron's model chunk list (or a single wrapped model).
         optimizer: Megatron's optimizer for that model.
-        strategy_factory: ``f(gpt_model, optimizer, config) -> strategy``; default builds a
-            ``MoEvementStrategy`` (tests pass a fake).
+        strategy_factory: ``f(gpt_model, optimizer, config) -> strategy``; default builds the
+            requested strategy (tests pass a fake). ``config`` is the shared
+            :class:`MoEvementConfig`; a baseline's policy is not passed to it.
 
     Returns:
         The strategy, or ``None`` with ``--ckpt-strategy default`` (or arguments parsed without
         our provider) and when there is no optimizer (``--skip-train``).
 
     Raises:
-        MoEvementArgsError: Invalid ``--moevement-*`` values (the message names the flag).
+        MoEvementArgsError: Invalid ``--moevement-*`` / ``--baseline-*`` values or combinations
+            (the message names the flag).
         MoEvementIntegrationError: Unsupported Megatron-LM options or model layout.
     """
-    if not moevement_requested(args):
+    name = requested_strategy(args)
+    if name == "default":
+        _check_default_args(args)
         return None
     config = moevement_config_from_args(args)
+    baseline = baseline_config_from_args(args)
     if optimizer is None:
         logger.warning(
-            "--ckpt-strategy moevement has nothing to checkpoint without an optimizer "
-            "(--skip-train); MoEvement stays off"
+            "--ckpt-strategy %s has nothing to checkpoint without an optimizer (--skip-train); "
+            "in-memory checkpointing stays off",
+            name,
         )
         return None
     _check_supported(args)
@@ -294,11 +347,16 @@ def maybe_build_strategy(
         return _state.active  # built by recover_or_load for this very model and optimizer
     if _state.active is not None:
         logger.warning(
-            "a MoEvement strategy from an earlier pretrain() call in this process is replaced "
-            "(in-process restart); its in-memory checkpoints are discarded"
+            "a %s strategy from an earlier pretrain() call in this process is replaced "
+            "(in-process restart); its in-memory checkpoints are discarded",
+            _STRATEGY_LABELS[name],
         )
         _state.active = None
         _state.built_for = None
+    # Only MoEvement gets here with a durable directory: moevement_config_from_args rejects it
+    # for the baselines, whose checkpoints the periodic saver would not write correctly (MoC
+    # never calls it and holds one expert group per checkpoint; Gemini calls it only at its
+    # snapshot iterations), see args._check_baseline_flags.
     if config.durable_dir is not None:
         logger.warning(
             "--moevement-durable-dir is set: the strategy writes sparse durable checkpoints "
@@ -317,11 +375,21 @@ def maybe_build_strategy(
             len(spares),
             ",".join(spares),
         )
-    factory = strategy_factory or _build_strategy
+    factory = strategy_factory or _default_factory(name, baseline)
     strategy = factory(gpt_model, optimizer, config)
     _state.active = strategy
     _state.built_for = (id(gpt_model), id(optimizer))
-    logger.info("MoEvement sparse checkpointing enabled: %s", config.to_dict())
+    if baseline is None:
+        logger.info("MoEvement sparse checkpointing enabled: %s", config.to_dict())
+    else:
+        effective = getattr(strategy, "config", None)
+        logger.info(
+            "%s in-memory checkpointing (--ckpt-strategy %s) enabled: %s, %s",
+            _STRATEGY_LABELS[name],
+            name,
+            baseline.to_dict(),
+            (effective if isinstance(effective, MoEvementConfig) else config).to_dict(),
+        )
     return strategy
 
 
@@ -337,7 +405,8 @@ def install_p2p_logging(strategy: Any) -> bool:
 
     Returns:
         True if the strategy logs what its pipeline stage sends (False without a strategy, with
-        ``--no-moevement-upstream-logging``, or without pipeline parallelism: nothing to log).
+        ``--no-moevement-upstream-logging``, for the ``gemini`` / ``moc`` baselines, which roll
+        every rank back and run without it, or without pipeline parallelism: nothing to log).
     """
     if strategy is None or not strategy.config.upstream_logging:
         return False
@@ -368,7 +437,10 @@ def wrap_forward_backward_func(
         args: Megatron's arguments object (read at call time for ``curr_iteration``).
 
     Returns:
-        ``forward_backward_func`` itself when there is nothing to log, else the wrapper.
+        ``forward_backward_func`` itself when there is nothing to log (no strategy, no pipeline
+        parallelism, ``--no-moevement-upstream-logging``, or a ``gemini`` / ``moc`` baseline:
+        their config turns upstream logging off, so they have no ``p2p_communicator``), else the
+        wrapper.
     """
     if strategy is None or getattr(strategy, "p2p_communicator", None) is None:
         return forward_backward_func
@@ -430,7 +502,7 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
     """Restores the training state at startup, through the strategy; returns what ``load_fn``
     returns.
 
-    With ``--ckpt-strategy moevement``:
+    With an in-memory ``--ckpt-strategy`` (``moevement``, ``gemini``, ``moc``):
 
     1. builds the strategy on the fresh model and optimizer (:func:`maybe_build_strategy`) before
        anything is loaded, so that the load goes through it: MoEvement's ``dist_checkpointing``
@@ -457,7 +529,9 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
     Raises:
         MoEvementArgsError, MoEvementIntegrationError: As :func:`maybe_build_strategy`.
     """
-    if not moevement_requested(args):
+    name = requested_strategy(args)
+    if name == "default":
+        _check_default_args(args)
         return load_fn(*load_args, **load_kwargs)
     tiers = []
     previous = _state.active
@@ -479,8 +553,9 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
             )
         )
         logger.warning(
-            "MoEvement: found a strategy from before an in-process restart holding %s; "
+            "MoEvement: found a %s strategy from before an in-process restart holding %s; "
             "Megatron-LM's training loop cannot roll back to it, so it is discarded",
+            _STRATEGY_LABELS.get(name, name),
             what,
         )
         _state.active = None
@@ -503,7 +578,11 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
     detail = (
         f"restored from Megatron's checkpoint (--load {load}, durable tier) at iteration "
         f"{iteration}"
-        + ("" if strategy is None else ", through the MoEvement strategy built " "before the load")
+        + (
+            ""
+            if strategy is None
+            else f", through the {_STRATEGY_LABELS[name]} strategy built before the load"
+        )
         + "; in-memory recovery from peer replicas does not run inside Megatron-LM's loop"
     )
     _state.last_restore = RestoreReport("megatron_checkpoint", iteration, detail, tuple(tiers))

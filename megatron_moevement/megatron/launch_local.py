@@ -9,6 +9,10 @@ exits), and adds the same MoEvement options the templates pass::
         --log-dir /tmp/run1 --host-memory-budget 64GiB -- \\
         /opt/Megatron-LM/pretrain_gpt.py --num-layers 4 --num-experts 8 ...
 
+``--ckpt-strategy gemini`` or ``moc`` runs a baseline instead of MoEvement (its
+``--baseline-*`` policy options go with the script arguments); they run with a one-slot window,
+so ``--window-size`` is MoEvement's only.
+
 (``scripts/launch_local.sh`` wraps this.) Each rank gets ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Spare processes get
 ``MOEVEMENT_SPARE=1`` and no rank. Megatron-LM's training loop cannot take over a rank of a
@@ -30,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_moevement.baselines.config import CKPT_STRATEGIES as IN_MEMORY_STRATEGIES
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
 from megatron_moevement.harness.launcher import JobFailed, JobTimeout, LocalJob
 from megatron_moevement.logging_utils import configure_logging, get_logger
@@ -58,19 +63,39 @@ _OPTION_OF_FIELD = {
 
 def moevement_flags(
     nprocs: int,
-    window_size: str = "auto",
+    window_size: Optional[str] = None,
     replication_factor: int = 1,
     host_memory_budget: str = "none",
+    ckpt_strategy: str = "moevement",
 ) -> List[str]:
-    """The ``--ckpt-strategy moevement --moevement-*`` flags for a local job of ``nprocs`` ranks.
+    """The ``--ckpt-strategy <name> --moevement-*`` flags for a local job of ``nprocs`` ranks.
 
     Values are checked with :class:`MoEvementConfig`'s rules, and the replication factor
     against the number of ranks.
 
+    Args:
+        nprocs: Training ranks (also ``--moevement-ranks-per-node``: one node).
+        window_size: ``--moevement-window-size`` (``None``: ``auto``); MoEvement only.
+        replication_factor: ``--moevement-replication-factor``.
+        host_memory_budget: ``--moevement-host-memory-budget-bytes`` (bytes, ``64GiB``, ``none``).
+        ckpt_strategy: ``moevement``, ``gemini`` or ``moc``.
+
     Raises:
-        ValueError: An invalid value; the message names the launcher option.
+        ValueError: An invalid value or combination; the message names the launcher option.
     """
-    window = str(window_size).strip().lower()
+    if ckpt_strategy not in IN_MEMORY_STRATEGIES:
+        raise ValueError(
+            f"--ckpt-strategy={ckpt_strategy!r} is invalid. Fix: use one of "
+            f"{', '.join(IN_MEMORY_STRATEGIES)} (or --no-moevement for Megatron's own "
+            "checkpointing only)."
+        )
+    if ckpt_strategy != "moevement" and window_size is not None:
+        raise ValueError(
+            f"--window-size has no effect with --ckpt-strategy {ckpt_strategy}, which always "
+            "runs with a one-slot window. Fix: drop --window-size, or use --ckpt-strategy "
+            "moevement."
+        )
+    window = "auto" if window_size is None else str(window_size).strip().lower()
     budget = str(host_memory_budget).strip().lower()
     try:
         window_value = window if window == "auto" else int(window)
@@ -102,11 +127,13 @@ def moevement_flags(
             f"--replication-factor={replication_factor} needs more ranks than --nprocs={nprocs} "
             f"(each replica goes to another rank). Fix: use at most {nprocs - 1}."
         )
+    window_flags = (
+        [] if ckpt_strategy != "moevement" else ["--moevement-window-size", str(window_value)]
+    )
     return [
         "--ckpt-strategy",
-        "moevement",
-        "--moevement-window-size",
-        str(window_value),
+        ckpt_strategy,
+        *window_flags,
         "--moevement-replication-factor",
         str(replication_factor),
         "--moevement-ranks-per-node",
@@ -123,9 +150,10 @@ def build_job(
     spares: int = 0,
     log_dir: Optional[Path] = None,
     moevement: bool = True,
-    window_size: str = "auto",
+    window_size: Optional[str] = None,
     replication_factor: int = 1,
     host_memory_budget: str = "none",
+    ckpt_strategy: str = "moevement",
 ) -> LocalJob:
     """An unstarted :class:`LocalJob` running ``script`` on ``nprocs`` ranks plus ``spares``.
 
@@ -135,11 +163,13 @@ def build_job(
         nprocs: Training ranks.
         spares: Spare processes.
         log_dir: Folder for ``proc<i>.log`` (``None``: inherit the launcher's streams).
-        moevement: Append the MoEvement flags (:func:`moevement_flags`); with ``False`` the
-            script arguments are passed unchanged.
-        window_size: ``--moevement-window-size``.
+        moevement: Append the ``--ckpt-strategy`` and MoEvement flags (:func:`moevement_flags`);
+            with ``False`` the script arguments are passed unchanged.
+        window_size: ``--moevement-window-size`` (``None``: ``auto``); MoEvement only.
         replication_factor: ``--moevement-replication-factor``.
         host_memory_budget: ``--moevement-host-memory-budget-bytes`` (bytes, ``64GiB``, ``none``).
+        ckpt_strategy: ``--ckpt-strategy``: ``moevement``, or the ``gemini`` / ``moc`` baseline
+            (whose ``--baseline-*`` options go in ``script_args``).
 
     Raises:
         ValueError: ``nprocs`` < 1, ``spares`` < 0, a missing script or an invalid MoEvement
@@ -160,9 +190,12 @@ def build_job(
         if "--ckpt-strategy" in args:
             raise ValueError(
                 "the script arguments already contain --ckpt-strategy. Fix: drop it, or pass "
-                "--no-moevement to the launcher to forward the script arguments unchanged."
+                "--no-moevement to the launcher to forward the script arguments unchanged "
+                "(the launcher's own --ckpt-strategy picks moevement, gemini or moc)."
             )
-        args += moevement_flags(nprocs, window_size, replication_factor, host_memory_budget)
+        args += moevement_flags(
+            nprocs, window_size, replication_factor, host_memory_budget, ckpt_strategy
+        )
     return LocalJob(
         nprocs=nprocs + spares,
         module=MODULE,
@@ -225,14 +258,23 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_TIMEOUT_S,
         help="seconds before every process is killed (default: 7 days)",
     )
-    parser.add_argument("--window-size", default="auto", help="--moevement-window-size")
+    parser.add_argument(
+        "--ckpt-strategy",
+        choices=IN_MEMORY_STRATEGIES,
+        default="moevement",
+        help="in-memory strategy passed to the script: moevement (default), or the gemini / moc "
+        "baseline (put its --baseline-* options with the script arguments)",
+    )
+    parser.add_argument(
+        "--window-size", default=None, help="--moevement-window-size (moevement only; default auto)"
+    )
     parser.add_argument("--replication-factor", type=int, default=1)
     parser.add_argument("--host-memory-budget", default="none", help="e.g. 64GiB, or none")
     parser.add_argument(
         "--no-moevement",
         dest="moevement",
         action="store_false",
-        help="do not add --ckpt-strategy moevement and the --moevement-* flags",
+        help="do not add --ckpt-strategy and the --moevement-* flags",
     )
     parser.add_argument("script", help="training script, e.g. Megatron-LM's pretrain_gpt.py")
     parser.add_argument("script_args", nargs=argparse.REMAINDER, help="its arguments")
@@ -263,6 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.window_size,
             args.replication_factor,
             args.host_memory_budget,
+            args.ckpt_strategy,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -18,8 +18,10 @@ Command line::
 Placeholders computed from the values (not set directly): ``total_nodes`` (nodes plus spare
 nodes), ``data_args`` (``--mock-data`` or ``--data-path ...``), ``sbatch_directives``
 (``#SBATCH --partition/--account`` lines, or a comment), ``worker_command`` (the worker's command
-line, from ``program``) and ``agent_args`` (options of the elastic task agent,
-:mod:`megatron_moevement.megatron.elastic`).
+line, from ``program``), ``agent_args`` (options of the elastic task agent,
+:mod:`megatron_moevement.megatron.elastic`) and ``window_args`` (``--moevement-window-size W``
+with ``ckpt_strategy`` ``moevement``; empty for the ``gemini`` / ``moc`` baselines, which run
+with a one-slot window and take their ``--baseline-*`` options from ``extra_args``).
 
 The templates run one elastic task agent per GPU on every node, spare nodes included: spare
 tasks start their worker as a spare that waits in the rendezvous and takes over a failed rank
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NoReturn, Optional, Sequence, Set, Union
 
+from megatron_moevement.baselines.config import CKPT_STRATEGIES as IN_MEMORY_STRATEGIES
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
 from megatron_moevement.megatron.args import parse_byte_size
 
@@ -59,7 +62,14 @@ PLACEHOLDER_RE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _SAFE_RE = re.compile(r"^[A-Za-z0-9_./+:=@%,-]+$")
 _JOB_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _TIME_RE = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
-_DERIVED = ("total_nodes", "data_args", "sbatch_directives", "worker_command", "agent_args")
+_DERIVED = (
+    "total_nodes",
+    "data_args",
+    "sbatch_directives",
+    "worker_command",
+    "agent_args",
+    "window_args",
+)
 _MODULE_RE = re.compile(r"^module:([A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*)$")
 PRETRAIN_GPT = "pretrain_gpt"
 """``program`` value: Megatron-LM's ``pretrain_gpt.py`` (patched), the default."""
@@ -108,7 +118,10 @@ class SbatchValues:
         host_memory_budget: ``--moevement-host-memory-budget-bytes`` per rank: bytes or a size
             such as ``256GiB``; ``none`` disables the check.
         replication_factor: ``--moevement-replication-factor``.
-        window_size: ``--moevement-window-size``: ``auto`` or an integer >= 1.
+        window_size: ``--moevement-window-size``: ``auto`` or an integer >= 1 (``None``:
+            ``auto``). MoEvement only: the baselines run with a one-slot window.
+        ckpt_strategy: ``--ckpt-strategy``: ``moevement`` (default), or the ``gemini`` / ``moc``
+            baseline (``--baseline-*`` options go in ``extra_args``).
         master_port: TCP port of the rendezvous store on the first training node.
         job_name: SLURM job name.
         time_limit: SLURM ``--time`` (``[D-]HH[:MM[:SS]]``).
@@ -135,7 +148,8 @@ class SbatchValues:
     ranks_per_node: Optional[int] = None
     host_memory_budget: Union[str, int] = "none"
     replication_factor: int = 1
-    window_size: Union[str, int] = "auto"
+    window_size: Union[str, int, None] = None
+    ckpt_strategy: str = "moevement"
     master_port: int = 29500
     job_name: str = "moevement-pretrain"
     time_limit: str = "04:00:00"
@@ -168,6 +182,26 @@ class SbatchValues:
         _check_int("replication_factor", self.replication_factor, 0)
         if not isinstance(self.master_port, int) or not 1024 <= self.master_port <= 65535:
             _fail("master_port", self.master_port, "must be in 1024..65535", "pick a free port")
+        if (
+            not isinstance(self.ckpt_strategy, str)
+            or self.ckpt_strategy not in IN_MEMORY_STRATEGIES
+        ):
+            _fail(
+                "ckpt_strategy",
+                self.ckpt_strategy,
+                "unknown in-memory checkpointing strategy",
+                f"use one of {', '.join(IN_MEMORY_STRATEGIES)}",
+            )
+        if self.ckpt_strategy != "moevement":
+            if self.window_size is not None:
+                _fail(
+                    "window_size",
+                    self.window_size,
+                    f"ckpt_strategy {self.ckpt_strategy} always runs with a one-slot window",
+                    "leave window_size unset, or use ckpt_strategy moevement",
+                )
+        elif self.window_size is None:
+            self.window_size = "auto"
         if isinstance(self.window_size, str) and self.window_size.strip().lower() == "auto":
             self.window_size = "auto"
         elif isinstance(self.window_size, str) and self.window_size.strip().isdigit():
@@ -189,7 +223,7 @@ class SbatchValues:
             self.host_memory_budget = str(budget_bytes)
         try:  # the same rules as the job itself will apply
             MoEvementConfig(
-                window_size=self.window_size,
+                window_size=1 if self.window_size is None else self.window_size,
                 replication_factor=self.replication_factor,
                 ranks_per_node=self.ranks_per_node,
                 host_memory_budget_bytes=budget_bytes,
@@ -256,6 +290,11 @@ class SbatchValues:
         ]
         text["sbatch_directives"] = "\n".join(directives) or "# (no --partition/--account set)"
         text["job_timeout_s"] = "" if self.job_timeout_s is None else str(self.job_timeout_s)
+        if self.window_size is None:  # a baseline: one-slot window, no option
+            text["window_size"] = "1"
+            text["window_args"] = ""
+        else:
+            text["window_args"] = f"--moevement-window-size {self.window_size}"
         agent = [] if self.job_timeout_s is None else [f"--timeout {self.job_timeout_s}"]
         if self.program == PRETRAIN_GPT:
             text["worker_command"] = (

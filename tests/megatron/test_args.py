@@ -1,4 +1,4 @@
-"""Tests for the ``--ckpt-strategy moevement`` args provider."""
+"""Tests for the ``--ckpt-strategy`` args provider (MoEvement and the gemini / moc baselines)."""
 
 import argparse
 import dataclasses
@@ -6,11 +6,16 @@ import typing
 
 import pytest
 
+from megatron_moevement.baselines import BASELINE_STRATEGIES, BaselineConfig
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
 from megatron_moevement.megatron import args as margs
 from megatron_moevement.megatron.args import (
+    CKPT_STRATEGIES,
     MoEvementArgsError,
     add_moevement_args,
+    baseline_config_from_args,
+    baseline_field_flags,
+    baseline_flag_for_field,
     config_field_flags,
     flag_for_field,
     moevement_config_from_args,
@@ -214,3 +219,197 @@ def test_spare_hosts(monkeypatch):
     assert spare_hosts_from_args(parse()) == ["n9", "n10"]
     assert spare_hosts_from_args(parse("--moevement-spares", "a,,b")) == ["a", "b"]
     assert spare_hosts_from_args(parse("--moevement-spares", "")) == []
+
+
+# ----------------------------------------------------------------------------- baselines
+
+# One non-default command-line value per BaselineConfig policy field, and what it means.
+BASELINE_NON_DEFAULT = {
+    "interval": ("gemini", ["4"], 4),
+    "expert_fraction": ("moc", ["0.5"], 0.5),
+}
+
+
+def test_strategies():
+    assert CKPT_STRATEGIES == ("default", "moevement", *BASELINE_STRATEGIES)
+    assert CKPT_STRATEGIES == ("default", "moevement", "gemini", "moc")
+    for strategy in CKPT_STRATEGIES:
+        args = parse("--ckpt-strategy", strategy)
+        assert args.ckpt_strategy == strategy
+        assert moevement_enabled(args) is (strategy != "default")
+    with pytest.raises(MoEvementArgsError, match="--ckpt-strategy"):
+        moevement_enabled(argparse.Namespace(ckpt_strategy="checkfreq"))
+
+
+def test_every_baseline_field_has_a_flag():
+    options = parser()._option_string_actions
+    fields = {f.name for f in dataclasses.fields(BaselineConfig)} - {"strategy"}
+    assert set(baseline_field_flags()) == fields == set(BASELINE_NON_DEFAULT)
+    assert baseline_flag_for_field("expert_fraction") == "--baseline-expert-fraction"
+    defaults = BaselineConfig()
+    for name in fields:
+        flag = baseline_flag_for_field(name)
+        assert flag in options and options[flag].help, flag
+        assert getattr(defaults, name) != BASELINE_NON_DEFAULT[name][2], name
+    assert "--baseline-strategy" not in options  # that is --ckpt-strategy
+    assert "--baseline-interval" in parser().format_help()
+
+
+def test_generated_flags_default_to_not_given():
+    """None means "not given" (the config default applies), so a flag that was set can be told
+    from one that was not."""
+    args = vars(parse())
+    generated = [d for d in args if d.startswith(("moevement_", "baseline_"))]
+    assert len(generated) == len(config_field_flags()) + len(baseline_field_flags()) + 1
+    assert all(args[d] is None for d in generated)
+
+
+@pytest.mark.parametrize("strategy", ["default", "moevement"])
+def test_no_baseline_config_without_a_baseline(strategy):
+    assert baseline_config_from_args(parse("--ckpt-strategy", strategy)) is None
+
+
+@pytest.mark.parametrize("strategy", BASELINE_STRATEGIES)
+def test_baseline_config_defaults(strategy):
+    args = parse("--ckpt-strategy", strategy)
+    assert baseline_config_from_args(args) == BaselineConfig(strategy=strategy)
+    assert moevement_config_from_args(args) == MoEvementConfig()
+
+
+@pytest.mark.parametrize("name", sorted(BASELINE_NON_DEFAULT))
+def test_baseline_config_values(name):
+    strategy, values, value = BASELINE_NON_DEFAULT[name]
+    args = parse("--ckpt-strategy", strategy, baseline_flag_for_field(name), *values)
+    assert baseline_config_from_args(args) == BaselineConfig(strategy=strategy, **{name: value})
+
+
+@pytest.mark.parametrize("strategy", BASELINE_STRATEGIES)
+def test_baselines_get_the_shared_storage_settings(strategy):
+    args = parse(
+        "--ckpt-strategy",
+        strategy,
+        "--moevement-replication-factor",
+        "2",
+        "--moevement-checksum",
+        "sha256",
+        "--moevement-ranks-per-node",
+        "8",
+        # The values a baseline runs with anyway are accepted.
+        "--moevement-window-size",
+        "1",
+        "--no-moevement-upstream-logging",
+        "--moevement-recovery-scope",
+        "global",
+    )
+    shared = moevement_config_from_args(args)
+    assert (shared.replication_factor, shared.checksum, shared.ranks_per_node) == (2, "sha256", 8)
+    effective = baseline_config_from_args(args).moevement_config(shared)
+    assert (effective.window_size, effective.upstream_logging, effective.recovery_scope) == (
+        1,
+        False,
+        "global",
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        # --baseline-* without a baseline
+        (["--baseline-interval", "4"], "--baseline-interval"),
+        (["--ckpt-strategy", "moevement", "--baseline-interval", "4"], "--baseline-interval"),
+        (
+            ["--ckpt-strategy", "default", "--baseline-expert-fraction", "0.5"],
+            "--baseline-expert-fraction",
+        ),
+        (
+            ["--ckpt-strategy", "moevement", "--baseline-expert-fraction", "0.5"],
+            "--baseline-expert-fraction",
+        ),
+        # the other baseline's policy
+        (
+            ["--ckpt-strategy", "gemini", "--baseline-expert-fraction", "0.5"],
+            "--baseline-expert-fraction",
+        ),
+        (["--ckpt-strategy", "moc", "--baseline-interval", "4"], "--baseline-interval"),
+        # invalid values
+        (["--ckpt-strategy", "gemini", "--baseline-interval", "0"], "--baseline-interval"),
+        (["--ckpt-strategy", "gemini", "--baseline-interval", "-3"], "--baseline-interval"),
+        (
+            ["--ckpt-strategy", "moc", "--baseline-expert-fraction", "1.5"],
+            "--baseline-expert-fraction",
+        ),
+        (
+            ["--ckpt-strategy", "moc", "--baseline-expert-fraction", "0"],
+            "--baseline-expert-fraction",
+        ),
+    ],
+)
+def test_baseline_flag_errors_name_the_flag(argv, flag):
+    with pytest.raises(MoEvementArgsError, match=flag) as exc:
+        baseline_config_from_args(parse(*argv))
+    message = str(exc.value)
+    assert "Fix:" in message and "BaselineConfig." not in message
+
+
+@pytest.mark.parametrize(
+    "strategy, argv, flag",
+    [
+        ("gemini", ["--moevement-window-size", "4"], "--moevement-window-size"),
+        ("moc", ["--moevement-window-size", "auto"], "--moevement-window-size"),
+        ("gemini", ["--moevement-upstream-logging"], "--moevement-upstream-logging"),
+        ("moc", ["--moevement-recovery-scope", "auto"], "--moevement-recovery-scope"),
+        (
+            "gemini",
+            ["--moevement-durable-dir", "/ckpt", "--moevement-durable-interval", "10"],
+            "--moevement-durable-dir",
+        ),
+        ("moc", ["--moevement-durable-dir", "/ckpt"], "--moevement-durable-dir"),
+        ("moc", ["--moevement-durable-interval", "10"], "--moevement-durable-interval"),
+        # shared settings are validated as for MoEvement
+        ("gemini", ["--moevement-replication-factor", "-1"], "--moevement-replication-factor"),
+    ],
+)
+def test_moevement_flags_a_baseline_ignores_are_rejected(strategy, argv, flag):
+    with pytest.raises(MoEvementArgsError, match=flag) as exc:
+        moevement_config_from_args(parse("--ckpt-strategy", strategy, *argv))
+    assert "Fix:" in str(exc.value)
+
+
+def test_moevement_only_flags_are_fine_with_moevement():
+    args = parse(
+        "--ckpt-strategy",
+        "moevement",
+        "--moevement-window-size",
+        "4",
+        "--moevement-durable-dir",
+        "/ckpt",
+        "--moevement-durable-interval",
+        "10",
+    )
+    cfg = moevement_config_from_args(args)
+    assert cfg.window_size == 4 and cfg.durable_dir == "/ckpt"
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--baseline-interval", "two"], "--baseline-interval"),
+        (["--baseline-interval", "1.5"], "--baseline-interval"),
+        (["--baseline-expert-fraction", "most"], "--baseline-expert-fraction"),
+        (["--ckpt-strategy", "checkfreq"], "--ckpt-strategy"),
+    ],
+)
+def test_unparsable_baseline_values_are_argparse_errors(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_baseline_args_without_the_provider_are_rejected_clearly():
+    with pytest.raises(MoEvementArgsError, match="extra_args_provider"):
+        baseline_config_from_args(argparse.Namespace(num_layers=2))
+    partial = parse("--ckpt-strategy", "gemini")
+    del partial.baseline_interval
+    with pytest.raises(MoEvementArgsError, match="--baseline-interval"):
+        baseline_config_from_args(partial)

@@ -415,3 +415,210 @@ def test_recover_or_load_reports_a_strategy_left_by_an_in_process_restart(caplog
     assert "in-process restart" in caplog.text and "window 4" in caplog.text
     tiers = dict(glue.last_restore().tiers)
     assert "discarded" in tiers["in-memory"] and "iteration 120" in tiers["durable"]
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+@pytest.mark.parametrize(
+    "argv, name, requested",
+    [
+        ([], "default", False),
+        (["--ckpt-strategy", "moevement"], "moevement", True),
+        (["--ckpt-strategy", "gemini"], "gemini", True),
+        (["--ckpt-strategy", "moc"], "moc", True),
+    ],
+)
+def test_requested_strategy(argv, name, requested):
+    args = megatron_args(*argv)
+    assert glue.requested_strategy(args) == name
+    assert glue.moevement_requested(args) is requested
+    assert glue.requested_strategy(argparse.Namespace(num_layers=2)) == "default"
+
+
+@pytest.mark.parametrize(
+    "argv, baseline",
+    [
+        (["--ckpt-strategy", "gemini", "--baseline-interval", "4"], dict(interval=4)),
+        (
+            ["--ckpt-strategy", "moc", "--baseline-expert-fraction", "0.5"],
+            dict(expert_fraction=0.5),
+        ),
+        (["--ckpt-strategy", "moc"], dict()),
+    ],
+)
+def test_baselines_are_built_through_build_strategy(argv, baseline, monkeypatch, caplog):
+    """The default factory hands the --baseline-* policy and the shared --moevement-* settings
+    to baselines.build_strategy; the factory hook keeps its f(gpt_model, optimizer, config)
+    signature."""
+    import megatron_moevement.baselines as baselines
+    from megatron_moevement.baselines import BaselineConfig
+
+    calls = []
+
+    def fake_build_strategy(name, gpt_model, optimizer, config, baseline=None):
+        calls.append((name, gpt_model, optimizer, config, baseline))
+        return FakeStrategy(gpt_model, optimizer, baseline.moevement_config(config))
+
+    monkeypatch.setattr(baselines, "build_strategy", fake_build_strategy)
+    gpt = FakeGPT()
+    args = megatron_args(*argv, "--moevement-replication-factor", "2")
+    with caplog.at_level(logging.INFO):
+        strategy = build(args, model=wrapped_model(gpt), optimizer="opt", factory=None)
+    name = argv[1]
+    assert len(calls) == 1
+    called_name, called_gpt, optimizer, config, policy = calls[0]
+    assert (called_name, called_gpt, optimizer) == (name, gpt, "opt")
+    assert config == MoEvementConfig(replication_factor=2)  # the shared settings
+    assert policy == BaselineConfig(strategy=name, **baseline)
+    assert glue.active_strategy() is strategy
+    assert strategy.config.window_size == 1 and not strategy.config.upstream_logging
+    assert f"--ckpt-strategy {name}" in caplog.text
+    # A fake factory sees the same shared config (the policy is closed over by the default).
+    glue._reset_state_for_tests()
+    fake = build(args, factory=FakeStrategy)
+    assert fake.config == MoEvementConfig(replication_factor=2)
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--baseline-interval", "4"], "--baseline-interval"),
+        (["--ckpt-strategy", "moevement", "--baseline-expert-fraction", "0.5"], "--baseline-"),
+        (["--ckpt-strategy", "gemini", "--baseline-expert-fraction", "0.5"], "--baseline-"),
+        (["--ckpt-strategy", "moc", "--baseline-interval", "2"], "--baseline-interval"),
+        (["--ckpt-strategy", "gemini", "--baseline-interval", "0"], "--baseline-interval"),
+        (["--ckpt-strategy", "gemini", "--moevement-window-size", "4"], "--moevement-window-size"),
+        (
+            ["--ckpt-strategy", "moc", "--moevement-durable-dir", "/d"],
+            "--moevement-durable-dir",
+        ),
+    ],
+)
+def test_baseline_flag_errors_fail_at_build_and_before_the_load(argv, flag):
+    def explode(*_):
+        raise AssertionError("must not build")
+
+    with pytest.raises(MoEvementArgsError, match=flag):
+        build(megatron_args(*argv), factory=explode)
+    fake_load.calls = []
+    with pytest.raises(MoEvementArgsError, match=flag):
+        glue.recover_or_load(megatron_args(*argv), fake_load, wrapped_model(), "opt", None)
+    assert fake_load.calls == []  # the error comes before a long load
+
+
+def test_unsupported_options_name_the_strategy():
+    with pytest.raises(MoEvementIntegrationError, match="--ckpt-strategy moc does not support"):
+        build(megatron_args("--ckpt-strategy", "moc", "--use-torch-fsdp2"))
+
+
+def test_recover_or_load_through_a_baseline(monkeypatch):
+    import megatron_moevement.baselines as baselines
+
+    monkeypatch.setattr(
+        baselines,
+        "build_strategy",
+        lambda name, g, o, c, b=None: FakeStrategyWithState(g, o, b.moevement_config(c)),
+    )
+    args = megatron_args("--ckpt-strategy", "gemini", "--load", "/ckpt")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(glue, "_default_gpt_model_types", lambda: (FakeGPT,))
+        fake_load.calls = []
+        assert glue.recover_or_load(args, fake_load, wrapped_model(), "opt", "s") == (120, 3.5e15)
+    assert glue.active_strategy().registry.refreshed == 1
+    assert "through the Gemini-like strategy" in glue.last_restore().detail
+
+
+def _real_strategies_job(out: str) -> None:
+    """One rank of a PP2 job (2 processes): builds MoEvement and both baselines through the glue
+    on the harness's real Megatron-Core model, optimizer and 1F1B schedule, trains 3 iterations
+    with each through the wrapped schedule, and writes what it saw."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from megatron_moevement.harness.layout import ParallelLayout
+    from megatron_moevement.harness.model import TinyMoEConfig
+    from megatron_moevement.harness.trainer import HarnessTrainer
+
+    dist.init_process_group("gloo")
+    trainer = HarnessTrainer(TinyMoEConfig(), ParallelLayout(pp=2))
+    schedule = trainer.forward_backward_func
+    seen = {}
+    for argv in (
+        ["--ckpt-strategy", "moevement", "--moevement-window-size", "2"],
+        ["--ckpt-strategy", "gemini", "--baseline-interval", "2"],
+        ["--ckpt-strategy", "moc", "--baseline-expert-fraction", "0.5"],
+    ):
+        args = megatron_args(*argv, "--moevement-replication-factor", "1")
+        args.curr_iteration = None
+        strategy = glue.maybe_build_strategy(args, trainer.model_chunks, trainer.optimizer)
+        wrapped = glue.wrap_forward_backward_func(schedule, strategy, args)
+        trainer.forward_backward_func = wrapped
+        for iteration in range(3):
+            args.curr_iteration = iteration
+            trainer.train_iteration(iteration)
+            glue.after_optimizer_step(strategy, iteration)
+        baseline = getattr(strategy, "baseline", None)
+        seen[argv[1]] = dict(
+            type=type(strategy).__name__,
+            is_active=glue.active_strategy() is strategy,
+            wrapped=wrapped is not schedule,
+            p2p_logging=glue.install_p2p_logging(strategy),
+            has_communicator=strategy.p2p_communicator is not None,
+            window_size=strategy.config.window_size,
+            upstream_logging=strategy.config.upstream_logging,
+            recovery_scope=strategy.config.recovery_scope,
+            replication_factor=strategy.config.replication_factor,
+            baseline=None if baseline is None else baseline.to_dict(),
+            snapshots_taken=strategy.snapshots_taken,
+        )
+        trainer.forward_backward_func = schedule
+        glue.shutdown(strategy)
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(seen))
+    dist.destroy_process_group()
+
+
+@pytest.mark.multiproc
+def test_real_baseline_strategies_through_the_glue(tmp_path):
+    """On a real PP2 Megatron-Core job: --ckpt-strategy gemini / moc build the baseline classes
+    with their policy, run without upstream logging (the schedule is not wrapped, unlike
+    MoEvement's) and snapshot as their policy says."""
+    import json
+    from pathlib import Path
+
+    from megatron_moevement.harness.launcher import LocalJob
+
+    repo = Path(__file__).resolve().parents[2]
+    with LocalJob(
+        2,
+        "tests.megatron.test_glue",
+        [str(tmp_path)],
+        log_dir=tmp_path,
+        env={"PYTHONPATH": str(repo)},
+    ) as job:
+        job.check(timeout=240)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        moevement, gemini, moc = seen["moevement"], seen["gemini"], seen["moc"]
+        assert moevement["type"] == "MoEvementStrategy"
+        assert moevement["wrapped"] and moevement["has_communicator"] and moevement["p2p_logging"]
+        assert gemini["type"] == "DenseSnapshotStrategy"
+        assert gemini["baseline"] == dict(strategy="gemini", interval=2, expert_fraction=0.25)
+        assert gemini["snapshots_taken"] == 2  # after iterations 0 and 2
+        assert moc["type"] == "PartialExpertStrategy"
+        assert moc["baseline"]["expert_fraction"] == 0.5 and moc["snapshots_taken"] == 3
+        for baseline in (gemini, moc):
+            assert baseline["is_active"]
+            assert not baseline["wrapped"] and not baseline["has_communicator"]
+            assert not baseline["p2p_logging"]
+            assert (baseline["window_size"], baseline["upstream_logging"]) == (1, False)
+            assert baseline["recovery_scope"] == "global"
+            assert baseline["replication_factor"] == 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    _real_strategies_job(sys.argv[1])

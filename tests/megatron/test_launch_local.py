@@ -6,8 +6,13 @@ import sys
 
 import pytest
 
+from megatron_moevement.baselines import BaselineConfig
 from megatron_moevement.megatron import launch_local
-from megatron_moevement.megatron.args import add_moevement_args, moevement_config_from_args
+from megatron_moevement.megatron.args import (
+    add_moevement_args,
+    baseline_config_from_args,
+    moevement_config_from_args,
+)
 
 
 def test_moevement_flags_parse_with_the_args_provider():
@@ -32,6 +37,59 @@ def test_moevement_flags_parse_with_the_args_provider():
 def test_moevement_flags_reject_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         launch_local.moevement_flags(4, **kwargs)
+
+
+@pytest.mark.parametrize("strategy", ["gemini", "moc"])
+def test_baseline_flags_parse_with_the_args_provider(strategy):
+    flags = launch_local.moevement_flags(4, None, 2, "8GiB", ckpt_strategy=strategy)
+    assert flags[:2] == ["--ckpt-strategy", strategy]
+    assert "--moevement-window-size" not in flags  # a baseline runs with a one-slot window
+    args = add_moevement_args(argparse.ArgumentParser()).parse_args(flags)
+    cfg = moevement_config_from_args(args)
+    assert cfg.replication_factor == 2 and cfg.ranks_per_node == 4
+    assert cfg.host_memory_budget_bytes == 8 * 2**30
+    assert baseline_config_from_args(args) == BaselineConfig(strategy=strategy)
+
+
+def test_moevement_is_the_default_strategy():
+    flags = launch_local.moevement_flags(2)
+    assert flags[:4] == ["--ckpt-strategy", "moevement", "--moevement-window-size", "auto"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(ckpt_strategy="gemini", window_size="3"), "--window-size"),
+        (dict(ckpt_strategy="moc", window_size="auto"), "--window-size"),
+        (dict(ckpt_strategy="default"), "--ckpt-strategy"),
+        (dict(ckpt_strategy="checkfreq"), "--ckpt-strategy"),
+        (dict(ckpt_strategy="moc", replication_factor=4), "--replication-factor"),
+    ],
+)
+def test_baseline_flags_reject_bad_combinations(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        launch_local.moevement_flags(4, **kwargs)
+
+
+def test_build_job_with_a_baseline(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    job = launch_local.build_job(
+        str(script), ["--baseline-interval", "8"], nprocs=2, ckpt_strategy="gemini"
+    )
+    tail = job.args[2:]
+    assert tail[:2] == ["--baseline-interval", "8"]
+    assert tail[tail.index("--ckpt-strategy") + 1] == "gemini"
+    args = add_moevement_args(argparse.ArgumentParser()).parse_args(tail)
+    assert baseline_config_from_args(args) == BaselineConfig(strategy="gemini", interval=8)
+
+
+def test_launcher_command_line_takes_the_strategy():
+    args = launch_local._parser().parse_args(["--nprocs", "2", "--ckpt-strategy", "moc", "t.py"])
+    assert args.ckpt_strategy == "moc" and args.window_size is None
+    assert launch_local._parser().parse_args(["--nprocs", "2", "t.py"]).ckpt_strategy == "moevement"
+    with pytest.raises(SystemExit):
+        launch_local._parser().parse_args(["--nprocs", "2", "--ckpt-strategy", "default", "t.py"])
 
 
 def test_build_job(tmp_path):

@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 
 from megatron_moevement.megatron import slurm
-from megatron_moevement.megatron.args import add_moevement_args, moevement_config_from_args
+from megatron_moevement.megatron.args import (
+    add_moevement_args,
+    baseline_config_from_args,
+    moevement_config_from_args,
+)
 from megatron_moevement.megatron.slurm import SbatchTemplateError, render_sbatch
 
 TEMPLATES = slurm.available_templates()
@@ -68,6 +72,28 @@ def test_rendered_moevement_flags_parse(template):
     assert args.moevement_spares == "n5,n6"
 
 
+@pytest.mark.parametrize("strategy", ["gemini", "moc"])
+def test_baseline_strategies_render_and_parse(strategy):
+    """ckpt_strategy gemini / moc: --ckpt-strategy <name>, no --moevement-window-size (a baseline
+    runs with a one-slot window); the policy options come with extra_args."""
+    values = dict(VALUES, ckpt_strategy=strategy)
+    del values["window_size"]
+    option = "--baseline-interval 8" if strategy == "gemini" else "--baseline-expert-fraction 0.5"
+    values["extra_args"] = f"--num-layers 24 {option}"
+    rendered = render_sbatch(TEMPLATES[0], **values)
+    assert "--moevement-window-size" not in rendered
+    block = re.search(r"MOEVEMENT_ARGS=\((.*?)\n\)", rendered, re.S).group(1)
+    extra = re.search(r"EXTRA_ARGS=\((.*?)\)", rendered).group(1)
+    argv = shlex.split(block.replace('"$MOEVEMENT_SPARES"', "n5")) + shlex.split(extra)[2:]
+    args = add_moevement_args(argparse.ArgumentParser()).parse_args(argv)
+    assert args.ckpt_strategy == strategy
+    cfg = moevement_config_from_args(args)
+    assert cfg.replication_factor == 2 and cfg.ranks_per_node == 8
+    policy = baseline_config_from_args(args)
+    assert policy.strategy == strategy
+    assert (policy.interval == 8) if strategy == "gemini" else (policy.expert_fraction == 0.5)
+
+
 def test_mock_data_and_defaults():
     values = dict(VALUES, data_path="mock", spare_nodes=0, replication_factor=1)
     del values["partition"], values["window_size"], values["host_memory_budget"]
@@ -119,6 +145,9 @@ def test_missing_template():
         (dict(replication_factor=32), "replication_factor"),
         (dict(window_size=0), "window_size"),
         (dict(window_size="fixed"), "window_size"),
+        (dict(ckpt_strategy="gemini"), "window_size"),  # VALUES sets window_size=4
+        (dict(ckpt_strategy="default"), "ckpt_strategy"),
+        (dict(ckpt_strategy="checkfreq"), "ckpt_strategy"),
         (dict(host_memory_budget="lots"), "host_memory_budget"),
         (dict(master_port=80), "master_port"),
         (dict(job_name="my job"), "job_name"),
@@ -400,11 +429,23 @@ def test_pretrain_gpt_spares_are_reserved_and_a_failure_ends_the_job(tmp_path):
 
     megatron_dir = tmp_path / "Megatron-LM"
     megatron_dir.mkdir()
-    # Rank 2 fails at once; the other ranks would train "forever".
+    # Rank 2 fails as soon as the other ranks have started (each leaves a marker after its
+    # first line, so the coordinator cannot kill one before it printed); they would train
+    # "forever".
+    markers = tmp_path / "started"
+    markers.mkdir()
     (megatron_dir / "pretrain_gpt.py").write_text(
-        "import os, sys, time\n"
-        "print('STUB', os.environ.get('RANK'), os.environ.get('MOEVEMENT_SPARE'), flush=True)\n"
-        "sys.exit(3) if os.environ.get('RANK') == '2' else time.sleep(300)\n"
+        "import os, pathlib, sys, time\n"
+        "rank = os.environ.get('RANK')\n"
+        "print('STUB', rank, os.environ.get('MOEVEMENT_SPARE'), flush=True)\n"
+        f"markers = pathlib.Path({str(markers)!r})\n"
+        "(markers / str(rank)).touch()\n"
+        "if rank != '2':\n"
+        "    time.sleep(300)\n"
+        "deadline = time.monotonic() + 30\n"
+        "while len(list(markers.iterdir())) < 4 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.05)\n"
+        "sys.exit(3)\n"
     )
     bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
     log_dir = tmp_path / "logs"

@@ -1,0 +1,78 @@
+"""Tests for ``moevement-train demo --strategy`` (the baselines' demo runs are slow: ~25 s each)."""
+
+import re
+
+import pytest
+
+from megatron_moevement import cli
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--strategy", "gemini", "--window-size", "3"], "--window-size"),
+        (["--strategy", "moc", "--window-size", "3"], "--window-size"),
+        (["--baseline-interval", "2"], "--baseline-interval"),
+        (["--strategy", "moevement", "--baseline-expert-fraction", "0.5"], "--baseline-expert"),
+        (["--strategy", "moc", "--baseline-interval", "2"], "--baseline-interval"),
+        (["--strategy", "gemini", "--baseline-expert-fraction", "0.5"], "--baseline-expert"),
+        (["--strategy", "gemini", "--baseline-interval", "0"], "--baseline-interval"),
+        (["--strategy", "moc", "--baseline-expert-fraction", "2"], "--baseline-expert-fraction"),
+        (["--strategy", "moc", "--kill-iteration", "1"], "--kill-iteration"),
+        (["--kill-iteration", "3"], "--kill-iteration"),  # MoEvement: after the first window
+    ],
+)
+def test_demo_rejects_bad_options_before_running(argv, match):
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["demo", *argv])
+
+
+def test_demo_policy_defaults():
+    args = _demo_args("--strategy", "gemini")
+    baseline, window = cli._demo_policy(args)
+    assert (baseline.strategy, baseline.interval, window) == ("gemini", 4, 1)
+    baseline, window = cli._demo_policy(_demo_args("--strategy", "moc"))
+    assert (baseline.strategy, baseline.expert_fraction, window) == ("moc", 0.25, 1)
+    assert cli._demo_policy(_demo_args()) == (None, cli.DEMO_WINDOW_SIZE)
+    assert cli._demo_policy(_demo_args("--window-size", "2")) == (None, 2)
+
+
+def _demo_args(*argv):
+    """The demo's parsed arguments (main's parser, without running the demo)."""
+    captured = {}
+
+    def capture(args):
+        captured["args"] = args
+        return 0
+
+    original = cli._demo
+    cli._demo = capture
+    try:
+        cli.main(["demo", *argv])
+    finally:
+        cli._demo = original
+    return captured["args"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_demo_gemini_is_bitwise_equal(tmp_path, capsys):
+    assert cli.main(["demo", "--strategy", "gemini", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Gemini-like run (a dense snapshot every 4 iteration(s)" in out
+    # The snapshot of iteration 4 is the newest before the kill in iteration 7.
+    assert re.search(r"global\s+4\s+5,6", out)
+    assert "bitwise equal: all 360 tensors" in out
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+@pytest.mark.timeout(600)
+def test_demo_moc_reports_lost_tokens_and_is_not_bitwise_equal(tmp_path, capsys):
+    assert cli.main(["demo", "--strategy", "moc", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "MoC-like run (non-expert state + 25% of the experts" in out
+    match = re.search(r"lost tokens: (\d+) of (\d+) .* proportion of lost tokens ([\d.]+)%", out)
+    assert match and int(match.group(1)) > 0 and 0 < float(match.group(3)) < 50
+    assert "not bitwise equal, as expected for MoC" in out
