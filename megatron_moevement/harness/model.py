@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # Megatron is imported lazily, where the config is built
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 _PRECISIONS = ("fp32", "bf16", "fp16")
 
