@@ -25,7 +25,7 @@ from pathlib import Path
 from megatron_moevement.baselines.config import CKPT_STRATEGIES
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
-from megatron_moevement.harness.model import TinyMoEConfig
+from megatron_moevement.harness.model import TinyMoEConfig, check_layout
 from megatron_moevement.harness.worker import WorkerSpec
 from megatron_moevement.megatron.args import (
     MoEvementArgsError,
@@ -68,9 +68,19 @@ def _model_from_args(args: argparse.Namespace) -> TinyMoEConfig:
     )
 
 
+def _layout_and_model(args: argparse.Namespace) -> tuple[ParallelLayout, TinyMoEConfig]:
+    """The parsed layout and model, checked against each other before any process starts."""
+    try:
+        layout = ParallelLayout.parse(args.layout)
+        model = _model_from_args(args)
+        check_layout(model, layout)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return layout, model
+
+
 def _train(args: argparse.Namespace) -> int:
-    layout = ParallelLayout.parse(args.layout)
-    model = _model_from_args(args)
+    layout, model = _layout_and_model(args)
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-train-"))
     print(
         f"training {args.iterations} iterations on {layout.world_size} CPU processes "
@@ -142,8 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from megatron_moevement.harness.launcher import run_elastic_job
 
-    layout = ParallelLayout.parse(args.layout)
-    model = _model_from_args(args)
+    layout, model = _layout_and_model(args)
     baseline, window = _demo_policy(args)
     if not 0 <= args.kill_rank < layout.world_size:
         raise SystemExit(

@@ -20,6 +20,9 @@ from megatron_moevement import cli
         (["--strategy", "moc", "--baseline-expert-fraction", "2"], "--baseline-expert-fraction"),
         (["--strategy", "moc", "--kill-iteration", "1"], "--kill-iteration"),
         (["--kill-iteration", "3"], "--kill-iteration"),  # MoEvement: after the first window
+        (["--layout", "tp2xep2"], "tp=2.*Fix: use tp=1"),  # no sequence parallel norm on CPU
+        (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
+        (["--layout", "pp2xzz2"], "pp2xzz2"),
     ],
 )
 def test_demo_rejects_bad_options_before_running(argv, match):

@@ -122,10 +122,8 @@ class TinyMoEConfig:
         return cls(**data)
 
 
-def build_transformer_config(cfg: TinyMoEConfig, layout) -> "TransformerConfig":
-    """The Megatron ``TransformerConfig`` of the harness model for ``layout``."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
+def check_layout(cfg: TinyMoEConfig, layout) -> None:
+    """Raises :class:`ModelConfigError` when the harness model cannot run on ``layout``."""
     if cfg.num_layers % layout.pp:
         raise ModelConfigError(
             f"num_layers={cfg.num_layers} is not divisible by pp={layout.pp}: "
@@ -133,6 +131,22 @@ def build_transformer_config(cfg: TinyMoEConfig, layout) -> "TransformerConfig":
         )
     if cfg.num_experts % layout.ep:
         raise ModelConfigError(f"num_experts={cfg.num_experts} is not divisible by ep={layout.ep}")
+    if layout.tp > 1 and not _local_norm_supports_sequence_parallel():
+        # Megatron-Core requires sequence parallelism for MoE with TP > 1, and the local layer
+        # spec's norm without apex (WrappedTorchNorm) asserts that it is off.
+        raise ModelConfigError(
+            f"tp={layout.tp}: the harness model uses Megatron-Core's local layer spec, whose "
+            "torch norm does not support the sequence parallelism that MoE with tensor "
+            "parallelism requires (apex's FusedLayerNorm, which would, is not installed). Fix: "
+            "use tp=1 on the harness (e.g. --layout pp2xdp2xep2)."
+        )
+
+
+def build_transformer_config(cfg: TinyMoEConfig, layout) -> "TransformerConfig":
+    """The Megatron ``TransformerConfig`` of the harness model for ``layout``."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_layout(cfg, layout)
     half = cfg.precision in ("bf16", "fp16")
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -166,6 +180,17 @@ def build_transformer_config(cfg: TinyMoEConfig, layout) -> "TransformerConfig":
         autocast_dtype=cfg.params_dtype if half else None,
         deterministic_mode=True,
     )
+
+
+def _local_norm_supports_sequence_parallel() -> bool:
+    """Whether the local layer spec's norm (apex's FusedLayerNorm, else a torch norm that
+    rejects sequence parallelism) can run with sequence parallelism."""
+    try:
+        from megatron.core.models.gpt.gpt_layer_specs import LNImpl
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    except ImportError:  # another Megatron-Core layout: let Megatron decide
+        return True
+    return LNImpl is not WrappedTorchNorm
 
 
 def build_gpt_model(cfg: TinyMoEConfig, layout, transformer_config) -> torch.nn.Module:
