@@ -47,6 +47,13 @@ ranks outside the failed stages disagree on the last committed iteration), else 
 no surviving replica holds a failed rank's checkpoint, the driver asks its pluggable
 :class:`DurableCheckpointLoader` (configured with ``MoEvementConfig.durable_dir``); without one,
 recovery stops with an error that names the missing replica and the next tier.
+
+A failure before the first sparse checkpoint has persisted (in the job's first window) has no
+checkpoint to roll back to. The *initial-state* tier covers it: when the job starts, every rank
+records its first iteration and a fingerprint of its weights in the store; after the rebuild
+every rank checks that its fresh, seeded build reproduces them and replays (globally, with the
+logged scalars) from the first iteration to the last committed one. A build that does not
+reproduce the initial weights stops recovery with an error that says so.
 """
 
 from __future__ import annotations
@@ -583,8 +590,9 @@ class RecoveryReport:
     reason: str
     """Why recovery was global rather than scoped (empty when scoped)."""
     tier: str
-    """Where the rolled-back state came from: "sparse-checkpoint" (local + peer replicas) or
-    "durable" (the durable tier, for at least one rank)."""
+    """Where the rolled-back state came from: "sparse-checkpoint" (local + peer replicas),
+    "durable" (the durable tier, for at least one rank) or "initial-state" (no checkpoint had
+    persisted yet: every rank rebuilt the job's initial state and replayed from there)."""
     path: str
     """Which recovery ran: "scoped", "global" (in-memory) or "durable" (see the module doc)."""
     committed_iteration: int
@@ -706,6 +714,7 @@ class RecoveryDriver:
             self._recover_as_spare(time.perf_counter())
         else:
             self.trainer, self.strategy = self.build()
+            self._record_initial_state()
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
         """Trains until ``iterations`` iterations are committed on every rank and the last
@@ -900,22 +909,40 @@ class RecoveryDriver:
         )
         path = "scoped" if plan.scoped else "global"
         tier = "sparse-checkpoint"
+        if window < 0 and (cfg.durable_dir is None or self.durable_loader is None):
+            lost, tier = [], "initial-state"  # the first window has not persisted yet
         if lost:
             # Neither scoped nor global in-memory recovery can rebuild a rank whose checkpoint
             # has no surviving replica: the durable tier is the last fallback.
             in_memory_window = window
-            window, plan = self._durable_fallback(lost, window, plan, statuses, failed)
-            in_scope, committed = self.ctx.rank in plan.ranks, plan.committed
-            path, tier = "durable", "durable"
-            # Same window: the other ranks that lack it still fetch it from replicas. An older
-            # window: every rank has just loaded it.
-            needs_ckpt = [
-                n and r not in lost and window == in_memory_window for r, n in enumerate(needs_ckpt)
-            ]
+            fallback = self._durable_fallback(lost, window, plan, statuses, failed)
+            if fallback is None:  # no durable checkpoint of this run yet either
+                tier = "initial-state"
+            else:
+                window, plan = fallback
+                in_scope, committed = self.ctx.rank in plan.ranks, plan.committed
+                path, tier = "durable", "durable"
+                # Same window: the other ranks that lack it still fetch it from replicas. An
+                # older window: every rank has just loaded it.
+                needs_ckpt = [
+                    n and r not in lost and window == in_memory_window
+                    for r, n in enumerate(needs_ckpt)
+                ]
+        first_iteration = None
+        if tier == "initial-state":
+            first_iteration = self._check_initial_state(statuses)
+            plan = self._global_plan(
+                statuses,
+                "no sparse checkpoint had persisted yet (failure in the first window): every "
+                "rank replays from the job's initial state",
+            )
+            in_scope, committed, path = True, plan.committed, "global"
         needs_log = self._gather_flags(
             in_scope and (plan.scoped or (spare and self._received_log is None))
         )
-        ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
+        ckpt = None
+        if tier != "initial-state":
+            ckpt = self._exchange_checkpoints(failed, window, needs_ckpt)
         log_source = min(
             r
             for r in range(self.ctx.world_size)
@@ -934,7 +961,9 @@ class RecoveryDriver:
                 self.trainer.model_config.num_microbatches,
             )
         if tier == "durable":
-            self._check_scalar_coverage(ckpt, committed)
+            self._check_scalar_coverage(ckpt.start_iteration + 1, committed, ckpt)
+        elif tier == "initial-state":
+            self._check_scalar_coverage(first_iteration, committed)
         t_fetch = time.perf_counter() - t2
         # 4. In scope: roll back and replay to the committed iteration. Outside: keep live state.
         t3 = time.perf_counter()
@@ -954,7 +983,12 @@ class RecoveryDriver:
                     upstream_log=self.strategy.upstream_log,
                 )
             try:
-                replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
+                if ckpt is None:
+                    replay = self.strategy.replay_from_initial_state(
+                        first_iteration, committed, replay_iteration
+                    )
+                else:
+                    replay = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
             finally:
                 self.trainer.p2p_communicator = self.strategy.p2p_communicator
         else:
@@ -978,8 +1012,8 @@ class RecoveryDriver:
             tier=tier,
             path=path,
             committed_iteration=committed,
-            window=ckpt.generation,
-            window_start=ckpt.start_iteration,
+            window=-1 if ckpt is None else ckpt.generation,
+            window_start=first_iteration - 1 if ckpt is None else ckpt.start_iteration,
             iterations_replayed=replay["iterations_replayed"],
             microbatches_replayed=len(replay["iterations_replayed"])
             * self.trainer.model_config.num_microbatches,
@@ -1039,13 +1073,14 @@ class RecoveryDriver:
 
         If every rank's durable checkpoint is of the in-memory ``window``, only the ``lost``
         ranks take theirs and the scope stays as planned; otherwise every rank rolls back to
-        the durable window (global). Raises :class:`RecoveryError` when the durable tier is
-        not configured or has no common window.
+        the durable window (global). Returns ``None`` when nothing is persisted in memory yet
+        (``window`` < 0) and the durable tier holds no checkpoint either: the caller then replays
+        from the initial state. Raises :class:`RecoveryError` when the durable tier is not
+        configured or has no common window.
         """
         import torch.distributed as dist
 
         from megatron_moevement.replication import choose_peers
-        from megatron_moevement.scope import ScopePlan
 
         cfg = self.strategy.config
         world = self.ctx.world_size
@@ -1089,6 +1124,11 @@ class RecoveryDriver:
         durable = -1 if mine is None else int(mine.generation)
         low = self._agree(durable, dist.ReduceOp.MIN)
         high = self._agree(durable, dist.ReduceOp.MAX)
+        if window < 0 and high < 0:
+            logger.warning(
+                "rank %d: the durable tier holds no checkpoint of this run either", self.ctx.rank
+            )
+            return None
         if low < 0 or low != high:
             absent = [r for r, flag in enumerate(self._gather_flags(mine is None)) if flag]
             detail = (
@@ -1112,34 +1152,101 @@ class RecoveryDriver:
         self.strategy.checkpoints = [mine]
         if self.ctx.rank in failed:
             self._received_ckpt = mine
-        survivors = [s for s in statuses if s.has_state]
-        committed = min(s.committed for s in survivors)
         reason = (
             f"the durable tier holds window {low}, not the in-memory window {window}: every "
             "rank rolls back to it"
         )
         logger.warning("rank %d: durable tier: %s", self.ctx.rank, reason)
-        return low, ScopePlan(
-            False,
-            [s.rank for s in statuses],
-            sorted({s.pp_rank for s in statuses}),
-            committed,
-            reason,
-        )
+        return low, self._global_plan(statuses, reason)
 
-    def _check_scalar_coverage(self, ckpt, committed: int) -> None:
-        """Replay from a durable checkpoint needs the scalar log of every replayed iteration."""
+    def _check_scalar_coverage(self, first: int, committed: int, ckpt=None) -> None:
+        """Replay from a durable checkpoint (``ckpt``) or from the initial state needs the
+        scalar log of every replayed iteration, ``first..committed``."""
         import torch.distributed as dist
 
         log = self.strategy.scalar_log
-        missing = [it for it in range(ckpt.start_iteration + 1, committed + 1) if it not in log]
+        missing = [it for it in range(first, committed + 1) if it not in log]
         if self._agree(len(missing), dist.ReduceOp.MAX):
-            raise RecoveryError(
-                f"the durable checkpoint of window {ckpt.generation} starts at iteration "
-                f"{ckpt.start_iteration}, but the scalar log in memory covers {log.span()} (rank "
-                f"{self.ctx.rank} lacks {missing[:5]}): it cannot be replayed to iteration "
-                f"{committed} bitwise. Restart the job from the durable tier."
+            source = (
+                "the initial state"
+                if ckpt is None
+                else f"the durable checkpoint of window {ckpt.generation}"
             )
+            raise RecoveryError(
+                f"replay from {source} starts at iteration {first}, but the scalar log in "
+                f"memory covers {log.span()} (rank {self.ctx.rank} lacks {missing[:5]}): it "
+                f"cannot be replayed to iteration {committed} bitwise. Restart the job from the "
+                "durable tier."
+            )
+
+    # ------------------------------------------------------------------ initial-state tier
+    def _initial_key(self, rank: int) -> str:
+        return f"moevement/initial/{rank}"
+
+    def _record_initial_state(self) -> None:
+        """Records where this rank's training starts (first iteration, weight fingerprint) in
+        the store, for the initial-state tier: a failure before the first sparse checkpoint
+        persisted is recovered by rebuilding every rank and replaying from there."""
+        from megatron_moevement.scope import state_fingerprint
+
+        record = {
+            "first_iteration": self.committed + 1,
+            "fingerprint": state_fingerprint(self.strategy.registry),
+        }
+        self.ctx.store.set(self._initial_key(self.ctx.rank), json.dumps(record))
+
+    def _check_initial_state(self, statuses) -> int:
+        """Checks on every rank that the fresh build reproduces the recorded initial state;
+        returns the first iteration to replay. Raises :class:`RecoveryError` otherwise."""
+        import torch.distributed as dist
+
+        from megatron_moevement.scope import state_fingerprint
+
+        key = self._initial_key(self.ctx.rank)
+        record = _get_json(self.ctx.store, key) if _has(self.ctx.store, key) else None
+        problem = ""
+        if record is None:
+            problem = "no initial state was recorded for it (the driver did not start it)"
+        elif state_fingerprint(self.strategy.registry) != record["fingerprint"]:
+            problem = (
+                "its rebuilt model does not reproduce the weights the job started from (build() "
+                "is not seeded identically, or the job started from a loaded checkpoint)"
+            )
+        first = -1 if record is None else int(record["first_iteration"])
+        bad = self._gather_flags(bool(problem))
+        low = self._agree(first, dist.ReduceOp.MIN)
+        high = self._agree(first, dist.ReduceOp.MAX)
+        if any(bad) or low != high:
+            ranks = [r for r, flag in enumerate(bad) if flag]
+            detail = f"rank {self.ctx.rank}: {problem}" if problem else f"ranks {ranks} failed it"
+            raise RecoveryError(
+                "no sparse checkpoint has persisted yet (failure in the first window), so "
+                "recovery must replay from the job's initial state, but the rebuild cannot "
+                f"provide it ({detail}; first iterations {low}..{high}). Fix: seed build() so "
+                "that it reproduces the initial weights, or configure the durable tier "
+                "(MoEvementConfig.durable_dir); restart the job from the durable tier."
+            )
+        logger.warning(
+            "rank %d: no sparse checkpoint persisted yet; initial-state tier: replay from "
+            "iteration %d",
+            self.ctx.rank,
+            low,
+        )
+        return low
+
+    @staticmethod
+    def _global_plan(statuses, reason: str):
+        """Every rank rolls back; the committed iteration is the survivors' minimum."""
+        from megatron_moevement.scope import ScopePlan
+
+        survivors = [s for s in statuses if s.has_state]
+        return ScopePlan(
+            False,
+            [s.rank for s in statuses],
+            sorted({s.pp_rank for s in statuses}),
+            min(s.committed for s in survivors),
+            reason,
+        )
 
     def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
         """Each rank lacking its window-``window`` checkpoint receives it from the lowest

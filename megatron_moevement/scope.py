@@ -124,6 +124,25 @@ def capture_live_state(registry) -> dict[str, torch.Tensor]:
     return out
 
 
+def state_fingerprint(registry) -> str:
+    """CRC32 over this rank's compute weights and main parameters, in registry order.
+
+    Recorded when a job starts and compared after a rebuild: equal only if the rebuild
+    reproduces the job's initial weights (a seeded build), which the initial-state recovery tier
+    requires. Optimizer moments are left out: before the first step they do not exist yet.
+    """
+    import zlib
+
+    from megatron_moevement.serialization import checksum
+
+    registry.refresh()
+    digest = 0
+    for op in registry.operators:
+        for key, tensor in _operator_tensors(op, ("compute", "main")):
+            digest = zlib.crc32(f"{key}:{checksum(tensor)};".encode(), digest)
+    return f"{digest & 0xFFFFFFFF:08x}"
+
+
 def restore_live_state(registry, backup: dict[str, torch.Tensor]) -> int:
     """Copies :func:`capture_live_state` output into a rebuilt model and optimizer."""
     registry.refresh()

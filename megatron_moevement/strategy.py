@@ -376,7 +376,11 @@ class MoEvementStrategy:
             dropped = self.checkpoints.pop(0)
             logger.debug("freed sparse checkpoint of window %d", dropped.generation)
         # Scalars and upstream logs older than the oldest kept checkpoint are never replayed.
-        self.scalar_log.discard_before(self.checkpoints[0].start_iteration)
+        # Until a checkpoint persists, a recovery replays from the job's initial state
+        # (RecoveryDriver's initial-state tier, all ranks live), which needs every scalar.
+        persisted = self.persisted_checkpoint
+        if persisted is not None:
+            self.scalar_log.discard_before(persisted.start_iteration)
         if self.upstream_log is not None:
             self.upstream_log.discard_before(self.checkpoints[0].start_iteration)
 
@@ -436,9 +440,7 @@ class MoEvementStrategy:
                 replayed.append(iteration)
             self._frozen_mains = []
             for iteration in range(start + window, target_iteration + 1):
-                self._replay_iteration = iteration
-                restore_scaler_state(self.optimizer, self.scalar_log.get(iteration))
-                train_iteration(iteration)
+                self._replay_active(iteration, train_iteration)
                 frozen_counts[iteration] = 0
                 replayed.append(iteration)
         finally:
@@ -461,6 +463,48 @@ class MoEvementStrategy:
             start,
             window,
         )
+        return report
+
+    def _replay_active(self, iteration: int, train_iteration) -> None:
+        """Replays ``iteration`` with every operator active and the original run's scalars."""
+        self._replay_iteration = iteration
+        restore_scaler_state(self.optimizer, self.scalar_log.get(iteration))
+        train_iteration(iteration)
+
+    def replay_from_initial_state(
+        self, first_iteration: int, target_iteration: int, train_iteration
+    ) -> dict:
+        """Replays iterations ``first_iteration..target_iteration`` from the job's initial state.
+
+        The model and optimizer must hold the state the job started from (a fresh, seeded
+        build), on every rank: this is the recovery of a failure before the first sparse
+        checkpoint persisted (``RecoveryDriver``'s initial-state tier, always global). Every
+        optimizer step uses the original run's logged scalars, as in
+        :meth:`rollback_and_replay`.
+
+        Returns:
+            A report like :meth:`rollback_and_replay`'s, with ``window`` -1.
+        """
+        self.flush()
+        replayed: list[int] = []
+        self._replaying = True
+        try:
+            for iteration in range(first_iteration, target_iteration + 1):
+                self._replay_active(iteration, train_iteration)
+                replayed.append(iteration)
+        finally:
+            self._replay_iteration = None
+            self._replaying = False
+        report = dict(
+            window=-1,
+            window_start=first_iteration - 1,
+            window_size=0,
+            target_iteration=target_iteration,
+            iterations_replayed=replayed,
+            frozen_operators={it: 0 for it in replayed},
+        )
+        self.replay_reports.append(report)
+        logger.info("replayed iterations %s from the initial state", replayed)
         return report
 
     def recover(self, target_iteration: int | None = None, ckpt=None) -> dict:
@@ -516,8 +560,9 @@ class MoEvementStrategy:
 
     def resume_after_recovery(self, committed: int, window_count: int, ckpt) -> None:
         """After a rollback to ``ckpt`` and a replay to ``committed``: keep ``ckpt`` as the
-        persisted checkpoint and start a fresh window at the next iteration (on every rank)."""
-        self.checkpoints = [ckpt]
+        persisted checkpoint (none after a replay from the initial state) and start a fresh
+        window at the next iteration (on every rank)."""
+        self.checkpoints = [] if ckpt is None else [ckpt]
         self._window_count = window_count
         self.scheduler = None
         self._last_step_end = None

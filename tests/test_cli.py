@@ -18,8 +18,8 @@ from megatron_moevement import cli
         (["--strategy", "gemini", "--baseline-expert-fraction", "0.5"], "--baseline-expert"),
         (["--strategy", "gemini", "--baseline-interval", "0"], "--baseline-interval"),
         (["--strategy", "moc", "--baseline-expert-fraction", "2"], "--baseline-expert-fraction"),
-        (["--strategy", "moc", "--kill-iteration", "1"], "--kill-iteration"),
-        (["--kill-iteration", "3"], "--kill-iteration"),  # MoEvement: after the first window
+        (["--kill-iteration", "10"], "--kill-iteration"),  # the run has 10 iterations
+        (["--kill-iteration", "-1"], "--kill-iteration"),
         (["--layout", "tp2xep2"], "tp=2.*Fix: use tp=1"),  # no sequence parallel norm on CPU
         (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
         (["--layout", "pp2xzz2"], "pp2xzz2"),

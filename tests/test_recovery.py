@@ -52,13 +52,24 @@ def _run(tmp_path, faults, spares, replication_factor=1, **moevement):
 STAGE = {0: 0, 1: 0, 2: 1, 3: 1}  # pipeline stage of each rank in PP2 x DP2 x EP2
 
 
-def _check(fault_free, tmp_path, reports, expected_failed, expected_scope=None):
+def _check(
+    fault_free,
+    tmp_path,
+    reports,
+    expected_failed,
+    expected_scope=None,
+    tiers=("sparse-checkpoint",),
+):
     assert_states_bitwise_equal(load_states(tmp_path, 4), fault_free)
     for rep in reports:
         assert rep["reports"], f"rank {rep['rank']} has no recovery report"
         last = rep["reports"][-1]
         assert set(expected_failed) <= set(last["failed_ranks"])
-        assert last["tier"] == "sparse-checkpoint"
+        assert last["tier"] in tiers, last
+        if last["tier"] == "initial-state":
+            # Nothing had persisted: every rank replays from the job's first iteration.
+            assert last["scope"] == "global" and last["window"] == -1
+            assert last["iterations_replayed"] == list(range(last["committed_iteration"] + 1))
         assert last["path"] == last["scope"]  # in memory: "scoped" or "global"
         assert set(last["times_s"]) == {"detect", "rebuild", "fetch", "replay"}
         if expected_scope is not None:
@@ -68,7 +79,8 @@ def _check(fault_free, tmp_path, reports, expected_failed, expected_scope=None):
         if last["scope"] == "scoped":
             assert last["scope_ranks"] == scope_ranks
         if rep["rank"] in last["scope_ranks"]:
-            assert last["iterations_replayed"], "a rollback replays at least one iteration"
+            if last["tier"] != "initial-state":  # (checked above: maybe nothing committed yet)
+                assert last["iterations_replayed"], "a rollback replays at least one iteration"
         else:
             # Outside the scope: nothing replayed, live state kept.
             assert last["iterations_replayed"] == [] and last["microbatches_replayed"] == 0
@@ -120,6 +132,45 @@ def test_two_ranks_of_different_stages_killed_at_once(fault_free, tmp_path):
     assert sorted(f["rank"] for f in agent.failures) == [0, 2]
     # Both stages lost a rank: nothing outside to feed from, so every rank rolls back.
     _check(fault_free, tmp_path, reports, [0, 2], expected_scope="global")
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param(dict(rank=1, iteration=1, phase="microbatch2"), id="iteration-1"),
+        pytest.param(dict(rank=3, iteration=0, phase="before"), id="before-iteration-0"),
+        pytest.param(dict(rank=2, iteration=2, phase="after_step"), id="window-not-persisted"),
+    ],
+)
+def test_kill_in_the_first_window_replays_from_the_initial_state(fault_free, tmp_path, fault):
+    # No sparse checkpoint has persisted yet (W = 3): every rank rebuilds the job's initial
+    # state (a seeded build, checked against the fingerprint recorded at start) and replays.
+    agent, reports = _run(tmp_path, [fault], spares=1)
+    assert [f["rank"] for f in agent.failures] == [fault["rank"]]
+    _check(fault_free, tmp_path, reports, [fault["rank"]], "global", tiers=("initial-state",))
+
+
+def test_second_kill_before_the_next_window_persists(fault_free, tmp_path):
+    # After an initial-state recovery the scalar log still reaches back to iteration 0, so a
+    # second failure before the new window persists replays from the initial state again.
+    faults = [
+        dict(rank=1, iteration=1, phase="microbatch1"),
+        dict(rank=2, iteration=3, phase="microbatch0", generation=1),
+    ]
+    agent, reports = _run(tmp_path, faults, spares=2)
+    assert [f["rank"] for f in agent.failures] == [1, 2]
+    _check(fault_free, tmp_path, reports, [2], "global", tiers=("initial-state",))
+    assert all(len(rep["reports"]) == 2 for rep in reports if not rep["joined_as_spare"])
+
+
+def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_path):
+    from megatron_moevement.harness.launcher import JobFailed
+
+    faults = [dict(rank=1, iteration=1, phase="microbatch2")]
+    with pytest.raises(JobFailed) as err:
+        _run(tmp_path, faults, spares=1, rebuild_seed_offset=7)
+    assert "does not reproduce the weights the job started from" in str(err.value)
+    assert "Fix: seed build()" in str(err.value)
 
 
 def test_missing_peer_replica_is_a_clear_error(tmp_path):
@@ -181,15 +232,18 @@ PHASES = ["before", "microbatch0", "microbatch3", "after_step", "after_snapshot"
 def _random_fault(seed):
     rng = random.Random(seed)
     return dict(
-        rank=rng.randrange(4), iteration=rng.randrange(6, ITERATIONS), phase=rng.choice(PHASES)
+        rank=rng.randrange(4), iteration=rng.randrange(ITERATIONS), phase=rng.choice(PHASES)
     )
+
+
+ANY_TIER = ("sparse-checkpoint", "initial-state")
 
 
 @pytest.mark.parametrize("seed", [11, 23])
 def test_random_fault_injection(fault_free, tmp_path, seed):
     fault = _random_fault(seed)
     agent, reports = _run(tmp_path, [fault], spares=1)
-    _check(fault_free, tmp_path, reports, [fault["rank"]])
+    _check(fault_free, tmp_path, reports, [fault["rank"]], tiers=ANY_TIER)
 
 
 @pytest.mark.soak
@@ -197,4 +251,4 @@ def test_random_fault_injection(fault_free, tmp_path, seed):
 def test_random_fault_injection_soak(fault_free, tmp_path, seed):
     fault = _random_fault(seed)
     agent, reports = _run(tmp_path, [fault], spares=1)
-    _check(fault_free, tmp_path, reports, [fault["rank"]])
+    _check(fault_free, tmp_path, reports, [fault["rank"]], tiers=ANY_TIER)

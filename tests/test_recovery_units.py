@@ -317,6 +317,8 @@ def test_replay_from_durable_needs_the_scalar_log():
             return "6..9"
 
     driver.strategy.scalar_log = Log({i: 1 for i in range(6, 10)})
-    driver._check_scalar_coverage(ckpt(2), committed=9)  # start 6: replays 7..9, all logged
-    with pytest.raises(RecoveryError, match=r"covers 6\.\.9 .*lacks \[4, 5\]"):
-        driver._check_scalar_coverage(ckpt(1), committed=9)  # start 3: needs 4..9
+    driver._check_scalar_coverage(7, 9, ckpt(2))  # window start 6: replays 7..9, all logged
+    with pytest.raises(RecoveryError, match=r"durable checkpoint of window 1 .*covers 6\.\.9 "):
+        driver._check_scalar_coverage(4, 9, ckpt(1))  # window start 3: needs 4..9
+    with pytest.raises(RecoveryError, match=r"initial state starts at iteration 0.*lacks \[0, 1"):
+        driver._check_scalar_coverage(0, 9)  # the initial-state tier replays 0..9

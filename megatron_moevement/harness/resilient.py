@@ -24,6 +24,7 @@ time at which training started and every iteration committed (``timeline``), the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -54,6 +55,9 @@ def run_resilient(spec) -> None:
     strategy_name = fields.pop("strategy", "moevement")
     baseline = fields.pop("baseline", None)
     durable_tier = fields.pop("durable_tier", None)
+    # Test knob: rebuilds after a failure use another seed, i.e. a build() that does not
+    # reproduce the job's initial weights (the initial-state tier must refuse it).
+    rebuild_seed_offset = int(fields.pop("rebuild_seed_offset", 0))
     config = MoEvementConfig.from_dict(fields)
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)
@@ -81,7 +85,10 @@ def run_resilient(spec) -> None:
                 os.kill(os.getpid(), sig)
 
     def build():
-        trainer = HarnessTrainer(model_cfg, layout)
+        cfg = model_cfg
+        if rebuild_seed_offset and ctx.generation > 0:
+            cfg = dataclasses.replace(model_cfg, seed=model_cfg.seed + rebuild_seed_offset)
+        trainer = HarnessTrainer(cfg, layout)
         trainer.microbatch_hook = lambda it, mb: fault_hook(it, f"microbatch{mb}", driver)
         strategy = build_strategy(
             strategy_name, trainer.gpt_model, trainer.optimizer, config, baseline
