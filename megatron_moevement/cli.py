@@ -154,6 +154,12 @@ def _demo(args: argparse.Namespace) -> int:
 
     layout, model = _layout_and_model(args)
     baseline, window = _demo_policy(args)
+    if layout.world_size < 2:
+        raise SystemExit(
+            f"--layout {args.layout}: the demo needs at least 2 ranks (a single rank has no peer "
+            "to hold its sparse checkpoints, so its failure is not recoverable in memory). Fix: "
+            "use e.g. --layout ep2 or pp2xdp2xep2."
+        )
     if not 0 <= args.kill_rank < layout.world_size:
         raise SystemExit(
             f"--kill-rank {args.kill_rank} is not a rank of {layout} "

@@ -882,6 +882,16 @@ class RecoveryDriver:
             self.ctx.world_size,
         )
         cfg = self.strategy.config
+        if not any(s.has_state for s in statuses):
+            # Host memory (checkpoints, replicas, scalar log) died with every process: nothing
+            # in memory can rebuild the run, and waiting for another generation would not help.
+            raise RecoveryError(
+                f"every rank lost its state (ranks {failed} failed and no rank survived: all "
+                "failed at once, or the job has a single rank, whose sparse checkpoints have no "
+                "peer to be replicated to). In-memory recovery needs a surviving replica. Fix: "
+                "restart the job from the durable tier (MoEvementConfig.durable_dir) or from "
+                "Megatron's --save/--load; run with at least two ranks for in-memory recovery."
+            )
         plan = plan_scope(statuses, failed, cfg.upstream_logging and cfg.recovery_scope == "auto")
         in_scope = self.ctx.rank in plan.ranks
         committed = plan.committed

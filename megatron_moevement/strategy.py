@@ -175,6 +175,12 @@ class MoEvementStrategy:
         self.replicator = PeerReplicator(
             self.rank, self.world_size, self.config.replication_factor, ranks_per_node, group
         )
+        if self.world_size == 1 and self.config.replication_factor > 0 and self.rank == 0:
+            logger.warning(
+                "a single-rank job has no peer to replicate its sparse checkpoints to: a failure "
+                "of this rank loses them, and only the durable tier (durable_dir) or Megatron's "
+                "own checkpoints can restart the job"
+            )
         self.checkpoints: list[SparseCheckpoint] = []  # oldest first: [persisted, in flight]
         # Upstream logging (pipeline-parallel jobs): hand p2p_communicator and pg_collection to
         # the schedule (forward_backward_func(..., p2p_communicator=..., pg_collection=...)).

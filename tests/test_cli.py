@@ -23,6 +23,7 @@ from megatron_moevement import cli
         (["--layout", "tp2xep2"], "tp=2.*Fix: use tp=1"),  # no sequence parallel norm on CPU
         (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
         (["--layout", "pp2xzz2"], "pp2xzz2"),
+        (["--layout", "single"], "at least 2 ranks"),
     ],
 )
 def test_demo_rejects_bad_options_before_running(argv, match):

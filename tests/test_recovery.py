@@ -173,6 +173,26 @@ def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_pat
     assert "Fix: seed build()" in str(err.value)
 
 
+def test_single_rank_job_losing_its_only_rank_is_a_clear_error(tmp_path):
+    # One rank, one spare: the sparse checkpoints died with the only process (no peer held a
+    # replica). Recovery must stop at once with the reason and the fix, not wait for timeouts.
+    from megatron_moevement.harness.launcher import JobFailed
+    from megatron_moevement.harness.layout import ParallelLayout
+
+    spec = WorkerSpec(
+        job="resilient",
+        layout=ParallelLayout().to_dict(),
+        model=MODEL,
+        iterations=ITERATIONS,
+        moevement=dict(window_size=3, faults=[dict(rank=0, iteration=5, phase="microbatch0")]),
+        timeout_s=60,
+    )
+    with pytest.raises(JobFailed) as err:
+        run_elastic_job(spec, tmp_path, timeout=120, spares=1)
+    assert "every rank lost its state" in str(err.value)
+    assert "durable tier" in str(err.value) and "at least two ranks" in str(err.value)
+
+
 def test_missing_peer_replica_is_a_clear_error(tmp_path):
     from megatron_moevement.harness.launcher import JobFailed
 
