@@ -163,6 +163,18 @@ def test_second_kill_before_the_next_window_persists(fault_free, tmp_path):
     assert all(len(rep["reports"]) == 2 for rep in reports if not rep["joined_as_spare"])
 
 
+def test_kill_during_a_replay_from_the_initial_state(fault_free, tmp_path):
+    # Rank 3 dies while every rank replays iteration 1 from the initial state: the recovery
+    # restarts in the next generation, from the initial state again.
+    faults = [
+        dict(rank=1, iteration=2, phase="microbatch1"),
+        dict(rank=3, iteration=1, phase="replay", generation=1),
+    ]
+    agent, reports = _run(tmp_path, faults, spares=2)
+    assert [f["rank"] for f in agent.failures] == [1, 3]
+    _check(fault_free, tmp_path, reports, [1, 3], "global", tiers=("initial-state",))
+
+
 def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_path):
     from megatron_moevement.harness.launcher import JobFailed
 
