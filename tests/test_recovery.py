@@ -163,6 +163,19 @@ def test_second_kill_before_the_next_window_persists(fault_free, tmp_path):
     assert all(len(rep["reports"]) == 2 for rep in reports if not rep["joined_as_spare"])
 
 
+def test_first_window_kill_with_an_empty_durable_tier_replays_from_the_initial_state(
+    fault_free, tmp_path
+):
+    # The durable tier is configured but holds nothing of this run yet: it is asked first, then
+    # the initial state is used.
+    faults = [dict(rank=2, iteration=1, phase="microbatch0")]
+    agent, reports = _run(
+        tmp_path, faults, spares=1, durable_dir=str(tmp_path / "durable"), durable_interval=4
+    )
+    assert [f["rank"] for f in agent.failures] == [2]
+    _check(fault_free, tmp_path, reports, [2], "global", tiers=("initial-state",))
+
+
 def test_kill_during_a_replay_from_the_initial_state(fault_free, tmp_path):
     # Rank 3 dies while every rank replays iteration 1 from the initial state: the recovery
     # restarts in the next generation, from the initial state again.
