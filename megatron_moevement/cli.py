@@ -232,6 +232,8 @@ def _demo(args: argparse.Namespace) -> int:
             # Where the rolled-back state came from: the state after iteration N, or the
             # job's initial state (a failure before the first checkpoint persisted).
             source = "initial" if r["tier"] == "initial-state" else f"it {r['window_start']}"
+            if rank not in r["scope_ranks"]:
+                source = "live"  # outside the scope: kept its own state, replayed nothing
             print(
                 f"  {rank:>4} {str(r['spare']):>5} {r['scope']:>6} {source:>8} "
                 f"{replayed:>14} {t['detect']:>6.3f}s {t['rebuild']:>6.3f}s "
