@@ -850,6 +850,7 @@ class RecoveryDriver:
             RankStatus,
             exchange_logs,
             gather_status,
+            global_plan,
             make_replay_communicator,
             plan_scope,
             restore_live_state,
@@ -941,7 +942,7 @@ class RecoveryDriver:
         first_iteration = None
         if tier == "initial-state":
             first_iteration = self._check_initial_state(statuses)
-            plan = self._global_plan(
+            plan = global_plan(
                 statuses,
                 "no sparse checkpoint had persisted yet (failure in the first window): every "
                 "rank replays from the job's initial state",
@@ -1091,6 +1092,7 @@ class RecoveryDriver:
         import torch.distributed as dist
 
         from megatron_moevement.replication import choose_peers
+        from megatron_moevement.scope import global_plan
 
         cfg = self.strategy.config
         world = self.ctx.world_size
@@ -1167,7 +1169,7 @@ class RecoveryDriver:
             "rank rolls back to it"
         )
         logger.warning("rank %d: durable tier: %s", self.ctx.rank, reason)
-        return low, self._global_plan(statuses, reason)
+        return low, global_plan(statuses, reason)
 
     def _check_scalar_coverage(self, first: int, committed: int, ckpt=None) -> None:
         """Replay from a durable checkpoint (``ckpt``) or from the initial state needs the
@@ -1243,20 +1245,6 @@ class RecoveryDriver:
             low,
         )
         return low
-
-    @staticmethod
-    def _global_plan(statuses, reason: str):
-        """Every rank rolls back; the committed iteration is the survivors' minimum."""
-        from megatron_moevement.scope import ScopePlan
-
-        survivors = [s for s in statuses if s.has_state]
-        return ScopePlan(
-            False,
-            [s.rank for s in statuses],
-            sorted({s.pp_rank for s in statuses}),
-            min(s.committed for s in survivors),
-            reason,
-        )
 
     def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
         """Each rank lacking its window-``window`` checkpoint receives it from the lowest

@@ -77,38 +77,41 @@ def gather_status(status: RankStatus, world_size: int) -> list[RankStatus]:
     ]
 
 
+def global_plan(statuses: list[RankStatus], reason: str) -> ScopePlan:
+    """Every rank rolls back and replays to the survivors' last common committed iteration
+    (needs at least one rank with state)."""
+    committed = min(s.committed for s in statuses if s.has_state)
+    return ScopePlan(
+        False,
+        [s.rank for s in statuses],
+        sorted({s.pp_rank for s in statuses}),
+        committed,
+        reason,
+    )
+
+
 def plan_scope(statuses: list[RankStatus], failed: list[int], prefer_scoped: bool) -> ScopePlan:
-    """Chooses the recovery scope (see the module docstring)."""
-    survivors = [s for s in statuses if s.has_state]
-    if not survivors:
-        raise RuntimeError("every rank lost its state; restart from the durable tier")
-    global_committed = min(s.committed for s in survivors)
+    """Chooses the recovery scope (see the module docstring). Needs at least one rank with
+    state: when every rank lost it, the driver stops recovery before planning."""
     bad_stages = {s.pp_rank for s in statuses if s.rank in failed or not s.has_state or s.dirty}
     scope = [s for s in statuses if s.pp_rank in bad_stages]
     outside = [s for s in statuses if s.pp_rank not in bad_stages]
 
-    def global_plan(reason: str) -> ScopePlan:
-        return ScopePlan(
-            False,
-            [s.rank for s in statuses],
-            sorted({s.pp_rank for s in statuses}),
-            global_committed,
-            reason,
-        )
-
     if not prefer_scoped:
         return global_plan(
-            "scoped recovery disabled (upstream logging off or " "recovery_scope='global')"
+            statuses,
+            "scoped recovery disabled (upstream logging off or recovery_scope='global')",
         )
     if not outside:
-        return global_plan("every pipeline stage lost state")
+        return global_plan(statuses, "every pipeline stage lost state")
     if not all(s.logging for s in statuses):
-        return global_plan("upstream logs are not kept on every rank")
+        return global_plan(statuses, "upstream logs are not kept on every rank")
     cut = {s.committed for s in outside}
     if len(cut) != 1:
         return global_plan(
+            statuses,
             f"ranks outside the failed stages disagree on the last committed "
-            f"iteration {sorted(cut)}"
+            f"iteration {sorted(cut)}",
         )
     return ScopePlan(True, [s.rank for s in scope], sorted(bad_stages), cut.pop(), "")
 
