@@ -255,25 +255,12 @@ def table3_section(data: Optional[dict], plot: Plotter) -> str:
     text += _table(["model", "MTBF", *order, "MoEvement first (sim)"], rows)
     ranking = data.get("ranking_summary")
     if ranking:
-        lines = []
-        for column in ("fed", "model"):
-            info = ranking.get(column)
-            if not info:
-                continue
-            lines.append(
-                f"* *{column}*: strategies ordered as in the paper in {info['order_agrees']} of "
-                f"{ranking['rows']} rows, MoEvement first in {info['moevement_first']}"
-            )
-            for d in info["disagreements"]:
-                lines.append(
-                    f"  * {d['config']} {d['mtbf_label']}: {' > '.join(d['order'])} (paper: "
-                    f"{' > '.join(d['paper_order'])}; MoEvement margin "
-                    f"{d['moevement_margin']:+.4f})"
-                )
+        from megatron_moevement.sim.paper_compare import ranking_lines
+
         text += (
             "\nRanking (a paper tie may come in either order; where *fed* disagrees, the paper's "
             "printed ETTR contradicts its own overhead and recovery columns, `docs/simulator.md` "
-            "§7):\n\n" + "\n".join(lines) + "\n"
+            "§7):\n\n" + "\n".join(ranking_lines(ranking, bullet="* ")) + "\n"
         )
 
     def draw(ax):

@@ -46,6 +46,7 @@ __all__ = [
     "compare_with_paper",
     "format_comparison",
     "orders_agree",
+    "ranking_lines",
 ]
 
 logger = get_logger(__name__)
@@ -367,19 +368,32 @@ def format_comparison(comparison: PaperComparison) -> str:
                     f"  {strategy:<10} max |dev| {stats['max_abs']:.3f}, "
                     f"mean |dev| {stats['mean_abs']:.3f}, mean dev {stats['mean']:+.3f}"
                 )
-    ranking = comparison.ranking_summary()
-    for column, title in (("fed", "fed"), ("model", "model")):
-        if column not in ranking:
+    lines.extend(ranking_lines(comparison.ranking_summary()))
+    return "\n".join(lines)
+
+
+def ranking_lines(summary: Mapping[str, Any], bullet: str = "") -> List[str]:
+    """Lines describing :meth:`PaperComparison.ranking_summary` (also as read back from the
+    JSON): per column, how often the order agrees with the paper's, and each disagreement.
+
+    Args:
+        summary: The ranking summary.
+        bullet: Prefix of every line (``"* "`` for a Markdown list).
+    """
+    lines = []
+    for column in ("fed", "model"):
+        info = summary.get(column)
+        if not info:
             continue
-        info = ranking[column]
+        rows = summary["rows"]
         lines.append(
-            f"ranking, {title}: order as the paper's in {info['order_agrees']}/{ranking['rows']}, "
-            f"MoEvement first in {info['moevement_first']}/{ranking['rows']}"
+            f"{bullet}ranking, {column}: order as the paper's in {info['order_agrees']}/{rows}, "
+            f"MoEvement first in {info['moevement_first']}/{rows}"
         )
         for d in info["disagreements"]:
             lines.append(
-                f"  {d['config']} {d['mtbf_label']}: {' > '.join(d['order'])} "
+                f"  {bullet}{d['config']} {d['mtbf_label']}: {' > '.join(d['order'])} "
                 f"(paper: {' > '.join(d['paper_order'])}; MoEvement margin "
                 f"{d['moevement_margin']:+.4f})"
             )
-    return "\n".join(lines)
+    return lines
