@@ -135,57 +135,69 @@ def test_two_ranks_of_different_stages_killed_at_once(fault_free, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "fault",
+    "faults, options, expected_failed, recoveries",
     [
-        pytest.param(dict(rank=1, iteration=1, phase="microbatch2"), id="iteration-1"),
-        pytest.param(dict(rank=3, iteration=0, phase="before"), id="before-iteration-0"),
-        pytest.param(dict(rank=2, iteration=2, phase="after_step"), id="window-not-persisted"),
+        pytest.param(
+            [dict(rank=1, iteration=1, phase="microbatch2")], {}, [1], 1, id="iteration-1"
+        ),
+        pytest.param(
+            [dict(rank=3, iteration=0, phase="before")], {}, [3], 1, id="before-iteration-0"
+        ),
+        pytest.param(
+            [dict(rank=2, iteration=2, phase="after_step")],
+            {},
+            [2],
+            1,
+            id="window-not-persisted",
+        ),
+        # After an initial-state recovery the scalar log still reaches back to iteration 0, so
+        # a second failure before the new window persists replays from the initial state again.
+        pytest.param(
+            [
+                dict(rank=1, iteration=1, phase="microbatch1"),
+                dict(rank=2, iteration=3, phase="microbatch0", generation=1),
+            ],
+            {},
+            [2],
+            2,
+            id="second-kill-before-the-next-window-persists",
+        ),
+        # The durable tier is configured but holds nothing of this run yet: it is asked first,
+        # then the initial state is used.
+        pytest.param(
+            [dict(rank=2, iteration=1, phase="microbatch0")],
+            dict(durable_interval=4),
+            [2],
+            1,
+            id="empty-durable-tier",
+        ),
+        # Rank 3 dies while every rank replays iteration 1 from the initial state: the recovery
+        # restarts in the next generation, from the initial state again.
+        pytest.param(
+            [
+                dict(rank=1, iteration=2, phase="microbatch1"),
+                dict(rank=3, iteration=1, phase="replay", generation=1),
+            ],
+            {},
+            [1, 3],
+            None,
+            id="kill-during-the-replay",
+        ),
     ],
 )
-def test_kill_in_the_first_window_replays_from_the_initial_state(fault_free, tmp_path, fault):
+def test_kill_in_the_first_window_replays_from_the_initial_state(
+    fault_free, tmp_path, faults, options, expected_failed, recoveries
+):
     # No sparse checkpoint has persisted yet (W = 3): every rank rebuilds the job's initial
     # state (a seeded build, checked against the fingerprint recorded at start) and replays.
-    agent, reports = _run(tmp_path, [fault], spares=1)
-    assert [f["rank"] for f in agent.failures] == [fault["rank"]]
-    _check(fault_free, tmp_path, reports, [fault["rank"]], "global", tiers=("initial-state",))
-
-
-def test_second_kill_before_the_next_window_persists(fault_free, tmp_path):
-    # After an initial-state recovery the scalar log still reaches back to iteration 0, so a
-    # second failure before the new window persists replays from the initial state again.
-    faults = [
-        dict(rank=1, iteration=1, phase="microbatch1"),
-        dict(rank=2, iteration=3, phase="microbatch0", generation=1),
-    ]
-    agent, reports = _run(tmp_path, faults, spares=2)
-    assert [f["rank"] for f in agent.failures] == [1, 2]
-    _check(fault_free, tmp_path, reports, [2], "global", tiers=("initial-state",))
-    assert all(len(rep["reports"]) == 2 for rep in reports if not rep["joined_as_spare"])
-
-
-def test_first_window_kill_with_an_empty_durable_tier_replays_from_the_initial_state(
-    fault_free, tmp_path
-):
-    # The durable tier is configured but holds nothing of this run yet: it is asked first, then
-    # the initial state is used.
-    faults = [dict(rank=2, iteration=1, phase="microbatch0")]
-    agent, reports = _run(
-        tmp_path, faults, spares=1, durable_dir=str(tmp_path / "durable"), durable_interval=4
-    )
-    assert [f["rank"] for f in agent.failures] == [2]
-    _check(fault_free, tmp_path, reports, [2], "global", tiers=("initial-state",))
-
-
-def test_kill_during_a_replay_from_the_initial_state(fault_free, tmp_path):
-    # Rank 3 dies while every rank replays iteration 1 from the initial state: the recovery
-    # restarts in the next generation, from the initial state again.
-    faults = [
-        dict(rank=1, iteration=2, phase="microbatch1"),
-        dict(rank=3, iteration=1, phase="replay", generation=1),
-    ]
-    agent, reports = _run(tmp_path, faults, spares=2)
-    assert [f["rank"] for f in agent.failures] == [1, 3]
-    _check(fault_free, tmp_path, reports, [1, 3], "global", tiers=("initial-state",))
+    if "durable_interval" in options:
+        options = dict(options, durable_dir=str(tmp_path / "durable"))
+    agent, reports = _run(tmp_path, faults, spares=len(faults), **options)
+    assert [f["rank"] for f in agent.failures] == [f["rank"] for f in faults]
+    _check(fault_free, tmp_path, reports, expected_failed, "global", tiers=("initial-state",))
+    if recoveries is not None:
+        survivors = [rep for rep in reports if not rep["joined_as_spare"]]
+        assert all(len(rep["reports"]) == recoveries for rep in survivors)
 
 
 def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_path):
