@@ -30,10 +30,10 @@ __all__ = [
 ]
 
 ORDERING_POLICIES = ("hard_count", "soft_count", "ema", "capacity_normalized")
-"""Names of the built-in operator-ordering policies (see :mod:`megatron_moevement.popularity`)."""
+"""Names of the built-in operator-ordering policies (see :mod:`megatron_moevement.schedule.popularity`)."""
 
 CHECKSUM_ALGORITHMS = ("crc32", "sha256")
-"""Checksum algorithms understood by :mod:`megatron_moevement.serialization`."""
+"""Checksum algorithms understood by :mod:`megatron_moevement.snapshot.serialization`."""
 
 
 class MoEvementConfigError(ValueError):
@@ -47,9 +47,9 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> NoReturn:
 
 
 def _known_ordering_policies() -> tuple:
-    """Built-in policy names plus any registered in :mod:`megatron_moevement.popularity`."""
+    """Built-in policy names plus any registered in :mod:`megatron_moevement.schedule.popularity`."""
     try:
-        from megatron_moevement.popularity import available_ordering_policies
+        from megatron_moevement.schedule.popularity import available_ordering_policies
     except ImportError:  # pragma: no cover - torch missing: only the built-in names are known
         return ORDERING_POLICIES
     return tuple(dict.fromkeys((*ORDERING_POLICIES, *available_ordering_policies())))
@@ -148,7 +148,7 @@ class MoEvementConfig:
 
     heartbeat_interval_s: float = 1.0
     """Seconds between two heartbeats of a rank in an elastic job (one driven by
-    :class:`~megatron_moevement.recovery.RecoveryDriver`): a background thread of every rank
+    :class:`~megatron_moevement.recovery.driver.RecoveryDriver`): a background thread of every rank
     writes its key in the job's rendezvous store this often. Must be > 0."""
 
     heartbeat_timeout_s: float = 10.0
@@ -211,7 +211,7 @@ class MoEvementConfig:
                 self.ordering,
                 "unknown ordering policy",
                 f"use one of {', '.join(repr(p) for p in policies)} (or register a custom "
-                "policy with megatron_moevement.popularity.register_ordering_policy)",
+                "policy with megatron_moevement.schedule.popularity.register_ordering_policy)",
             )
 
         self.ema_decay = self._real_in_range(

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.conversion import (
+from megatron_moevement.replay.frozen import (
     ScalarLog,
     SlotLoader,
     StepScalars,
@@ -34,12 +34,12 @@ from megatron_moevement.conversion import (
     restore_scaler_state,
 )
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.operators import OperatorRegistry
-from megatron_moevement.popularity import ExpertPopularity
-from megatron_moevement.replication import PeerReplicator
-from megatron_moevement.scheduler import ScheduleManager
-from megatron_moevement.sharding import ShardingContext, plan_shards
-from megatron_moevement.snapshot import SnapshotEngine, SparseCheckpoint, allocate_host_buffer
+from megatron_moevement.state.operators import OperatorRegistry
+from megatron_moevement.schedule.popularity import ExpertPopularity
+from megatron_moevement.snapshot.replication import PeerReplicator
+from megatron_moevement.schedule.scheduler import ScheduleManager
+from megatron_moevement.snapshot.sharding import ShardingContext, plan_shards
+from megatron_moevement.snapshot.engine import SnapshotEngine, SparseCheckpoint, allocate_host_buffer
 
 logger = get_logger(__name__)
 
@@ -77,7 +77,7 @@ def measure_d2h_bandwidth(
     device's critical path). On CPU the "device" is the host, and a slot is done only once it is
     copied *and* checksummed on the same cores that train, so both are timed together.
     """
-    from megatron_moevement.serialization import checksum
+    from megatron_moevement.snapshot.serialization import checksum
 
     dst = allocate_host_buffer(nbytes)
     if torch.cuda.is_available():
@@ -188,7 +188,7 @@ class MoEvementStrategy:
         self.p2p_communicator = None
         self.pg_collection = None
         if self.config.upstream_logging and ps.get_pipeline_model_parallel_world_size() > 1:
-            from megatron_moevement.upstream_log import UpstreamLog, make_logging_communicator
+            from megatron_moevement.upstream.log import UpstreamLog, make_logging_communicator
 
             self.upstream_log = UpstreamLog(self.config.host_memory_budget_bytes)
             self.p2p_communicator, self.pg_collection = make_logging_communicator(
@@ -518,7 +518,7 @@ class MoEvementStrategy:
         iteration reported to :meth:`after_optimizer_step`) from the persisted sparse checkpoint,
         with the data accessor given at construction. Collective over all ranks; see
         :meth:`rollback_and_replay`. Scoped recovery after a lost process is
-        :class:`~megatron_moevement.recovery.RecoveryDriver`'s job."""
+        :class:`~megatron_moevement.recovery.driver.RecoveryDriver`'s job."""
         if self.train_iteration is None:
             raise RuntimeError(
                 "recover() needs the data accessor: construct MoEvementStrategy(..., "
@@ -658,7 +658,7 @@ def verify_replicas_identical(
     weights on all of its data-parallel replicas (collective over the DP and expert-DP groups)."""
     import torch.distributed as dist
 
-    from megatron_moevement.serialization import checksum
+    from megatron_moevement.snapshot.serialization import checksum
 
     groups = default_operator_groups()
     for kind, group, size in (
@@ -706,7 +706,7 @@ def _scaler_state(optimizer) -> dict | None:
 
 
 def _first_leaf(optimizer):
-    from megatron_moevement.optim_view import iter_optimizers
+    from megatron_moevement.state.optim_view import iter_optimizers
 
     return iter_optimizers(optimizer)[0]
 

@@ -11,13 +11,13 @@ import json
 import pytest
 import torch
 
-from megatron_moevement.conversion import ReplayError, ScalarLog, SlotLoader, StepScalars
+from megatron_moevement.replay.frozen import ReplayError, ScalarLog, SlotLoader, StepScalars
 from megatron_moevement.harness.layout import ParallelLayout
-from megatron_moevement.operators import Operator, OperatorParam
-from megatron_moevement.optim_view import ParamState
-from megatron_moevement.serialization import SnapshotChecksumError
-from megatron_moevement.sharding import ShardingContext, ShardPlan
-from megatron_moevement.snapshot import SnapshotEngine, SnapshotError
+from megatron_moevement.state.operators import Operator, OperatorParam
+from megatron_moevement.state.optim_view import ParamState
+from megatron_moevement.snapshot.serialization import SnapshotChecksumError
+from megatron_moevement.snapshot.sharding import ShardingContext, ShardPlan
+from megatron_moevement.snapshot.engine import SnapshotEngine, SnapshotError
 from tests.conftest import LAYOUTS, assert_states_bitwise_equal, load_states
 from tests.fakes import FakeRegistry, FakeSchedule
 

@@ -16,11 +16,11 @@ def _asymmetric_frozen_job(out: str) -> None:
 
     import torch.distributed as dist
 
-    from megatron_moevement.conversion import frozen_operators
+    from megatron_moevement.replay.frozen import frozen_operators
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.operators import OperatorRegistry
+    from megatron_moevement.state.operators import OperatorRegistry
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
     trainer = HarnessTrainer(TinyMoEConfig(), ParallelLayout(dp=2, ep=2))

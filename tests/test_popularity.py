@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from megatron_moevement import popularity as pop_mod
+from megatron_moevement.schedule import popularity as pop_mod
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.popularity import (
+from megatron_moevement.schedule.popularity import (
     ExpertPopularity,
     OrderingPolicy,
     PopularityError,

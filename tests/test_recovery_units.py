@@ -14,13 +14,13 @@ import torch.distributed as dist
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.recovery_loader import DurableTierLoader
 from megatron_moevement.harness.launcher import JobFailed, JobTimeout
-from megatron_moevement.recovery import (
+from megatron_moevement.recovery.driver import (
     ElasticContext,
     JobCoordinator,
     RecoveryDriver,
     RecoveryError,
 )
-from megatron_moevement.scope import RankStatus, ScopePlan
+from megatron_moevement.recovery.scope import RankStatus, ScopePlan
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 import pytest
 
-from megatron_moevement.replication import ReplicationError, choose_peers, sources_of
+from megatron_moevement.snapshot.replication import ReplicationError, choose_peers, sources_of
 
 
 def test_peers_prefer_other_nodes():

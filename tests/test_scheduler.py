@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.popularity import ExpertPopularity
-from megatron_moevement.scheduler import (
+from megatron_moevement.schedule.popularity import ExpertPopularity
+from megatron_moevement.schedule.scheduler import (
     SHRINK_HEADROOM,
     HostMemoryBudgetError,
     OperatorLike,
@@ -29,7 +29,7 @@ from megatron_moevement.scheduler import (
 
 @dataclass
 class FakeOp:
-    """Minimal stand-in for megatron_moevement.operators.Operator."""
+    """Minimal stand-in for megatron_moevement.state.operators.Operator."""
 
     name: str
     kind: str

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moevement.serialization import (
+from megatron_moevement.snapshot.serialization import (
     PackedQuantizedTensor,
     PackedTensor,
     SerializationError,

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from megatron_moevement.sharding import ShardingContext, plan_shards
+from megatron_moevement.snapshot.sharding import ShardingContext, plan_shards
 
 
 @dataclass

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from megatron_moevement.upstream_log import (
+from megatron_moevement.upstream.log import (
     ACTIVATION,
     GRADIENT,
     UpstreamLog,

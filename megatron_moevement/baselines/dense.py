@@ -13,7 +13,7 @@ bitwise equal to a fault-free one.
 from __future__ import annotations
 
 from megatron_moevement.baselines.base import BaselineStrategy
-from megatron_moevement.conversion import SlotLoader, default_operator_groups, restore_scaler_state
+from megatron_moevement.replay.frozen import SlotLoader, default_operator_groups, restore_scaler_state
 from megatron_moevement.logging_utils import get_logger
 
 __all__ = ["DenseSnapshotStrategy"]

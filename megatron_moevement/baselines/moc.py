@@ -28,9 +28,9 @@ from megatron_moevement.baselines.lost_tokens import TokenLedger
 from megatron_moevement.baselines.retention import retain_generations
 from megatron_moevement.baselines.rotation import group_of_expert, latest_capture, num_groups
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.conversion import SlotLoader, default_operator_groups
+from megatron_moevement.replay.frozen import SlotLoader, default_operator_groups
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.scheduler import SparseSchedule
+from megatron_moevement.schedule.scheduler import SparseSchedule
 from megatron_moevement.strategy import _owning_layer
 
 __all__ = ["CheckpointFetchError", "PartialExpertStrategy"]
@@ -256,9 +256,9 @@ class PartialExpertStrategy(BaselineStrategy):
         its replica peers that is not itself a replacement (collective)."""
         import torch.distributed as dist
 
-        from megatron_moevement.replication import choose_peers
-        from megatron_moevement.snapshot import SparseCheckpoint
-        from megatron_moevement.transport import recv_bytes, recv_slot, send_bytes, send_slot
+        from megatron_moevement.snapshot.replication import choose_peers
+        from megatron_moevement.snapshot.engine import SparseCheckpoint
+        from megatron_moevement.snapshot.transport import recv_bytes, recv_slot, send_bytes, send_slot
 
         have = {c.generation for c in self.checkpoints}
         lacks = torch.zeros(self.world_size, max(1, len(needed)), dtype=torch.int64)

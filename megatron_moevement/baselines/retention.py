@@ -9,8 +9,8 @@ instead of two (same allocate-once-and-reuse behaviour).
 
 from __future__ import annotations
 
-from megatron_moevement.replication import ReplicaStore
-from megatron_moevement.snapshot import _HostBufferPool
+from megatron_moevement.snapshot.replication import ReplicaStore
+from megatron_moevement.snapshot.engine import _HostBufferPool
 
 __all__ = ["retaining_replica_store", "retain_generations"]
 

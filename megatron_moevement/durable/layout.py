@@ -38,7 +38,7 @@ class RankLayout:
     expert_dp_rank: int
     distributed_optimizer: bool
     operators: tuple[str, ...]
-    """Names of this rank's operators (see :mod:`megatron_moevement.operators`)."""
+    """Names of this rank's operators (see :mod:`megatron_moevement.state.operators`)."""
     param_signature: str
     """SHA-256 over (operator, parameter, shape, dtype) of every operator parameter: differs when
     the model configuration (sizes, experts, precision) differs."""

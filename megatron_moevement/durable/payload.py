@@ -16,7 +16,7 @@ import torch
 from megatron_moevement.durable.errors import DurableCheckpointError
 from megatron_moevement.durable.files import FORMAT_NAME, FORMAT_VERSION, slot_file_name
 from megatron_moevement.durable.layout import current_layout
-from megatron_moevement.snapshot import SparseCheckpoint
+from megatron_moevement.snapshot.engine import SparseCheckpoint
 
 SLOT_WAIT_S = 600.0
 """How long a writer waits for a slot's copy and checksums before giving up."""

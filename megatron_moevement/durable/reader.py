@@ -33,8 +33,8 @@ from megatron_moevement.durable.files import (
 from megatron_moevement.durable.layout import RankLayout, check_world_size
 from megatron_moevement.durable.state import DurableSparseState
 from megatron_moevement.durable.writer import read_done_marker
-from megatron_moevement.serialization import SnapshotChecksumError, checksum
-from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint
+from megatron_moevement.snapshot.serialization import SnapshotChecksumError, checksum
+from megatron_moevement.snapshot.engine import SlotSnapshot, SparseCheckpoint
 
 _OLDER = (
     "Fix: load an older complete durable checkpoint (see `latest_checkpoint()` / the iter_* "

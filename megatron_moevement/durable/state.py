@@ -14,7 +14,7 @@ from typing import Callable
 
 from megatron_moevement.durable.layout import RankLayout, check_layout, current_layout
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot import SparseCheckpoint
+from megatron_moevement.snapshot.engine import SparseCheckpoint
 
 logger = get_logger(__name__)
 
@@ -60,7 +60,7 @@ class DurableSparseState:
         Returns:
             The sparse checkpoint to pass to ``strategy.rollback_and_replay(..., ckpt=...)``.
         """
-        from megatron_moevement.recovery import ensure_optimizer_state
+        from megatron_moevement.recovery.driver import ensure_optimizer_state
 
         self.check_layout(strategy)
         ensure_optimizer_state(strategy.optimizer)

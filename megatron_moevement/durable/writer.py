@@ -30,7 +30,7 @@ from megatron_moevement.durable.files import (
 )
 from megatron_moevement.durable.payload import RankPayload
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.serialization import checksum
+from megatron_moevement.snapshot.serialization import checksum
 
 logger = get_logger(__name__)
 

@@ -193,7 +193,7 @@ def run_worker_job(spec, output_dir: Path, timeout: float, spares: int = 0) -> l
 
 
 class _LocalProcessTable:
-    """A :class:`LocalJob`'s processes as a :class:`~megatron_moevement.recovery.ProcessTable`."""
+    """A :class:`LocalJob`'s processes as a :class:`~megatron_moevement.recovery.driver.ProcessTable`."""
 
     def __init__(self, job: LocalJob) -> None:
         self.job = job
@@ -213,11 +213,11 @@ class _LocalProcessTable:
 
 class ElasticAgent:
     """Supervises a :class:`LocalJob` that can lose ranks: hosts the job's store and runs a
-    :class:`~megatron_moevement.recovery.JobCoordinator` on it, which replaces a dead rank by a
+    :class:`~megatron_moevement.recovery.driver.JobCoordinator` on it, which replaces a dead rank by a
     spare, announces a new process-group generation, and kills (by pid) a rank whose heartbeat
-    stopped (see :mod:`megatron_moevement.recovery` for the worker side).
+    stopped (see :mod:`megatron_moevement.recovery.driver` for the worker side).
 
-    Store keys: see :class:`~megatron_moevement.recovery.JobCoordinator`.
+    Store keys: see :class:`~megatron_moevement.recovery.driver.JobCoordinator`.
     """
 
     def __init__(self, job: LocalJob, batch_window_s: float = 0.5) -> None:
@@ -238,7 +238,7 @@ class ElasticAgent:
         self.coordinator = None
 
     def start(self) -> "ElasticAgent":
-        from megatron_moevement.recovery import JobCoordinator
+        from megatron_moevement.recovery.driver import JobCoordinator
 
         job = self.job
         port = job.port
@@ -256,7 +256,7 @@ class ElasticAgent:
 
     @property
     def failures(self) -> list[dict]:
-        """What failed (see :attr:`~megatron_moevement.recovery.JobCoordinator.failures`)."""
+        """What failed (see :attr:`~megatron_moevement.recovery.driver.JobCoordinator.failures`)."""
         return self.coordinator.failures if self.coordinator is not None else []
 
     @property

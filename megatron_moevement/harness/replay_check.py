@@ -28,7 +28,7 @@ def _scramble(registry, seed: int) -> None:
     for key, tensor in _live_state(registry).items():
         del tensor
     registry.refresh()
-    from megatron_moevement.snapshot import _operator_tensors
+    from megatron_moevement.snapshot.engine import _operator_tensors
 
     with torch.no_grad():
         for op in registry.operators:

@@ -12,7 +12,7 @@ can notice).
 
 ``spec.moevement["durable_tier"] = "module:factory"`` installs a durable tier for the recovery
 driver's last fallback: ``factory(spec)`` returns a
-:class:`~megatron_moevement.recovery.DurableCheckpointLoader` that may also have
+:class:`~megatron_moevement.recovery.driver.DurableCheckpointLoader` that may also have
 ``after_iteration(iteration, driver)`` (called after every committed iteration, e.g. to save).
 
 ``spec.moevement`` may also name the checkpointing strategy: ``"strategy"`` (``moevement``,
@@ -46,7 +46,7 @@ def run_resilient(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.recovery import ElasticContext, RecoveryDriver
+    from megatron_moevement.recovery.driver import ElasticContext, RecoveryDriver
     from megatron_moevement.runtime import ensure_runtime
 
     ensure_runtime()

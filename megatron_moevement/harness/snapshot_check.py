@@ -22,7 +22,7 @@ logger = get_logger(__name__)
 
 
 def _live_state(registry) -> dict[str, torch.Tensor]:
-    from megatron_moevement.snapshot import _operator_tensors
+    from megatron_moevement.snapshot.engine import _operator_tensors
 
     registry.refresh()
     out = {}
@@ -47,7 +47,7 @@ def run_snapshot_check(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.serialization import SnapshotChecksumError
+    from megatron_moevement.snapshot.serialization import SnapshotChecksumError
     from megatron_moevement.strategy import MoEvementStrategy
 
     layout = ParallelLayout(**spec.layout)
@@ -121,7 +121,7 @@ def run_snapshot_check(spec) -> None:
     corruption_message = None
     newest = strategy.checkpoints[-1].slots[0]
     if newest is not None and newest.records:
-        from megatron_moevement.snapshot import SlotSnapshot
+        from megatron_moevement.snapshot.engine import SlotSnapshot
 
         damaged = SlotSnapshot.from_manifest(newest.manifest(), newest.buffer.clone())
         first = next(iter(damaged.records.values()))

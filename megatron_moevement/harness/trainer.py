@@ -23,7 +23,7 @@ from megatron_moevement.harness.model import (
     build_transformer_config,
 )
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.optim_view import OptimizerView
+from megatron_moevement.state.optim_view import OptimizerView
 
 logger = get_logger(__name__)
 

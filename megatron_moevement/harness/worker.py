@@ -102,7 +102,7 @@ def run_registry_report(spec: WorkerSpec) -> None:
     import torch.distributed as dist
 
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.operators import OperatorRegistry, model_and_optimizer_bytes
+    from megatron_moevement.state.operators import OperatorRegistry, model_and_optimizer_bytes
 
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)

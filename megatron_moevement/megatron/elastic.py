@@ -4,15 +4,15 @@ The SLURM templates start one task per GPU on every node of the allocation, trai
 spare nodes, each as ``python -m megatron_moevement.megatron.elastic [options] -- WORKER...``.
 This agent is the multi-node counterpart of the local
 :class:`~megatron_moevement.harness.launcher.ElasticAgent` and speaks the same store protocol
-(:class:`~megatron_moevement.recovery.JobCoordinator`), so a spare task joins exactly like a local
+(:class:`~megatron_moevement.recovery.driver.JobCoordinator`), so a spare task joins exactly like a local
 spare process:
 
 * task ``t`` (``SLURM_PROCID``) below ``WORLD_SIZE`` runs ``WORKER`` as rank ``t``; the others are
   spares: their worker gets ``MOEVEMENT_SPARE=1`` and ``LOCAL_PROC_ID=t`` and waits in the
-  rendezvous (:meth:`~megatron_moevement.recovery.ElasticContext.from_env`) until the coordinator
+  rendezvous (:meth:`~megatron_moevement.recovery.driver.ElasticContext.from_env`) until the coordinator
   assigns it a failed rank, then joins the next process-group generation and recovers;
 * task 0 also hosts the job's ``TCPStore`` on ``MASTER_ADDR:MASTER_PORT`` and runs the
-  :class:`~megatron_moevement.recovery.JobCoordinator` (in a thread). Its children see it as any
+  :class:`~megatron_moevement.recovery.driver.JobCoordinator` (in a thread). Its children see it as any
   other store; workers that initialize ``torch.distributed`` with ``env://`` connect to it as
   clients (``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun);
 * every agent reports its worker's exit status to the coordinator (store queue ``tasks/exits``),
@@ -22,7 +22,7 @@ spare process:
 
 With ``--no-elastic`` (workers that cannot take over a rank of a running job, such as Megatron-LM's
 ``pretrain_gpt.py``, whose training loop hosts no
-:class:`~megatron_moevement.recovery.RecoveryDriver`), spare tasks start no worker and the
+:class:`~megatron_moevement.recovery.driver.RecoveryDriver`), spare tasks start no worker and the
 coordinator ends the job on the first failure, killing every worker by pid, instead of leaving
 the survivors blocked until their collective timeout.
 
@@ -59,7 +59,7 @@ _POLL_S = 0.1
 
 class _StoreProcessTable:
     """The job's tasks as the coordinator sees them through the store (a
-    :class:`~megatron_moevement.recovery.ProcessTable`)."""
+    :class:`~megatron_moevement.recovery.driver.ProcessTable`)."""
 
     def __init__(self, store, log_dir: Optional[Path], world_size: int) -> None:
         self.store = store
@@ -188,7 +188,7 @@ class TaskAgent:
         return env
 
     def _start_coordinator(self) -> None:
-        from megatron_moevement.recovery import JobCoordinator
+        from megatron_moevement.recovery.driver import JobCoordinator
 
         store = self.store.clone()
         table = _StoreProcessTable(store, self.log_dir, self.world_size)

@@ -36,7 +36,7 @@ off, Megatron unchanged.
 
 Not implemented (and said at runtime rather than failing silently): rolling back to the sparse
 checkpoints in peers' host memory *inside Megatron-LM's training loop*. Megatron-LM's ``train()``
-hosts no :class:`~megatron_moevement.recovery.RecoveryDriver` (its data iterator is consumed, not
+hosts no :class:`~megatron_moevement.recovery.driver.RecoveryDriver` (its data iterator is consumed, not
 addressable by iteration, and its loop cannot rejoin a new process-group generation), so after a
 failure a Megatron-LM job restarts and :func:`recover_or_load` restores from the durable tier;
 :func:`last_restore` and a log line say so. Training loops built on Megatron-Core with
@@ -396,7 +396,7 @@ def maybe_build_strategy(
 def install_p2p_logging(strategy: Any) -> bool:
     """Checks that upstream logging of pipeline p2p traffic will run, and says so.
 
-    The strategy builds its ``LoggingP2PCommunicator`` (:mod:`megatron_moevement.upstream_log`)
+    The strategy builds its ``LoggingP2PCommunicator`` (:mod:`megatron_moevement.upstream.log`)
     and ``ProcessGroupCollection`` on pipeline-parallel jobs with ``--moevement-upstream-logging``
     (the default); :func:`wrap_forward_backward_func` hands them to the schedule.
 

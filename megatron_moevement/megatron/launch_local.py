@@ -16,7 +16,7 @@ so ``--window-size`` is MoEvement's only.
 (``scripts/launch_local.sh`` wraps this.) Each rank gets ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Spare processes get
 ``MOEVEMENT_SPARE=1`` and no rank. Megatron-LM's training loop cannot take over a rank of a
-running job (it hosts no :class:`~megatron_moevement.recovery.RecoveryDriver`), so a spare process
+running job (it hosts no :class:`~megatron_moevement.recovery.driver.RecoveryDriver`), so a spare process
 logs that and exits with status 0. Training loops built on ``RecoveryDriver`` get spares that do
 join: :func:`~megatron_moevement.harness.launcher.run_elastic_job` locally, the SLURM templates
 with ``program=module:...`` on a cluster.

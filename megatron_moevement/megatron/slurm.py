@@ -134,7 +134,7 @@ class SbatchValues:
             extra and MoEvement arguments; its training loop cannot take over a rank of a running
             job, so spare tasks stay reserved and a failure ends the job at once), or
             ``module:NAME`` (``python -m NAME <extra_args>``, a training loop built on
-            :class:`~megatron_moevement.recovery.RecoveryDriver`: spares take over failed ranks).
+            :class:`~megatron_moevement.recovery.driver.RecoveryDriver`: spares take over failed ranks).
         job_timeout_s: Seconds after which the task agents' coordinator ends the job
             (``None``: 7 days; SLURM's ``time_limit`` applies anyway).
     """

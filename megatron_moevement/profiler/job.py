@@ -67,7 +67,7 @@ def _measure_rounds(trainer, timers, registry, first: int, rounds: int):
     three see the same machine load; returns the plain times and both phase-call dicts."""
     from collections import defaultdict
 
-    from megatron_moevement.conversion import frozen_operators
+    from megatron_moevement.replay.frozen import frozen_operators
 
     frozen_names = [op.name for op in registry if op.name != "embedding"]  # the first stage
     plain, normal, frozen = [], defaultdict(list), defaultdict(list)  # still back-propagates
@@ -129,7 +129,7 @@ def _prepare_restore(trainer, strategy) -> None:
     """What a recovery does after the rebuild before loading state (optimizer state created,
     registry refreshed)."""
     try:
-        from megatron_moevement.recovery import ensure_optimizer_state
+        from megatron_moevement.recovery.driver import ensure_optimizer_state
     except ImportError:  # pragma: no cover - the recovery module moved it
         return
     ensure_optimizer_state(trainer.optimizer)
@@ -139,7 +139,7 @@ def _prepare_restore(trainer, strategy) -> None:
 def _detect_s() -> float:
     """The local agent's failure-detection delay: its batching window plus half of each
     polling period (the agent's and the workers'), read from the code that implements them."""
-    from megatron_moevement import recovery
+    from megatron_moevement.recovery import driver as recovery
     from megatron_moevement.harness.launcher import ElasticAgent
 
     window = inspect.signature(ElasticAgent.__init__).parameters["batch_window_s"].default
@@ -156,7 +156,7 @@ def run_profile(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.operators import OperatorRegistry
+    from megatron_moevement.state.operators import OperatorRegistry
     from megatron_moevement.profiler.aggregate import (
         Measurements,
         RankTimings,

@@ -3,7 +3,7 @@
 Nothing of Megatron-Core is patched: the timers wrap the callables the harness trainer hands to
 Megatron (the forward-step function, ``finalize_model_grads_func``, ``optimizer.step``) and the
 pipeline schedule gets a :class:`P2PCommunicator` subclass that times every send/receive, the way
-upstream logging plugs in (:mod:`megatron_moevement.upstream_log`).
+upstream logging plugs in (:mod:`megatron_moevement.upstream.log`).
 
 Inside ``forward_backward_func`` a rank's wall time is the sum of its forward passes, its backward
 passes, its point-to-point calls (transfer *and* waiting for the neighbour stage: the pipeline
@@ -62,7 +62,7 @@ def make_timing_communicator(config, timer: PhaseTimer):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-    from megatron_moevement.upstream_log import pipeline_process_groups
+    from megatron_moevement.upstream.log import pipeline_process_groups
 
     class TimingP2PCommunicator(P2PCommunicator):
         """Megatron's communicator, timing each ``_communicate`` (every send/receive goes

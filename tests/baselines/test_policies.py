@@ -21,7 +21,7 @@ from megatron_moevement.baselines.rotation import (
     num_groups,
 )
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.snapshot import SlotSnapshot, _HostBufferPool
+from megatron_moevement.snapshot.engine import SlotSnapshot, _HostBufferPool
 
 
 # ---------------------------------------------------------------- config

@@ -27,10 +27,10 @@ from megatron_moevement.durable.payload import RankPayload
 from megatron_moevement.durable.periodic import DurableSaver
 from megatron_moevement.durable.reader import read_index, read_rank
 from megatron_moevement.durable.writer import wait_for_markers, write_index, write_rank_files
-from megatron_moevement.operators import Operator, OperatorParam
-from megatron_moevement.optim_view import ParamState
-from megatron_moevement.sharding import ShardPlan
-from megatron_moevement.snapshot import SnapshotEngine
+from megatron_moevement.state.operators import Operator, OperatorParam
+from megatron_moevement.state.optim_view import ParamState
+from megatron_moevement.snapshot.sharding import ShardPlan
+from megatron_moevement.snapshot.engine import SnapshotEngine
 from tests.fakes import FakeRegistry, FakeSchedule
 
 WORLD = 2
@@ -286,7 +286,7 @@ def test_converter_needs_the_job_description(tmp_path):
 
 
 def test_recovery_loader_reads_the_newest_complete_checkpoint(tmp_path):
-    from megatron_moevement.conversion import ScalarLog
+    from megatron_moevement.replay.frozen import ScalarLog
     from megatron_moevement.durable.recovery_loader import DurableTierLoader
     from megatron_moevement.harness.layout import ParallelLayout
 

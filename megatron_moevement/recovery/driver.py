@@ -27,7 +27,7 @@ Detection, by what fails:
   the silent process by pid, after which it is replaced like a crashed rank.
 * Collective timeouts remain the last resort.
 
-Recovery (:meth:`RecoveryDriver.recover`), scoped when possible (:mod:`megatron_moevement.scope`):
+Recovery (:meth:`RecoveryDriver.recover`), scoped when possible (:mod:`megatron_moevement.recovery.scope`):
 
 1. tear down Megatron state and the process group, keep host memory (sparse checkpoints, peer
    replicas, the scalar log);
@@ -70,7 +70,7 @@ from typing import Any, Callable, Iterable, Protocol
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.transport import recv_bytes, recv_slot, send_bytes, send_slot
+from megatron_moevement.snapshot.transport import recv_bytes, recv_slot, send_bytes, send_slot
 
 logger = get_logger(__name__)
 
@@ -615,7 +615,7 @@ class RecoveryReport:
 def ensure_optimizer_state(optimizer) -> None:
     """Creates Adam state (step, moments) for parameters that have none yet, as torch's Adam does
     at its first step, so a rebuilt optimizer has tensors to restore into."""
-    from megatron_moevement.optim_view import iter_optimizers
+    from megatron_moevement.state.optim_view import iter_optimizers
 
     for leaf in iter_optimizers(optimizer):
         for group in leaf.optimizer.param_groups:
@@ -769,7 +769,7 @@ class RecoveryDriver:
         if old is not None and self.has_state and self._live_backup is None:
             self._dirty = old.step_in_progress
             if not self._dirty:
-                from megatron_moevement.scope import capture_live_state
+                from megatron_moevement.recovery.scope import capture_live_state
 
                 self._live_backup = capture_live_state(old.registry)
         while True:
@@ -846,7 +846,7 @@ class RecoveryDriver:
     def _recover_in_generation(self, old, info: dict, t0: float) -> RecoveryReport:
         import torch.distributed as dist
 
-        from megatron_moevement.scope import (
+        from megatron_moevement.recovery.scope import (
             RankStatus,
             exchange_logs,
             gather_status,
@@ -1065,7 +1065,7 @@ class RecoveryDriver:
     def _lost_ranks(self, failed: list[int], needs: list[bool]) -> list[int]:
         """Ranks that need the window's checkpoint and have no surviving replica holder (the
         same list on every rank)."""
-        from megatron_moevement.replication import choose_peers
+        from megatron_moevement.snapshot.replication import choose_peers
 
         cfg = self.strategy.config
         world = self.ctx.world_size
@@ -1091,8 +1091,8 @@ class RecoveryDriver:
         """
         import torch.distributed as dist
 
-        from megatron_moevement.replication import choose_peers
-        from megatron_moevement.scope import global_plan
+        from megatron_moevement.snapshot.replication import choose_peers
+        from megatron_moevement.recovery.scope import global_plan
 
         cfg = self.strategy.config
         world = self.ctx.world_size
@@ -1199,7 +1199,7 @@ class RecoveryDriver:
         """Records where this rank's training starts (first iteration, weight fingerprint) in
         the store, for the initial-state tier: a failure before the first sparse checkpoint
         persisted is recovered by rebuilding every rank and replaying from there."""
-        from megatron_moevement.scope import state_fingerprint
+        from megatron_moevement.recovery.scope import state_fingerprint
 
         record = {
             "first_iteration": self.committed + 1,
@@ -1212,7 +1212,7 @@ class RecoveryDriver:
         returns the first iteration to replay. Raises :class:`RecoveryError` otherwise."""
         import torch.distributed as dist
 
-        from megatron_moevement.scope import state_fingerprint
+        from megatron_moevement.recovery.scope import state_fingerprint
 
         key = self._initial_key(self.ctx.rank)
         record = _get_json(self.ctx.store, key) if _has(self.ctx.store, key) else None
@@ -1249,8 +1249,8 @@ class RecoveryDriver:
     def _exchange_checkpoints(self, failed: list[int], window: int, needs: list[bool]):
         """Each rank lacking its window-``window`` checkpoint receives it from the lowest
         surviving rank that holds a replica; returns this rank's checkpoint of that window."""
-        from megatron_moevement.replication import choose_peers
-        from megatron_moevement.snapshot import SparseCheckpoint
+        from megatron_moevement.snapshot.replication import choose_peers
+        from megatron_moevement.snapshot.engine import SparseCheckpoint
 
         cfg = self.strategy.config
         world = self.ctx.world_size

@@ -31,7 +31,7 @@ def recv_bytes(src: int) -> bytes:
 
 
 def send_slot(slot, dst: int) -> None:
-    """Verifies ``slot`` (a :class:`~megatron_moevement.snapshot.SlotSnapshot`), then sends its
+    """Verifies ``slot`` (a :class:`~megatron_moevement.snapshot.engine.SlotSnapshot`), then sends its
     manifest and the used prefix of its buffer to global rank ``dst``."""
     slot.verify()
     send_bytes(json.dumps(slot.manifest()).encode(), dst)
@@ -41,7 +41,7 @@ def send_slot(slot, dst: int) -> None:
 def recv_slot(src: int, manifest: dict | None = None):
     """Receives what :func:`send_slot` sent from global rank ``src`` into a fresh host buffer and
     verifies its checksums. ``manifest``: the manifest, if the caller already received it."""
-    from megatron_moevement.snapshot import SlotSnapshot, allocate_host_buffer
+    from megatron_moevement.snapshot.engine import SlotSnapshot, allocate_host_buffer
 
     if manifest is None:
         manifest = json.loads(recv_bytes(src))

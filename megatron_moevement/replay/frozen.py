@@ -27,8 +27,8 @@ from typing import Iterable, Sequence
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.optim_view import iter_optimizers
-from megatron_moevement.snapshot import SnapshotError, SparseCheckpoint, _operator_tensors
+from megatron_moevement.state.optim_view import iter_optimizers
+from megatron_moevement.snapshot.engine import SnapshotError, SparseCheckpoint, _operator_tensors
 
 logger = get_logger(__name__)
 
@@ -274,7 +274,7 @@ def default_operator_groups() -> OperatorGroups:
 
 class SlotLoader:
     """Applies the slots of a sparse checkpoint to the live model and optimizer of a rank,
-    assembling the pieces other replicas captured (see :mod:`megatron_moevement.sharding`).
+    assembling the pieces other replicas captured (see :mod:`megatron_moevement.snapshot.sharding`).
 
     ``groups`` may be ``None`` when no operator has replicas (data-parallel sizes of 1).
     """

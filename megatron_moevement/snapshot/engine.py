@@ -8,7 +8,7 @@ At the end of iteration ``t`` (after the optimizer step) slot ``k`` of the curre
   replay); those of slice ``k`` itself make its restore exact without re-deriving them from
   (possibly sharded) main parameters,
 
-restricted to what this rank is responsible for (:mod:`megatron_moevement.sharding`).
+restricted to what this rank is responsible for (:mod:`megatron_moevement.snapshot.sharding`).
 
 Each slot is packed into one contiguous host buffer (pinned on CUDA) described by a manifest of
 ``TensorRecord`` entries, which makes replication a single transfer per slot and checksums cheap.
@@ -32,7 +32,7 @@ from typing import Iterable, Sequence
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.serialization import (
+from megatron_moevement.snapshot.serialization import (
     SnapshotChecksumError,
     checksum,
     dtype_from_name,
@@ -384,8 +384,8 @@ class SnapshotEngine:
     """Captures the slots of sparse checkpoints for one rank.
 
     Args:
-        registry: This rank's :class:`~megatron_moevement.operators.OperatorRegistry`.
-        plan: This rank's :class:`~megatron_moevement.sharding.ShardPlan`.
+        registry: This rank's :class:`~megatron_moevement.state.operators.OperatorRegistry`.
+        plan: This rank's :class:`~megatron_moevement.snapshot.sharding.ShardPlan`.
         rank: Global rank (recorded in manifests).
         algorithm: Checksum algorithm of the slots.
     """

@@ -29,7 +29,7 @@ state is at least as large as its compute weights (the cost of a slot then grows
 slice). The final slices are then re-balanced (min-max of slot bytes) for that ``W``.
 
 Operator order (``OrderOperators``): experts by ascending popularity (see
-:mod:`megatron_moevement.popularity`), then the non-expert operators. Non-expert operators see
+:mod:`megatron_moevement.schedule.popularity`), then the non-expert operators. Non-expert operators see
 every token — they are the most "popular" operators — so by the paper's own criterion they are
 captured last and stay frozen longest (frozen operators skip their weight-gradient GEMMs and
 optimizer update during replay). Among themselves they go from the output toward the input
@@ -65,7 +65,7 @@ import torch
 
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.popularity import (
+from megatron_moevement.schedule.popularity import (
     ExpertPopularity,
     LayerScores,
     OrderingPolicy,
@@ -117,7 +117,7 @@ class HostMemoryBudgetError(ScheduleError):
 
 @runtime_checkable
 class OperatorLike(Protocol):
-    """What the scheduler needs from an operator (``megatron_moevement.operators.Operator``)."""
+    """What the scheduler needs from an operator (``megatron_moevement.state.operators.Operator``)."""
 
     name: str
     """Unique operator name, e.g. ``"layer3.expert5"``."""
@@ -257,8 +257,8 @@ def order_operators(
     Args:
         operators: Operators of this rank (any objects satisfying :class:`OperatorLike`).
         popularity: ``None`` (no statistics yet: experts by layer then expert id), an
-            :class:`~megatron_moevement.popularity.ExpertPopularity` (snapshotted here), a
-            :class:`~megatron_moevement.popularity.PopularitySnapshot` (scored by ``policy``),
+            :class:`~megatron_moevement.schedule.popularity.ExpertPopularity` (snapshotted here), a
+            :class:`~megatron_moevement.schedule.popularity.PopularitySnapshot` (scored by ``policy``),
             or precomputed scores ``{layer: per-expert scores}`` (``policy`` is then unused).
         policy: Ordering policy name or instance.
         non_expert_position: ``"last"`` (default) or ``"first"``.
@@ -922,7 +922,7 @@ class ScheduleManager:
     Call :meth:`slot_for_iteration` once per iteration (after the optimizer step, before the
     snapshot). When an iteration starts a new window, the manager first takes a popularity
     snapshot (the only host sync, once per window), applies the reorder trigger
-    (:func:`~megatron_moevement.popularity.should_reorder` with the config's threshold and
+    (:func:`~megatron_moevement.schedule.popularity.should_reorder` with the config's threshold and
     fraction) and, for ``window_size="auto"``, recomputes W from the latest measurements (with
     hysteresis, see :data:`SHRINK_HEADROOM`). The schedule is rebuilt only if the order or W
     changed.

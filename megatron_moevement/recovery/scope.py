@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot import _operator_tensors
-from megatron_moevement.transport import recv_bytes, send_bytes
-from megatron_moevement.upstream_log import ACTIVATION, GRADIENT, UpstreamLogError
+from megatron_moevement.snapshot.engine import _operator_tensors
+from megatron_moevement.snapshot.transport import recv_bytes, send_bytes
+from megatron_moevement.upstream.log import ACTIVATION, GRADIENT, UpstreamLogError
 
 logger = get_logger(__name__)
 
@@ -136,7 +136,7 @@ def state_fingerprint(registry) -> str:
     """
     import zlib
 
-    from megatron_moevement.serialization import checksum
+    from megatron_moevement.snapshot.serialization import checksum
 
     registry.refresh()
     digest = 0
@@ -177,7 +177,7 @@ def exchange_logs(
 
     Returns, on a rank in scope, ``{(direction, iteration, microbatch): tensor}``.
     """
-    from megatron_moevement.serialization import dtype_from_name, dtype_name
+    from megatron_moevement.snapshot.serialization import dtype_from_name, dtype_name
 
     by_pos = {(s.pp_rank, s.dp_rank): s.rank for s in statuses}
     in_scope = set(plan.ranks)

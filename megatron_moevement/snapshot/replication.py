@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot import SlotSnapshot, SparseCheckpoint, _HostBufferPool
+from megatron_moevement.snapshot.engine import SlotSnapshot, SparseCheckpoint, _HostBufferPool
 
 logger = get_logger(__name__)
 

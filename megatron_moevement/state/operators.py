@@ -11,7 +11,7 @@ MoEvement snapshots a model operator by operator. An operator is one of:
 
 Each operator maps to its compute weights (the model parameters the forward pass uses), its FP32
 main parameters and its optimizer state, whatever Megatron optimizer holds them (see
-:mod:`megatron_moevement.optim_view`). With the distributed optimizer, the main parameters and
+:mod:`megatron_moevement.state.optim_view`). With the distributed optimizer, the main parameters and
 optimizer state of an operator on a rank are that rank's data-parallel shard.
 """
 
@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-from megatron_moevement.optim_view import OptimizerView, ParamState
+from megatron_moevement.state.optim_view import OptimizerView, ParamState
 
 OPERATOR_KINDS = ("embedding", "dense", "router", "expert", "output")
 
@@ -138,7 +138,7 @@ def _classify(
         raise RegistryError(
             f"parameter {name!r} belongs to no known operator; the registry understands "
             "Megatron-Core GPTModel names (embedding, decoder.layers.N, final_layernorm, "
-            "output_layer). Extend megatron_moevement.operators._classify for new modules."
+            "output_layer). Extend megatron_moevement.state.operators._classify for new modules."
         )
     local, rest = int(match.group(1)), match.group(2)
     layer = layer_numbers.get(local, local)
@@ -246,7 +246,7 @@ def _canonical_key(op: Operator) -> tuple:
 def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Totals counted directly from the model and the inner optimizers (independently of the
     registry), to check that the registry accounts for every byte."""
-    from megatron_moevement.optim_view import iter_optimizers
+    from megatron_moevement.state.optim_view import iter_optimizers
 
     compute = sum(p.numel() * p.element_size() for p in gpt_model.parameters())
     main = 0
