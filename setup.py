@@ -35,7 +35,7 @@ setup(
         "console_scripts": [
             "moevement-train=megatron_moevement.cli:main",
             "moevement-sim=megatron_moevement.sim.cli:main",
-            "moevement-convert=megatron_moevement.durable.convert:main",
+            "moevement-convert=megatron_moevement.convert:main",
         ],
     },
     classifiers=[

@@ -192,8 +192,8 @@ def main() -> None:
         name for name, p in gpt.named_parameters() if not torch.equal(live[name], p.detach())
     ]
     print(
-        f"rank {dist.get_rank()}: replayed iterations {report['iterations_replayed']} from window "
-        f"starting at {report['window_start']}; parameters bitwise equal: {not differing}",
+        f"rank {dist.get_rank()}: replayed iterations {report.iterations_replayed} from window "
+        f"starting at {report.window_start}; parameters bitwise equal: {not differing}",
         flush=True,
     )
     rank = dist.get_rank()

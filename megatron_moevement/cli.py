@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_moevement.baselines.config import CKPT_STRATEGIES
+from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.model import TinyMoEConfig, check_layout

@@ -22,18 +22,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, NoReturn, Optional, Union
 
+from megatron_moevement.constants import CHECKSUM_ALGORITHMS, ORDERING_POLICIES
+
 __all__ = [
-    "CHECKSUM_ALGORITHMS",
-    "ORDERING_POLICIES",
     "MoEvementConfig",
     "MoEvementConfigError",
 ]
-
-ORDERING_POLICIES = ("hard_count", "soft_count", "ema", "capacity_normalized")
-"""Names of the built-in operator-ordering policies (see :mod:`megatron_moevement.schedule.popularity`)."""
-
-CHECKSUM_ALGORITHMS = ("crc32", "sha256")
-"""Checksum algorithms understood by :mod:`megatron_moevement.snapshot.serialization`."""
 
 
 class MoEvementConfigError(ValueError):
@@ -46,13 +40,20 @@ def _fail(field_name: str, value: Any, problem: str, fix: str) -> NoReturn:
     )
 
 
+_REGISTERED_ORDERINGS: list = []
+"""Names of ordering policies registered at runtime
+(:func:`megatron_moevement.schedule.popularity.register_ordering_policy` adds them here)."""
+
+
+def register_ordering_name(name: str) -> None:
+    """Makes ``ordering=name`` valid (called when a custom ordering policy is registered)."""
+    if name not in _REGISTERED_ORDERINGS:
+        _REGISTERED_ORDERINGS.append(name)
+
+
 def _known_ordering_policies() -> tuple:
-    """Built-in policy names plus any registered in :mod:`megatron_moevement.schedule.popularity`."""
-    try:
-        from megatron_moevement.schedule.popularity import available_ordering_policies
-    except ImportError:  # pragma: no cover - torch missing: only the built-in names are known
-        return ORDERING_POLICIES
-    return tuple(dict.fromkeys((*ORDERING_POLICIES, *available_ordering_policies())))
+    """Built-in policy names plus every registered one."""
+    return tuple(dict.fromkeys((*ORDERING_POLICIES, *_REGISTERED_ORDERINGS)))
 
 
 def _is_int(value: Any) -> bool:

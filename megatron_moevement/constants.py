@@ -17,7 +17,7 @@ more can be registered at runtime."""
 
 CHECKSUM_ALGORITHMS = ("crc32", "sha256")
 """Checksums over the raw bytes of snapshot tensors
-(:func:`megatron_moevement.snapshot.serialization.checksum`)."""
+(:func:`megatron_moevement.snapshot.checksum.checksum`)."""
 
 BASELINE_STRATEGIES = ("gemini", "moc")
 """Baseline checkpointing policies: dense in-memory snapshots every k iterations (Gemini-like),

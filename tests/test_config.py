@@ -7,12 +7,8 @@ import pathlib
 
 import pytest
 
-from megatron_moevement.config import (
-    CHECKSUM_ALGORITHMS,
-    ORDERING_POLICIES,
-    MoEvementConfig,
-    MoEvementConfigError,
-)
+from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
+from megatron_moevement.constants import CHECKSUM_ALGORITHMS, ORDERING_POLICIES
 
 
 def test_defaults_match_the_paper():

@@ -19,7 +19,8 @@ def _perturbed_replica_job(out: str) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.strategy import MoEvementStrategy, ReplicaMismatchError
+    from megatron_moevement.snapshot.sharding import ReplicaMismatchError
+    from megatron_moevement.strategy import MoEvementStrategy
 
     dist.init_process_group("gloo")
     trainer = HarnessTrainer(TinyMoEConfig(), ParallelLayout(dp=2))
@@ -40,7 +41,7 @@ def _perturbed_replica_job(out: str) -> None:
 def test_diverged_replicas_are_rejected_with_a_fix(tmp_path):
     import json
 
-    from megatron_moevement.harness.launcher import LocalJob
+    from megatron_moevement.launch.local import LocalJob
 
     with LocalJob(
         2, "tests.test_strategy", [str(tmp_path)], log_dir=tmp_path, env={"PYTHONPATH": str(REPO)}

@@ -7,16 +7,14 @@
   non-expert state plus a rotating group of experts; recovery restores experts from stale
   snapshots and loses tokens (reported as the proportion of lost tokens; not bitwise equal).
 
-:func:`build_strategy` builds any of them, or MoEvement, by name. See ``docs/baselines.md``.
+Each is a :class:`~megatron_moevement.policy.CapturePolicy` on a
+:class:`~megatron_moevement.strategy.MoEvementStrategy`. :func:`build_strategy` builds any of
+them, or MoEvement, by name. See ``docs/baselines.md``.
 """
 
-from megatron_moevement.baselines.config import (
-    BASELINE_STRATEGIES,
-    CKPT_STRATEGIES,
-    BaselineConfig,
-    BaselineConfigError,
-)
+from megatron_moevement.baselines.config import BaselineConfig, BaselineConfigError
 from megatron_moevement.baselines.factory import build_strategy
+from megatron_moevement.constants import BASELINE_STRATEGIES, CKPT_STRATEGIES
 
 __all__ = [
     "BASELINE_STRATEGIES",

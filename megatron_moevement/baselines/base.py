@@ -1,10 +1,11 @@
-"""What the baseline strategies share: a :class:`MoEvementStrategy` driven by a
-:class:`~megatron_moevement.baselines.config.BaselineConfig` policy."""
+"""What the baseline strategies share: a :class:`MoEvementStrategy` under a baseline's capture
+policy, configured by a :class:`~megatron_moevement.baselines.config.BaselineConfig`."""
 
 from __future__ import annotations
 
 from megatron_moevement.baselines.config import BaselineConfig
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.policy import CapturePolicy
 from megatron_moevement.strategy import MoEvementStrategy
 
 
@@ -16,7 +17,7 @@ class BaselineStrategy(MoEvementStrategy):
         optimizer: Its Megatron optimizer.
         config: Shared storage settings (replication factor, checksum, ...); the window, upstream
             logging and recovery scope are overridden (see :meth:`BaselineConfig.moevement_config`).
-        baseline: The policy; its ``strategy`` must be the subclass's :attr:`name`.
+        baseline: The policy's settings; its ``strategy`` must be the subclass's :attr:`name`.
         num_experts: Experts per MoE layer (defaults to the model config's).
         **kwargs: Further :class:`~megatron_moevement.strategy.MoEvementStrategy` arguments
             (``train_iteration`` for :meth:`recover`, ``verify_replicas``).
@@ -41,5 +42,14 @@ class BaselineStrategy(MoEvementStrategy):
                 f"{self.baseline.strategy!r}"
             )
         super().__init__(
-            gpt_model, optimizer, self.baseline.moevement_config(config), num_experts, **kwargs
+            gpt_model,
+            optimizer,
+            self.baseline.moevement_config(config),
+            num_experts,
+            policy=self.make_policy(self.baseline),
+            **kwargs,
         )
+
+    def make_policy(self, baseline: BaselineConfig) -> CapturePolicy:
+        """The capture policy of this baseline."""
+        raise NotImplementedError

@@ -23,21 +23,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, NoReturn, Tuple
 
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.constants import BASELINE_STRATEGIES
 
 __all__ = [
     "BASELINE_OVERRIDES",
-    "BASELINE_STRATEGIES",
-    "CKPT_STRATEGIES",
     "POLICY_FIELDS",
     "BaselineConfig",
     "BaselineConfigError",
 ]
-
-BASELINE_STRATEGIES = ("gemini", "moc")
-"""Baseline policies: dense in-memory snapshots every k iterations, partial experts."""
-
-CKPT_STRATEGIES = ("moevement", *BASELINE_STRATEGIES)
-"""Every in-memory checkpointing strategy the harness and :func:`build_strategy` accept."""
 
 BASELINE_OVERRIDES: Dict[str, Any] = dict(
     window_size=1, upstream_logging=False, recovery_scope="global"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from megatron_moevement.baselines.config import CKPT_STRATEGIES, BaselineConfig, BaselineConfigError
+from megatron_moevement.baselines.config import BaselineConfig, BaselineConfigError
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.constants import CKPT_STRATEGIES
 
 __all__ = ["build_strategy"]
 

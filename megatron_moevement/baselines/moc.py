@@ -4,7 +4,7 @@ Every iteration, after the optimizer step, one checkpoint captures the full stat
 parameters, optimizer state, compute weights) of every *non-expert* operator of the stage plus
 one rotating group of each layer's experts (:mod:`~megatron_moevement.baselines.rotation`), and
 replicates it to peers — MoEvement's engine and replicator with a one-slot window per checkpoint
-and ``n + 1`` generations retained (:mod:`~megatron_moevement.baselines.retention`).
+and ``n + 1`` checkpoints retained (the policy's ``keep_windows``).
 
 Recovery rolls every rank back to the newest checkpoint persisted everywhere (iteration ``t``):
 non-expert operators come from it, each expert group from the newest checkpoint that captured it
@@ -21,83 +21,87 @@ from __future__ import annotations
 import json
 
 import torch
+import torch.distributed as dist
 
 from megatron_moevement.baselines.base import BaselineStrategy
 from megatron_moevement.baselines.config import BaselineConfig
 from megatron_moevement.baselines.lost_tokens import TokenLedger
-from megatron_moevement.baselines.retention import retain_generations
 from megatron_moevement.baselines.rotation import group_of_expert, latest_capture, num_groups
-from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.replay.frozen import SlotLoader, default_operator_groups
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.schedule.scheduler import SparseSchedule
-from megatron_moevement.strategy import _owning_layer
+from megatron_moevement.policy import CapturePolicy
+from megatron_moevement.replay.engine import ReplayReport
+from megatron_moevement.schedule.sparse_schedule import ScheduledOperator, SparseSchedule
+from megatron_moevement.snapshot.replication import choose_peers
+from megatron_moevement.snapshot.slots import SparseCheckpoint
+from megatron_moevement.snapshot.transport import recv_bytes, recv_slot, send_bytes, send_slot
+from megatron_moevement.state.operators import layer_number_of
 
-__all__ = ["CheckpointFetchError", "PartialExpertStrategy"]
+__all__ = ["CheckpointFetchError", "PartialExpertPolicy", "PartialExpertStrategy"]
 
 logger = get_logger(__name__)
-
-# Bytes per parameter of the full state (FP32 main param + two FP32 Adam moments), as in
-# strategy._FULL_STATE_BYTES_PER_PARAM: sizes that are the same on every replica.
-_FULL_STATE_BYTES_PER_PARAM = 12
 
 
 class CheckpointFetchError(RuntimeError):
     """A replacement rank's older checkpoint has no surviving replica."""
 
 
-class PartialExpertStrategy(BaselineStrategy):
+class PartialExpertPolicy(CapturePolicy):
     """Partial expert checkpointing every iteration (MoC-System-like), with lost-token accounting.
 
-    Constructed like :class:`~megatron_moevement.baselines.base.BaselineStrategy` (``baseline``
-    holds the policy).
+    Args:
+        baseline: The policy's settings (``expert_fraction``).
+        num_experts: Experts per MoE layer.
+        num_layers: Transformer layers of the whole model.
     """
 
     name = "moc"
 
-    def __init__(
-        self,
-        gpt_model,
-        optimizer,
-        config: MoEvementConfig | None = None,
-        baseline: BaselineConfig | None = None,
-        num_experts: int | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(gpt_model, optimizer, config, baseline, num_experts, **kwargs)
-        experts = num_experts or gpt_model.config.num_moe_experts
-        self.num_experts = experts
-        self.groups = num_groups(experts, self.baseline.expert_fraction)
-        self.keep = self.groups + 1  # the newest n persisted checkpoints plus one in flight
-        retain_generations(self, self.keep)
-        self.ledger = TokenLedger(gpt_model.config.num_layers, experts)
-        self._pending_counts = torch.zeros(gpt_model.config.num_layers, experts, dtype=torch.int64)
-        self._hooks.extend(self._install_count_hooks())
-        self._nonexpert = [op.name for op in self.registry if op.kind != "expert"]
+    def __init__(self, baseline: BaselineConfig, num_experts: int, num_layers: int) -> None:
+        super().__init__()
+        self.baseline = baseline
+        self.num_experts = num_experts
+        self.groups = num_groups(num_experts, baseline.expert_fraction)
+        self.keep_windows = self.groups + 1  # the newest n persisted checkpoints plus one in flight
+        self.ledger = TokenLedger(num_layers, num_experts)
+        self._pending_counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+        self._handles: list = []
+        self._nonexpert: list[str] = []
+        self._group_ops: dict[int, list[str]] = {}
+        self._adopted = False
+
+    def attach(self, strategy) -> None:
+        super().attach(strategy)
+        registry = strategy.registry
+        self._nonexpert = [op.name for op in registry if op.kind != "expert"]
         self._group_ops = {
             j: [
                 op.name
-                for op in self.registry.of_kind("expert")
+                for op in registry.of_kind("expert")
                 if group_of_expert(op.expert, self.groups) == j
             ]
             for j in range(self.groups)
         }
-        self._adopted = False
+        self._handles = self._install_count_hooks(strategy.gpt_model)
         logger.info(
             "MoC on rank %d: %d expert groups (fraction %.3f), keeps %d checkpoints",
-            self.rank,
+            strategy.rank,
             self.groups,
             self.baseline.expert_fraction,
-            self.keep,
+            self.keep_windows,
         )
 
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
     # ------------------------------------------------------------------ routing counts
-    def _install_count_hooks(self) -> list:
+    def _install_count_hooks(self, gpt_model) -> list:
         handles = []
-        for name, module in self.gpt_model.named_modules():
+        for name, module in gpt_model.named_modules():
             if not name.endswith("mlp.router"):
                 continue
-            layer = int(_owning_layer(self.gpt_model, name).layer_number) - 1
+            layer = layer_number_of(gpt_model, name)
 
             def hook(mod, args, output, layer=layer):
                 if mod.training:
@@ -108,90 +112,70 @@ class PartialExpertStrategy(BaselineStrategy):
 
     def _record_counts(self, iteration: int) -> None:
         """Sums this iteration's routing counts over the job and records them (collective)."""
-        import torch.distributed as dist
-
         counts = self._pending_counts.clone()
         dist.all_reduce(counts)
         self.ledger.record(iteration, counts.numpy())
         self._pending_counts.zero_()
 
-    def _record_iteration(self, iteration: int) -> None:
-        super()._record_iteration(iteration)
-        self._record_counts(iteration)
-
     # ------------------------------------------------------------------ checkpoints
-    def _schedule_for(self, generation: int) -> SparseSchedule:
-        """One slot: every non-expert operator and the experts of this generation's group."""
-        group = generation % self.groups
-        names = self._nonexpert + self._group_ops[group]
-        compute, full = {}, {}
-        for name in names:
-            op = self.registry[name]
-            compute[name] = op.compute_bytes
-            full[name] = sum(p.param.numel() for p in op.params) * _FULL_STATE_BYTES_PER_PARAM
+    def _schedule_for(self, window: int) -> SparseSchedule:
+        """One slot: every non-expert operator and the experts of this checkpoint's group."""
+        registry = self.strategy.registry
+        names = self._nonexpert + self._group_ops[window % self.groups]
+        sizes = [ScheduledOperator.of(registry[name]) for name in names]
         return SparseSchedule(
             slices=[names],
-            compute_bytes=compute,
-            full_state_bytes=full,
+            compute_bytes={op.name: op.compute_bytes for op in sizes},
+            full_state_bytes={op.name: op.full_state_bytes for op in sizes},
             include_compute_in_full_slot=True,
             policy="moc",
         )
 
-    def _capture_slot(self, iteration: int) -> None:
-        # The previous checkpoint must be persisted before a buffer is reused for a new one.
-        if self.checkpoints and not self.checkpoints[-1].persisted:
-            self.engine.drain()
-            self.replicator.drain()
-        generation = self._window_count
-        ckpt = self.engine.begin_window(self._schedule_for(generation), iteration, generation)
-        self._window_count += 1
-        self.checkpoints.append(ckpt)
-        del self.checkpoints[: max(0, len(self.checkpoints) - self.keep)]
-        oldest = self.checkpoints[0].start_iteration
-        self.scalar_log.discard_before(oldest)
-        if generation >= self.groups:  # every group has a capture among the kept checkpoints
+    def after_step(self, iteration: int) -> None:
+        s = self.strategy
+        self._record_counts(iteration)
+        ckpt = s.start_window(self._schedule_for(s.windows_started), iteration)
+        oldest = s.checkpoints[0].start_iteration
+        s.scalar_log.discard_before(oldest)
+        if ckpt.window >= self.groups:  # every group has a capture among the kept checkpoints
             self.ledger.fold_before(oldest)
-        slot = self.engine.capture(ckpt, 0, iteration)
-        self.replicator.replicate(ckpt, slot)
-        self._count_snapshot()
+        s.capture_and_replicate(ckpt, 0, iteration)
 
     # ------------------------------------------------------------------ recovery
-    def adopt_host_state(self, old: "PartialExpertStrategy") -> None:
-        super().adopt_host_state(old)
+    def adopt(self, old: "PartialExpertPolicy") -> None:
         self.ledger = old.ledger
         self._adopted = True
 
-    def rollback_and_replay(self, target_iteration: int, train_iteration, ckpt=None) -> dict:
+    def restore(self, target_iteration, train_iteration, ckpt=None) -> ReplayReport:
         """Restores non-expert state from ``ckpt`` (default: the persisted checkpoint) and each
         expert group from its newest capture, accounts the lost tokens, and trains on from the
         checkpoint's iteration to ``target_iteration``. All ranks must call this together."""
-        ckpt = ckpt or self.persisted_checkpoint
+        s = self.strategy
+        ckpt = ckpt or s.persisted_checkpoint
         if ckpt is None:
             raise RuntimeError(
                 "no persisted MoC checkpoint to roll back to (a failure before the "
                 "first one was replicated); restart from the durable tier"
             )
-        self.flush()
+        s.flush()
         self._pending_counts.zero_()
-        g, restore_it = ckpt.generation, ckpt.start_iteration
-        needed = [gen for gen in range(g - self.groups + 1, g + 1) if gen >= 0]
+        g, restore_it = ckpt.window, ckpt.start_iteration
+        needed = [w for w in range(g - self.groups + 1, g + 1) if w >= 0]
         self._fetch_missing(needed)
-        held = {c.generation: c for c in self.checkpoints}
-        missing = [gen for gen in needed if gen not in held]
+        held = {c.window: c for c in s.checkpoints}
+        missing = [w for w in needed if w not in held]
         if missing:
             raise CheckpointFetchError(
-                f"rank {self.rank} lacks MoC checkpoints {missing} needed to restore from "
-                f"generation {g}; restart from the durable tier"
+                f"rank {s.rank} lacks MoC checkpoints {missing} needed to restore from "
+                f"checkpoint {g}; restart from the durable tier"
             )
-        loader = SlotLoader(
-            self.registry, self.shard_plan, self.sharding, default_operator_groups()
-        )
-        for gen in needed:  # oldest first: newer captures override (non-expert state from g)
-            loader.apply(held[gen], 0)
+        loader = s.replay.loader()
+        for w in needed:  # oldest first: newer captures override (non-expert state from g)
+            loader.apply(held[w], 0)
         captured_at = {}
         for j in range(self.groups):
-            gen = latest_capture(j, g, self.groups, needed)
-            captured_at[j] = None if gen is None else held[gen].start_iteration
+            w = latest_capture(j, g, self.groups, needed)
+            captured_at[j] = None if w is None else held[w].start_iteration
         self._sync_ledger()
         event = self.ledger.account_recovery(
             restore_it,
@@ -201,22 +185,12 @@ class PartialExpertStrategy(BaselineStrategy):
                 for e in range(self.num_experts)
             },
         )
-        retrained = list(range(restore_it + 1, target_iteration + 1))
-        for iteration in retrained:
-            train_iteration(iteration)
-            self._record_counts(iteration)
-        self.checkpoints = [held[gen] for gen in needed]
-        report = dict(
-            window=g,
-            window_start=restore_it,
-            window_size=1,
-            target_iteration=target_iteration,
-            iterations_replayed=retrained,
-            frozen_operators={it: 0 for it in retrained},
-            lost_tokens=event.lost_tokens,
-            stale_experts=event.stale_experts,
+        report = s.replay.retrain(
+            g, restore_it, target_iteration, train_iteration, after_iteration=self._record_counts
         )
-        self.replay_reports.append(report)
+        report.lost_tokens = event.lost_tokens
+        report.stale_experts = event.stale_experts
+        s.checkpoints = [held[w] for w in needed]
         logger.warning(
             "MoC rollback to iteration %d: %d expert(s) restored stale, %d tokens lost "
             "(PLT so far %.4f%%); retrained %s",
@@ -224,87 +198,79 @@ class PartialExpertStrategy(BaselineStrategy):
             len(event.stale_experts),
             event.lost_tokens,
             100 * self.ledger.proportion_lost,
-            retrained,
+            report.iterations_replayed,
         )
         return report
 
-    def resume_after_recovery(self, committed: int, window_count: int, ckpt) -> None:
+    def resume(self, committed: int, windows_started: int, ckpt) -> None:
         """Keeps the checkpoints the restore used (they hold the newest capture of each expert
-        group) and captures the next generation after ``ckpt``'s again."""
-        kept = list(self.checkpoints)
-        super().resume_after_recovery(committed, ckpt.generation + 1, ckpt)
-        self.checkpoints = kept
+        group) and captures the next checkpoint after ``ckpt``'s again."""
+        s = self.strategy
+        kept = list(s.checkpoints)
+        super().resume(committed, ckpt.window + 1, ckpt)
+        s.checkpoints = kept
 
     def _sync_ledger(self) -> None:
         """Every rank takes the routing counts of the lowest rank that kept them (replacement
         ranks have none; survivors may differ in the last, uncommitted iteration)."""
-        import torch.distributed as dist
-
-        flags = torch.zeros(self.world_size, dtype=torch.int64)
-        flags[self.rank] = int(self._adopted)
+        s = self.strategy
+        flags = torch.zeros(s.world_size, dtype=torch.int64)
+        flags[s.rank] = int(self._adopted)
         dist.all_reduce(flags)
         holders = [r for r, f in enumerate(flags.tolist()) if f]
         if not holders:
             raise CheckpointFetchError("no surviving rank holds the routing counts")
-        box = [self.ledger.state_dict() if self.rank == holders[0] else None]
+        box = [self.ledger.state_dict() if s.rank == holders[0] else None]
         dist.broadcast_object_list(box, src=holders[0])
-        if self.rank != holders[0]:
+        if s.rank != holders[0]:
             self.ledger.load_state_dict(box[0])
 
     def _fetch_missing(self, needed: list[int]) -> None:
-        """Each rank lacking some of the checkpoints ``needed`` receives them from the lowest of
-        its replica peers that is not itself a replacement (collective)."""
-        import torch.distributed as dist
-
-        from megatron_moevement.snapshot.replication import choose_peers
-        from megatron_moevement.snapshot.engine import SparseCheckpoint
-        from megatron_moevement.snapshot.transport import recv_bytes, recv_slot, send_bytes, send_slot
-
-        have = {c.generation for c in self.checkpoints}
-        lacks = torch.zeros(self.world_size, max(1, len(needed)), dtype=torch.int64)
-        for i, gen in enumerate(needed):
-            lacks[self.rank, i] = int(gen not in have)
+        """Each rank lacking some of the checkpoints ``needed`` receives them from the lowest
+        of its replica peers that is not itself a replacement (collective)."""
+        s = self.strategy
+        have = {c.window for c in s.checkpoints}
+        lacks = torch.zeros(s.world_size, max(1, len(needed)), dtype=torch.int64)
+        for i, w in enumerate(needed):
+            lacks[s.rank, i] = int(w not in have)
         dist.all_reduce(lacks)
-        replaced = {r for r in range(self.world_size) if lacks[r].any()}
+        replaced = {r for r in range(s.world_size) if lacks[r].any()}
         for lost in sorted(replaced):
-            gens = [gen for i, gen in enumerate(needed) if lacks[lost, i]]
+            windows = [w for i, w in enumerate(needed) if lacks[lost, i]]
             peers = choose_peers(
-                lost,
-                self.world_size,
-                self.config.replication_factor,
-                self.replicator_ranks_per_node,
+                lost, s.world_size, s.config.replication_factor, s.replicator_ranks_per_node
             )
             holders = [p for p in peers if p not in replaced]
             if not holders:
                 raise CheckpointFetchError(
-                    f"rank {lost}'s MoC checkpoints {gens} have no surviving replica (peers "
+                    f"rank {lost}'s MoC checkpoints {windows} have no surviving replica (peers "
                     f"{peers}); raise replication_factor or restart from the durable tier"
                 )
             sender = holders[0]
-            if self.rank == sender:
-                store = self.replicator.replicas.get(lost)
+            if s.rank == sender:
+                store = s.replicator.replicas.get(lost)
                 slots = [
-                    None if store is None else (store.windows.get(gen) or [None])[0] for gen in gens
+                    None if store is None else (store.windows.get(w) or [None])[0] for w in windows
                 ]
-                if any(s is None for s in slots):
+                if any(slot is None for slot in slots):
                     error = (
                         f"rank {sender} lacks replicas of rank {lost}'s MoC checkpoints "
-                        f"{[gen for gen, s in zip(gens, slots) if s is None]}"
+                        f"{[w for w, slot in zip(windows, slots) if slot is None]}"
                     )
                     send_bytes(json.dumps(dict(error=error)).encode(), lost)
                     raise CheckpointFetchError(error)
                 for slot in slots:
                     send_slot(slot, lost)
-            elif self.rank == lost:
-                for _ in gens:
+            elif s.rank == lost:
+                for _ in windows:
                     manifest = json.loads(recv_bytes(sender))
                     if "error" in manifest:
                         raise CheckpointFetchError(manifest["error"])
                     slot = recv_slot(sender, manifest)
-                    self.checkpoints.append(SparseCheckpoint.from_slots([slot]))
-                self.checkpoints.sort(key=lambda c: c.generation)
+                    s.checkpoints.append(SparseCheckpoint.from_slots([slot]))
+                s.checkpoints.sort(key=lambda c: c.window)
                 logger.info(
-                    "rank %d fetched MoC checkpoints %s from rank %d", self.rank, gens, sender
+                    "rank %d fetched MoC checkpoints %s from rank %d", s.rank, windows, sender
                 )
 
     # ------------------------------------------------------------------ reporting
@@ -312,7 +278,6 @@ class PartialExpertStrategy(BaselineStrategy):
         """Policy facts for reports: groups, bytes, and the lost-token accounting."""
         return dict(
             super().stats(),
-            strategy=self.name,
             expert_fraction=self.baseline.expert_fraction,
             groups=self.groups,
             window_size=1,
@@ -321,3 +286,26 @@ class PartialExpertStrategy(BaselineStrategy):
             proportion_lost_tokens=self.ledger.proportion_lost,
             recoveries=[e.to_dict() for e in self.ledger.events],
         )
+
+
+class PartialExpertStrategy(BaselineStrategy):
+    """Partial expert checkpointing every iteration (MoC-System-like), with lost-token
+    accounting. Constructed like :class:`~megatron_moevement.baselines.base.BaselineStrategy`
+    (``baseline`` holds the policy's settings)."""
+
+    name = "moc"
+
+    def __init__(self, gpt_model, optimizer, config=None, baseline=None, num_experts=None, **kw):
+        self._model_sizes = (
+            num_experts or gpt_model.config.num_moe_experts,
+            gpt_model.config.num_layers,
+        )
+        super().__init__(gpt_model, optimizer, config, baseline, num_experts, **kw)
+
+    def make_policy(self, baseline: BaselineConfig) -> PartialExpertPolicy:
+        return PartialExpertPolicy(baseline, *self._model_sizes)
+
+    @property
+    def ledger(self) -> TokenLedger:
+        """The lost-token accounting (shared by every rank)."""
+        return self.policy.ledger

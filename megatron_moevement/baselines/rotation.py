@@ -4,7 +4,7 @@ Each checkpoint captures the non-expert state and one *group* of experts of ever
 ``k`` experts per group (the configured fraction of a layer's experts, at least one) there are
 ``n = ceil(E / k)`` groups; expert ``e`` belongs to group ``e % n`` (strided, so that the experts
 of one group are spread over the expert-parallel ranks, which hold contiguous expert ranges), and
-checkpoint generation ``g`` captures group ``g % n``.
+checkpoint (window) ``w`` captures group ``w % n``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, Iterable, Optional
 __all__ = [
     "experts_per_group",
     "group_of_expert",
-    "group_of_generation",
+    "group_of_window",
     "latest_capture",
     "num_groups",
 ]
@@ -40,28 +40,28 @@ def group_of_expert(expert: int, groups: int) -> int:
     return expert % groups
 
 
-def group_of_generation(generation: int, groups: int) -> int:
-    """Group of experts that checkpoint ``generation`` captures."""
-    return generation % groups
+def group_of_window(window: int, groups: int) -> int:
+    """Group of experts that checkpoint (window) number ``window`` captures."""
+    return window % groups
 
 
 def latest_capture(
-    group: int, generation: int, groups: int, available: Optional[Iterable[int]] = None
+    group: int, window: int, groups: int, available: Optional[Iterable[int]] = None
 ) -> Optional[int]:
-    """Generation of the newest checkpoint at or before ``generation`` that captured ``group``.
+    """Number of the newest checkpoint at or before ``window`` that captured ``group``.
 
     Args:
         group: Expert group.
-        generation: Generation recovery restores from (the newest persisted checkpoint).
+        window: Checkpoint recovery restores from (the newest persisted one).
         groups: Number of groups ``n``.
-        available: Generations still held; ``None`` assumes every generation ``>= 0``.
+        available: Checkpoints still held; ``None`` assumes every number ``>= 0``.
 
     Returns:
-        The generation, or ``None`` when no held checkpoint captured the group yet (its experts
-        then keep their initial state).
+        The checkpoint number, or ``None`` when no held checkpoint captured the group yet (its
+        experts then keep their initial state).
     """
     held = None if available is None else set(available)
-    g = generation - ((generation - group) % groups)
+    g = window - ((window - group) % groups)
     while g >= 0:
         if held is None or g in held:
             return g
@@ -72,8 +72,8 @@ def latest_capture(
 
 
 def captures_by_group(
-    generation: int, groups: int, available: Optional[Iterable[int]] = None
+    window: int, groups: int, available: Optional[Iterable[int]] = None
 ) -> Dict[int, Optional[int]]:
     """:func:`latest_capture` of every group."""
     held = None if available is None else sorted(set(available))
-    return {j: latest_capture(j, generation, groups, held) for j in range(groups)}
+    return {j: latest_capture(j, window, groups, held) for j in range(groups)}

@@ -16,7 +16,7 @@ import torch
 from megatron_moevement.durable.errors import DurableCheckpointError
 from megatron_moevement.durable.files import FORMAT_NAME, FORMAT_VERSION, slot_file_name
 from megatron_moevement.durable.layout import current_layout
-from megatron_moevement.snapshot.engine import SparseCheckpoint
+from megatron_moevement.snapshot.slots import SparseCheckpoint
 
 SLOT_WAIT_S = 600.0
 """How long a writer waits for a slot's copy and checksums before giving up."""
@@ -73,7 +73,7 @@ class RankPayload:
     config: dict
     """The writing job's ``MoEvementConfig`` (as a dict), for tools such as the converter."""
     metadata: dict = field(default_factory=dict)
-    """Job metadata (e.g. ``{"harness": {"model": ..., "layout": ...}}`` for the converter)."""
+    """Job metadata (e.g. ``{"job": {"builder": ..., "spec": ...}}`` for the converter)."""
     buffers: list[torch.Tensor] | None = None
     """Per slot, the used bytes of its buffer (set by :meth:`prepare`)."""
     manifest: dict | None = None
@@ -105,7 +105,7 @@ class RankPayload:
             world_size=self.world_size,
             iteration=self.iteration,
             window=dict(
-                generation=ckpt.generation,
+                index=ckpt.window,
                 start_iteration=ckpt.start_iteration,
                 window_size=ckpt.window_size,
                 schedule=ckpt.schedule,
@@ -170,7 +170,7 @@ def payload_from_strategy(
     if missing:
         raise DurableCheckpointError(
             f"rank {strategy.rank}: the optimizer-scalar log lacks iterations {missing} needed to "
-            f"replay window {ckpt.generation} to iteration {last}; save right after "
+            f"replay window {ckpt.window} to iteration {last}; save right after "
             "after_optimizer_step()"
         )
     attached = getattr(strategy, "durable", None)

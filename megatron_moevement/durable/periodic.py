@@ -134,14 +134,14 @@ class DurableSaver:
         logger.debug(
             "durable: save of iteration %d (window %d) queued",
             iteration,
-            payload.checkpoint.generation,
+            payload.checkpoint.window,
         )
         return save
 
-    def before_buffer_reuse(self, generation: int) -> None:
-        """Blocks until no write still reads host buffers that window ``generation`` reuses."""
+    def before_buffer_reuse(self, window: int) -> None:
+        """Blocks until no write still reads host buffers that window ``window`` reuses."""
         for save in self._saves:
-            if save.payload.checkpoint.generation % 2 != generation % 2 or save.written.is_set():
+            if save.payload.checkpoint.window % 2 != window % 2 or save.written.is_set():
                 continue
             t0 = time.perf_counter()
             save.written.wait()
@@ -149,7 +149,7 @@ class DurableSaver:
                 "durable: window %d waited %.2fs for the durable write of iteration %d "
                 "(it reuses the host buffers being written); consider a longer "
                 "durable_interval or faster storage",
-                generation,
+                window,
                 time.perf_counter() - t0,
                 save.payload.iteration,
             )
@@ -180,7 +180,7 @@ class DurableSaver:
                 self.world_size,
                 dict(
                     iteration=payload.iteration,
-                    generation=payload.checkpoint.generation,
+                    window=payload.checkpoint.window,
                     run_id=self.run_id,
                 ),
                 self.completion_timeout_s,
@@ -189,7 +189,7 @@ class DurableSaver:
             common = {
                 "iteration": payload.iteration,
                 "moevement_durable": dict(
-                    window=payload.checkpoint.generation,
+                    window=payload.checkpoint.window,
                     window_start=payload.checkpoint.start_iteration,
                     window_size=payload.checkpoint.window_size,
                 ),
@@ -210,7 +210,7 @@ class DurableSaver:
                 "durable: checkpoint %s complete (%d ranks, window %d, iteration %d)",
                 save.directory,
                 self.world_size,
-                payload.checkpoint.generation,
+                payload.checkpoint.window,
                 payload.iteration,
             )
             self._collect_garbage(payload.iteration)
@@ -262,7 +262,8 @@ class DurableAttachment:
 
     Attributes:
         metadata: Job metadata stored with every durable save (JSON-serializable), e.g.
-            ``{"harness": {"model": ..., "layout": ...}}``, which ``moevement-convert`` needs.
+            ``{"job": {"builder": "module:function", "spec": {...}}}``, which ``moevement-convert``
+            needs to rebuild the job.
         saver: The periodic saver, or ``None``.
     """
 
@@ -286,9 +287,9 @@ class DurableAttachment:
         if self.saver is not None:
             self.saver.after_step(iteration, self.metadata)
 
-    def before_buffer_reuse(self, generation: int) -> None:
+    def before_buffer_reuse(self, window: int) -> None:
         if self.saver is not None:
-            self.saver.before_buffer_reuse(generation)
+            self.saver.before_buffer_reuse(window)
 
     def close(self, strategy=None) -> None:
         clear_active_strategy(strategy)

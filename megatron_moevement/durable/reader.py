@@ -33,8 +33,8 @@ from megatron_moevement.durable.files import (
 from megatron_moevement.durable.layout import RankLayout, check_world_size
 from megatron_moevement.durable.state import DurableSparseState
 from megatron_moevement.durable.writer import read_done_marker
-from megatron_moevement.snapshot.serialization import SnapshotChecksumError, checksum
-from megatron_moevement.snapshot.engine import SlotSnapshot, SparseCheckpoint
+from megatron_moevement.snapshot.checksum import SnapshotChecksumError, checksum
+from megatron_moevement.snapshot.slots import SlotSnapshot, SparseCheckpoint
 
 _OLDER = (
     "Fix: load an older complete durable checkpoint (see `latest_checkpoint()` / the iter_* "
@@ -88,6 +88,18 @@ def _check_format(data: dict, path: Path) -> None:
             f"{path} has format version {data.get('version')}, newer than this megatron-moevement "
             f"reads ({FORMAT_VERSION}). Fix: upgrade megatron-moevement."
         )
+
+
+def read_rank_schedule(checkpoint_dir: str | os.PathLike, rank: int) -> dict:
+    """The window schedule ``rank`` saved (its operator manifest), without reading any slot."""
+    path = rank_dir(Path(checkpoint_dir), rank) / MANIFEST_FILE
+    try:
+        return json.loads(path.read_text())["window"]["schedule"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise MissingRankFileError(
+            f"durable MoEvement checkpoint {checkpoint_dir}: cannot read rank {rank}'s manifest "
+            f"{path} ({exc}). {_OLDER}"
+        ) from exc
 
 
 def read_rank(
@@ -161,7 +173,7 @@ def read_rank(
             except SnapshotChecksumError as exc:
                 raise DurableChecksumError(
                     f"durable MoEvement checkpoint {checkpoint_dir}: {path} (rank {rank}, window "
-                    f"{window['generation']}, slot {slot.slot}, iteration {slot.iteration}) fails "
+                    f"{window.get('index', window.get('generation'))}, slot {slot.slot}, iteration {slot.iteration}) fails "
                     f"its checksum for tensor {exc.name!r} ({exc.algorithm}: expected "
                     f"{exc.expected}, got {exc.got}); the file is corrupted on disk. {_OLDER}"
                 ) from exc

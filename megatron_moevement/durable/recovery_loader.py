@@ -24,7 +24,7 @@ from megatron_moevement.durable.files import latest_checkpoint
 from megatron_moevement.durable.reader import read_rank
 from megatron_moevement.durable.state import DurableSparseState
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot.engine import SparseCheckpoint
+from megatron_moevement.snapshot.slots import SparseCheckpoint
 
 logger = get_logger(__name__)
 
@@ -74,7 +74,7 @@ class DurableTierLoader:
         logger.info(
             "durable tier: rank %d loaded window %d (iterations %d..%d) from %s",
             rank,
-            state.checkpoint.generation,
+            state.checkpoint.window,
             state.window_start,
             state.iteration,
             path,

@@ -14,7 +14,7 @@ from typing import Callable
 
 from megatron_moevement.durable.layout import RankLayout, check_layout, current_layout
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot.engine import SparseCheckpoint
+from megatron_moevement.snapshot.slots import SparseCheckpoint
 
 logger = get_logger(__name__)
 
@@ -60,7 +60,7 @@ class DurableSparseState:
         Returns:
             The sparse checkpoint to pass to ``strategy.rollback_and_replay(..., ckpt=...)``.
         """
-        from megatron_moevement.recovery.driver import ensure_optimizer_state
+        from megatron_moevement.state.optim_view import ensure_optimizer_state
 
         self.check_layout(strategy)
         ensure_optimizer_state(strategy.optimizer)
@@ -100,18 +100,18 @@ class DurableSparseState:
         if not self.window_end <= target <= self.iteration:
             raise ValueError(
                 f"target iteration {target} is outside what {self.path} can reconstruct: "
-                f"{self.window_end} (end of window {self.checkpoint.generation}) to "
+                f"{self.window_end} (end of window {self.checkpoint.window}) to "
                 f"{self.iteration} (last iteration whose optimizer scalars were saved)"
             )
         ckpt = self.install(strategy)
         report = strategy.rollback_and_replay(target, train_iteration, ckpt=ckpt)
         if resume:
-            strategy.resume_after_recovery(target, ckpt.generation + 1, ckpt)
+            strategy.resume_after_recovery(target, ckpt.window + 1, ckpt)
         logger.info(
             "durable: restored iteration %d from %s (window %d, %d iterations replayed)",
             target,
             self.path,
-            ckpt.generation,
-            len(report["iterations_replayed"]),
+            ckpt.window,
+            len(report.iterations_replayed),
         )
         return report

@@ -30,7 +30,7 @@ from megatron_moevement.durable.files import (
 )
 from megatron_moevement.durable.payload import RankPayload
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot.serialization import checksum
+from megatron_moevement.snapshot.checksum import checksum
 
 logger = get_logger(__name__)
 
@@ -66,7 +66,7 @@ def write_rank_files(checkpoint_dir: str | os.PathLike, payload: RankPayload) ->
         version=FORMAT_VERSION,
         rank=payload.rank,
         iteration=payload.iteration,
-        generation=payload.checkpoint.generation,
+        window=payload.checkpoint.window,
         window_start=payload.checkpoint.start_iteration,
         manifest_checksum=checksum(raw, algorithm),
         algorithm=algorithm,
@@ -78,7 +78,7 @@ def write_rank_files(checkpoint_dir: str | os.PathLike, payload: RankPayload) ->
         "durable: rank %d wrote %.1f MB (window %d, iterations %d..%d) to %s in %.2fs",
         payload.rank,
         payload.nbytes / 1e6,
-        payload.checkpoint.generation,
+        payload.checkpoint.window,
         payload.checkpoint.start_iteration,
         payload.iteration,
         final,
@@ -105,7 +105,7 @@ def write_index(
         version=FORMAT_VERSION,
         world_size=world_size,
         iteration=payload.iteration,
-        generation=payload.checkpoint.generation,
+        window=payload.checkpoint.window,
         window_start=payload.checkpoint.start_iteration,
         window_size=payload.checkpoint.window_size,
         window_end=payload.window_end,
@@ -127,7 +127,7 @@ def wait_for_markers(
     poll_s: float = 0.2,
     stop=None,
 ) -> list[dict]:
-    """Polls until every rank's marker matches ``expect`` (e.g. iteration, generation, run id).
+    """Polls until every rank's marker matches ``expect`` (e.g. iteration, window, run id).
 
     Used by the periodic saver, whose ranks do not communicate: it needs a filesystem that all
     ranks share (as ``dist_checkpointing`` itself does).

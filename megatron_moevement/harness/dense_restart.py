@@ -38,7 +38,7 @@ def run_dense_save(spec) -> None:
 def run_dense_restart(spec) -> None:
     import torch.distributed as dist
 
-    from megatron_moevement.recovery.driver import ensure_optimizer_state
+    from megatron_moevement.state.optim_view import ensure_optimizer_state
 
     t0 = time.perf_counter()
     trainer = _build(spec)

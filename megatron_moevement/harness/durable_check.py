@@ -43,17 +43,6 @@ def _reference(ref_dir: str, iteration: int, rank: int) -> dict:
     return torch.load(Path(ref_dir) / f"reference_it{iteration}_rank{rank}.pt")
 
 
-def harness_metadata(spec) -> dict:
-    """The job description ``moevement-convert`` needs to rebuild the harness job."""
-    from megatron_moevement.harness.layout import ParallelLayout
-    from megatron_moevement.harness.model import TinyMoEConfig
-
-    return {
-        "model": TinyMoEConfig.from_dict(spec.model).to_dict(),
-        "layout": ParallelLayout(**spec.layout).to_dict(),
-    }
-
-
 def run_durable_save_check(spec) -> None:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
@@ -63,7 +52,7 @@ def run_durable_save_check(spec) -> None:
     from megatron_moevement.durable import moevement_sharded_state_dict
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
-    from megatron_moevement.harness.trainer import HarnessTrainer
+    from megatron_moevement.harness.trainer import HarnessTrainer, replay_job_metadata
     from megatron_moevement.strategy import MoEvementStrategy
 
     opts = dict(spec.moevement)
@@ -75,7 +64,7 @@ def run_durable_save_check(spec) -> None:
     strategy = MoEvementStrategy(
         trainer.gpt_model, trainer.optimizer, MoEvementConfig.from_dict(opts)
     )
-    strategy.durable.metadata["harness"] = harness_metadata(spec)
+    strategy.durable.metadata["job"] = replay_job_metadata(trainer.model_config, trainer.layout)
     rank = dist.get_rank()
     out = Path(spec.output_dir)
     queue = AsyncCallsQueue()
@@ -221,9 +210,9 @@ def run_durable_verify_check(spec) -> None:
             )
             if strategy is not None:
                 report = state.restore(strategy, trainer.train_iteration, check.get("target"))
-                entry["replayed"] = report["iterations_replayed"]
-                entry["frozen"] = report["frozen_operators"]
-                target = report["target_iteration"]
+                entry["replayed"] = report.iterations_replayed
+                entry["frozen"] = report.frozen_operators
+                target = report.target_iteration
                 entry["target"] = target
                 entry["mismatches"] = _diff(
                     trainer.capture_state(), _reference(ref_dir, target, rank)

@@ -28,11 +28,11 @@ def _scramble(registry, seed: int) -> None:
     for key, tensor in _live_state(registry).items():
         del tensor
     registry.refresh()
-    from megatron_moevement.snapshot.engine import _operator_tensors
+    from megatron_moevement.state.operators import operator_tensors
 
     with torch.no_grad():
         for op in registry.operators:
-            for _, live in _operator_tensors(op, ("compute", "main", "optim")):
+            for _, live in operator_tensors(op, ("compute", "main", "optim")):
                 noise = torch.randn(live.shape, generator=gen).to(live.dtype)
                 live.copy_(noise)
 
@@ -92,10 +92,10 @@ def run_replay_check(spec) -> None:
                 elif main_grad is not None and bool(torch.count_nonzero(main_grad)):
                     probe["active_with_grads"] += 1
 
-    strategy.replay_probe = replay_probe
+    strategy.replay.probe = replay_probe
     result = {
         "rank": dist.get_rank(),
-        "window": ckpt.generation,
+        "window": ckpt.window,
         "start": ckpt.start_iteration,
         "window_size": ckpt.window_size,
         "dense_at": dense_at,
@@ -103,20 +103,22 @@ def run_replay_check(spec) -> None:
     }
 
     _scramble(registry, 1)
-    result["conversion"] = strategy.rollback_and_replay(dense_at, trainer.train_iteration, ckpt)
+    result["conversion"] = strategy.rollback_and_replay(
+        dense_at, trainer.train_iteration, ckpt
+    ).to_dict()
     result["dense_mismatches"] = _diff(trainer.capture_state(), ref[dense_at])
 
     if without_log:
-        strategy.replay_uses_scalar_log = False
+        strategy.replay.use_logged_norm = False
         _scramble(registry, 2)
         strategy.rollback_and_replay(last, trainer.train_iteration, ckpt)
         result["no_log_mismatches"] = len(_diff(trainer.capture_state(), ref[last]))
-        strategy.replay_uses_scalar_log = True
+        strategy.replay.use_logged_norm = True
 
     _scramble(registry, 3)
-    result["replay"] = strategy.rollback_and_replay(last, trainer.train_iteration, ckpt)
+    result["replay"] = strategy.rollback_and_replay(last, trainer.train_iteration, ckpt).to_dict()
     result["target_mismatches"] = _diff(trainer.capture_state(), ref[last])
-    strategy.replay_probe = None
+    strategy.replay.probe = None
     result["probe"] = probe
 
     for it in range(spec.iterations, spec.iterations + extra):

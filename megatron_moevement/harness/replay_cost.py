@@ -48,7 +48,7 @@ def run_replay_cost(spec) -> None:
     reports = [
         strategy.rollback_and_replay(spec.iterations - 1, timed, ckpt) for _ in range(repeats)
     ]
-    frozen = reports[-1]["frozen_operators"]
+    frozen = reports[-1].frozen_operators
     rows = []
     for iteration, values in sorted(timings.items()):
         t = torch.tensor(sorted(values)[len(values) // 2], dtype=torch.float64)

@@ -46,7 +46,8 @@ def run_resilient(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.recovery.driver import ElasticContext, RecoveryDriver
+    from megatron_moevement.recovery.driver import RecoveryDriver
+    from megatron_moevement.recovery.protocol import ElasticContext
     from megatron_moevement.runtime import ensure_runtime
 
     ensure_runtime()

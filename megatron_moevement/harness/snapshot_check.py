@@ -22,12 +22,12 @@ logger = get_logger(__name__)
 
 
 def _live_state(registry) -> dict[str, torch.Tensor]:
-    from megatron_moevement.snapshot.engine import _operator_tensors
+    from megatron_moevement.state.operators import operator_tensors
 
     registry.refresh()
     out = {}
     for op in registry.operators:
-        for key, tensor in _operator_tensors(op, ("compute", "main", "optim")):
+        for key, tensor in operator_tensors(op, ("compute", "main", "optim")):
             out[key] = tensor.clone()
     return out
 
@@ -47,7 +47,7 @@ def run_snapshot_check(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.snapshot.serialization import SnapshotChecksumError
+    from megatron_moevement.snapshot.checksum import SnapshotChecksumError
     from megatron_moevement.strategy import MoEvementStrategy
 
     layout = ParallelLayout(**spec.layout)
@@ -80,7 +80,7 @@ def run_snapshot_check(spec) -> None:
                 if not torch.equal(
                     stored.reshape(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)
                 ):
-                    mismatches.append(f"window {ckpt.generation} slot {slot.slot} {key}")
+                    mismatches.append(f"window {ckpt.window} slot {slot.slot} {key}")
             slots.append(
                 dict(
                     slot=slot.slot,
@@ -92,7 +92,7 @@ def run_snapshot_check(spec) -> None:
             )
         windows.append(
             dict(
-                generation=ckpt.generation,
+                generation=ckpt.window,
                 start=ckpt.start_iteration,
                 window_size=ckpt.window_size,
                 persisted=ckpt.persisted,
@@ -121,7 +121,7 @@ def run_snapshot_check(spec) -> None:
     corruption_message = None
     newest = strategy.checkpoints[-1].slots[0]
     if newest is not None and newest.records:
-        from megatron_moevement.snapshot.engine import SlotSnapshot
+        from megatron_moevement.snapshot.slots import SlotSnapshot
 
         damaged = SlotSnapshot.from_manifest(newest.manifest(), newest.buffer.clone())
         first = next(iter(damaged.records.values()))
@@ -145,9 +145,9 @@ def run_snapshot_check(spec) -> None:
         replicas=replicas,
         memory=memory,
         pool_allocations=strategy.engine.pool.allocations,
-        windows_started=strategy._window_count,
+        windows_started=strategy.windows_started,
         corruption_message=corruption_message,
-        schedule=strategy.scheduler.schedule.to_dict(),
+        schedule=strategy.policy.scheduler.schedule.to_dict(),
     )
     strategy.shutdown()
     out = Path(spec.output_dir)

@@ -63,6 +63,9 @@ def _forward_step(data_iterator, model):
 class HarnessTrainer:
     """One rank's view of a Megatron-Core MoE training job (call after the process group exists).
 
+    Implements the recovery driver's :class:`~megatron_moevement.recovery.driver.Trainer`
+    protocol.
+
     Args:
         model_config: The model and training hyper-parameters.
         layout: The parallel layout; its world size must equal the process group's.
@@ -172,6 +175,11 @@ class HarnessTrainer:
             self.ep_rank,
         )
 
+    @property
+    def num_microbatches(self) -> int:
+        """Microbatches per iteration and data-parallel rank."""
+        return self.model_config.num_microbatches
+
     # --------------------------------------------------------------- training
     def train_iteration(
         self,
@@ -245,3 +253,19 @@ class HarnessTrainer:
                 else:
                     state[f"optim/{name}/{key}"] = torch.tensor(value)
         return state
+
+
+def build_replay_job(spec: dict) -> HarnessTrainer:
+    """The durable converter's builder for checkpoints the harness wrote (``spec``: the
+    ``model`` and ``layout`` fields, see :func:`replay_job_metadata`); call after the process
+    group exists."""
+    return HarnessTrainer(TinyMoEConfig.from_dict(spec["model"]), ParallelLayout(**spec["layout"]))
+
+
+def replay_job_metadata(model: TinyMoEConfig, layout: ParallelLayout) -> dict:
+    """What the harness records in ``strategy.durable.metadata["job"]`` so that
+    ``moevement-convert`` can rebuild its job (:func:`build_replay_job`)."""
+    return {
+        "builder": f"{__name__}:build_replay_job",
+        "spec": {"model": model.to_dict(), "layout": layout.to_dict()},
+    }

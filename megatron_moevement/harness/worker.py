@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.model import TinyMoEConfig
+from megatron_moevement.launch.local import exit_after_success
 from megatron_moevement.logging_utils import configure_logging, get_logger
 
 logger = get_logger(__name__)
@@ -148,7 +148,6 @@ _LAZY_JOBS = {
     "dense_save": ("megatron_moevement.harness.dense_restart", "run_dense_save"),
     "dense_restart": ("megatron_moevement.harness.dense_restart", "run_dense_restart"),
     "profile": ("megatron_moevement.profiler.job", "run_profile"),
-    "durable_convert": ("megatron_moevement.durable.convert", "run_convert_job"),
     "durable_save_check": ("megatron_moevement.harness.durable_check", "run_durable_save_check"),
     "durable_verify_check": (
         "megatron_moevement.harness.durable_check",
@@ -198,19 +197,6 @@ def main(argv: list[str] | None = None) -> None:
         dist.destroy_process_group()
 
 
-def _exit_after_success() -> None:
-    """Ends a worker whose job completed (its results are written) without interpreter
-    finalization: there, gloo objects still referenced from module state are destroyed with
-    joinable threads and abort the process ("terminate called without an active exception",
-    SIGABRT) after the work is done, seen about once in ten demo runs on this machine."""
-    import atexit
-
-    atexit._run_exitfuncs()  # logging, multiprocessing children, ...: everything but teardown
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
     main()
-    _exit_after_success()
+    exit_after_success()

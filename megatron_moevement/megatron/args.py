@@ -55,21 +55,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from megatron_moevement.baselines.config import (
     BASELINE_OVERRIDES,
-    BASELINE_STRATEGIES,
     POLICY_FIELDS,
     BaselineConfig,
     BaselineConfigError,
 )
-from megatron_moevement.config import (
+from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
+from megatron_moevement.constants import (
+    BASELINE_STRATEGIES,
     CHECKSUM_ALGORITHMS,
+    MEGATRON_CKPT_STRATEGIES,
     ORDERING_POLICIES,
-    MoEvementConfig,
-    MoEvementConfigError,
 )
 
 __all__ = [
     "BASELINE_FLAG_PREFIX",
-    "CKPT_STRATEGIES",
+    "MEGATRON_CKPT_STRATEGIES",
     "FLAG_PREFIX",
     "LAUNCH_FLAGS",
     "MoEvementArgsError",
@@ -86,10 +86,6 @@ __all__ = [
     "parse_byte_size",
     "spare_hosts_from_args",
 ]
-
-CKPT_STRATEGIES = ("default", "moevement", *BASELINE_STRATEGIES)
-"""Values of ``--ckpt-strategy``: ``default`` leaves Megatron-LM unchanged; the others are
-in-memory strategies (MoEvement and the baselines)."""
 
 FLAG_PREFIX = "--moevement-"
 """Prefix of every MoEvement option; the rest is the config field name with dashes."""
@@ -451,7 +447,7 @@ def add_moevement_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     group.add_argument(
         "--ckpt-strategy",
         dest="ckpt_strategy",
-        choices=CKPT_STRATEGIES,
+        choices=MEGATRON_CKPT_STRATEGIES,
         default="default",
         help="'moevement' adds MoEvement sparse in-memory checkpointing next to Megatron's own "
         "checkpoints (--save/--load stay the durable tier); 'gemini' (dense snapshots every "
@@ -478,7 +474,7 @@ def moevement_enabled(args: argparse.Namespace) -> bool:
 
     Raises:
         MoEvementArgsError: ``args`` was not parsed with :func:`add_moevement_args`, or its
-            ``ckpt_strategy`` is not one of :data:`CKPT_STRATEGIES`.
+            ``ckpt_strategy`` is not one of :data:`MEGATRON_CKPT_STRATEGIES`.
     """
     return _strategy(args) != "default"
 
@@ -631,10 +627,10 @@ def _strategy(args: Any) -> str:
     """The validated ``--ckpt-strategy`` of ``args``."""
     _require_provider(args)
     strategy = args.ckpt_strategy
-    if strategy not in CKPT_STRATEGIES:
+    if strategy not in MEGATRON_CKPT_STRATEGIES:
         raise MoEvementArgsError(
             f"--ckpt-strategy={strategy!r} is invalid. "
-            f"Fix: use one of {', '.join(CKPT_STRATEGIES)}."
+            f"Fix: use one of {', '.join(MEGATRON_CKPT_STRATEGIES)}."
         )
     return strategy
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from megatron_moevement.logging_utils import configure_logging, get_logger
+from megatron_moevement.recovery.protocol import StoreKeys
 
 __all__ = ["TaskAgent", "main"]
 
@@ -83,8 +84,8 @@ class _StoreProcessTable:
         return self.codes.get(proc)
 
     def pid(self, proc: int) -> Optional[int]:
-        if proc not in self._pids and self.store.check([f"task/{proc}"]):
-            self._pids[proc] = json.loads(self.store.get(f"task/{proc}").decode()).get("pid")
+        if proc not in self._pids and self.store.check([StoreKeys.task(proc)]):
+            self._pids[proc] = json.loads(self.store.get(StoreKeys.task(proc)).decode()).get("pid")
         return self._pids.get(proc)
 
     def kill(self, proc: int) -> None:
@@ -188,7 +189,7 @@ class TaskAgent:
         return env
 
     def _start_coordinator(self) -> None:
-        from megatron_moevement.recovery.driver import JobCoordinator
+        from megatron_moevement.recovery.coordinator import JobCoordinator
 
         store = self.store.clone()
         table = _StoreProcessTable(store, self.log_dir, self.world_size)
@@ -206,8 +207,8 @@ class TaskAgent:
             except BaseException as exc:  # JobFailed/JobTimeout: job/failed is set already
                 self.coordinator_error = exc
                 logger.error("coordinator: %s", exc)
-                if not store.check(["job/failed"]):
-                    store.set("job/failed", str(exc).splitlines()[0])
+                if not store.check([StoreKeys.JOB_FAILED]):
+                    store.set(StoreKeys.JOB_FAILED, str(exc).splitlines()[0])
 
         self._coordinator = threading.Thread(target=run, name="moevement-coordinator", daemon=True)
         self._coordinator.start()
@@ -237,7 +238,7 @@ class TaskAgent:
                 self.child.pid,
             )
         self.store.set(
-            f"task/{self.task}",
+            StoreKeys.task(self.task),
             json.dumps(
                 dict(
                     host=socket.gethostname(),
@@ -266,10 +267,12 @@ class TaskAgent:
                         self.child.pid,
                     )
                     os.kill(self.child.pid, signal.SIGKILL)
-                if self.store.check(["job/done"]) or self.store.check(["job/failed"]):
+                if self.store.check([StoreKeys.JOB_DONE]) or self.store.check(
+                    [StoreKeys.JOB_FAILED]
+                ):
                     break
                 time.sleep(_POLL_S)
-            done = self.store.check(["job/done"])
+            done = self.store.check([StoreKeys.JOB_DONE])
             self._finish_child(graceful=done)
             if not reported:
                 self.store.queue_push(
@@ -305,9 +308,11 @@ class TaskAgent:
             done = done and self.coordinator_error is None
         if done:
             return 0
-        if self.store.check(["job/failed"]):
+        if self.store.check([StoreKeys.JOB_FAILED]):
             logger.error(
-                "task %d: the job failed: %s", self.task, self.store.get("job/failed").decode()
+                "task %d: the job failed: %s",
+                self.task,
+                self.store.get(StoreKeys.JOB_FAILED).decode(),
             )
         return 1
 

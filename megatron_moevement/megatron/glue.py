@@ -541,7 +541,7 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
             "no persisted sparse checkpoint"
             if persisted is None
             else (
-                f"the sparse checkpoint of window {persisted.generation} (iteration "
+                f"the sparse checkpoint of window {persisted.window} (iteration "
                 f"{persisted.start_iteration} on)"
             )
         )

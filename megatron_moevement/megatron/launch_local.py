@@ -34,11 +34,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from megatron_moevement.baselines.config import CKPT_STRATEGIES as IN_MEMORY_STRATEGIES
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
-from megatron_moevement.harness.launcher import JobFailed, JobTimeout, LocalJob
+from megatron_moevement.constants import CKPT_STRATEGIES
+from megatron_moevement.launch.local import LocalJob
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
+from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
 __all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_rank"]
 
@@ -83,10 +84,10 @@ def moevement_flags(
     Raises:
         ValueError: An invalid value or combination; the message names the launcher option.
     """
-    if ckpt_strategy not in IN_MEMORY_STRATEGIES:
+    if ckpt_strategy not in CKPT_STRATEGIES:
         raise ValueError(
             f"--ckpt-strategy={ckpt_strategy!r} is invalid. Fix: use one of "
-            f"{', '.join(IN_MEMORY_STRATEGIES)} (or --no-moevement for Megatron's own "
+            f"{', '.join(CKPT_STRATEGIES)} (or --no-moevement for Megatron's own "
             "checkpointing only)."
         )
     if ckpt_strategy != "moevement" and window_size is not None:
@@ -260,7 +261,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--ckpt-strategy",
-        choices=IN_MEMORY_STRATEGIES,
+        choices=CKPT_STRATEGIES,
         default="moevement",
         help="in-memory strategy passed to the script: moevement (default), or the gemini / moc "
         "baseline (put its --baseline-* options with the script arguments)",

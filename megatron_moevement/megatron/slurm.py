@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, NoReturn, Optional, Sequence, Set, Union
 
-from megatron_moevement.baselines.config import CKPT_STRATEGIES as IN_MEMORY_STRATEGIES
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
+from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.megatron.args import parse_byte_size
 
 __all__ = [
@@ -182,15 +182,12 @@ class SbatchValues:
         _check_int("replication_factor", self.replication_factor, 0)
         if not isinstance(self.master_port, int) or not 1024 <= self.master_port <= 65535:
             _fail("master_port", self.master_port, "must be in 1024..65535", "pick a free port")
-        if (
-            not isinstance(self.ckpt_strategy, str)
-            or self.ckpt_strategy not in IN_MEMORY_STRATEGIES
-        ):
+        if not isinstance(self.ckpt_strategy, str) or self.ckpt_strategy not in CKPT_STRATEGIES:
             _fail(
                 "ckpt_strategy",
                 self.ckpt_strategy,
                 "unknown in-memory checkpointing strategy",
-                f"use one of {', '.join(IN_MEMORY_STRATEGIES)}",
+                f"use one of {', '.join(CKPT_STRATEGIES)}",
             )
         if self.ckpt_strategy != "moevement":
             if self.window_size is not None:

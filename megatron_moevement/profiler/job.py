@@ -96,7 +96,7 @@ def _snapshot_bandwidth(checksum: str) -> float:
     """Per-rank copy+checksum throughput with every rank snapshotting at once (bytes/s)."""
     import torch.distributed as dist
 
-    from megatron_moevement.strategy import measure_d2h_bandwidth
+    from megatron_moevement.snapshot.engine import measure_d2h_bandwidth
 
     dist.barrier()
     return measure_d2h_bandwidth(_BANDWIDTH_BYTES, repeats=3, checksum_algorithm=checksum)
@@ -128,10 +128,8 @@ def _replication_bandwidth(group) -> float:
 def _prepare_restore(trainer, strategy) -> None:
     """What a recovery does after the rebuild before loading state (optimizer state created,
     registry refreshed)."""
-    try:
-        from megatron_moevement.recovery.driver import ensure_optimizer_state
-    except ImportError:  # pragma: no cover - the recovery module moved it
-        return
+    from megatron_moevement.state.optim_view import ensure_optimizer_state
+
     ensure_optimizer_state(trainer.optimizer)
     strategy.registry.refresh()
 
@@ -139,11 +137,11 @@ def _prepare_restore(trainer, strategy) -> None:
 def _detect_s() -> float:
     """The local agent's failure-detection delay: its batching window plus half of each
     polling period (the agent's and the workers'), read from the code that implements them."""
-    from megatron_moevement.recovery import driver as recovery
-    from megatron_moevement.harness.launcher import ElasticAgent
+    from megatron_moevement.launch.local import ElasticAgent
+    from megatron_moevement.recovery.protocol import POLL_S
 
     window = inspect.signature(ElasticAgent.__init__).parameters["batch_window_s"].default
-    poll = getattr(recovery, "_POLL_S", 0.05)
+    poll = POLL_S
     return float(window) + 0.5 * (0.05 + poll)
 
 
@@ -156,13 +154,13 @@ def run_profile(spec) -> None:
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.state.operators import OperatorRegistry
     from megatron_moevement.profiler.aggregate import (
         Measurements,
         RankTimings,
         build_stage_profile,
     )
     from megatron_moevement.profiler.timers import PhaseTimer, TrainerTimers
+    from megatron_moevement.state.operators import OperatorRegistry
 
     options = dict(spec.moevement)
     warmup = int(options.get("warmup", 3))

@@ -62,7 +62,7 @@ def make_timing_communicator(config, timer: PhaseTimer):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-    from megatron_moevement.upstream.log import pipeline_process_groups
+    from megatron_moevement.upstream.communicator import pipeline_process_groups
 
     class TimingP2PCommunicator(P2PCommunicator):
         """Megatron's communicator, timing each ``_communicate`` (every send/receive goes

@@ -42,6 +42,7 @@ from typing import (
 
 import torch
 
+from megatron_moevement.config import register_ordering_name
 from megatron_moevement.logging_utils import get_logger
 
 __all__ = [
@@ -432,6 +433,7 @@ def register_ordering_policy(cls: Type[OrderingPolicy]) -> Type[OrderingPolicy]:
             "Fix: choose another name."
         )
     _POLICIES[name] = cls
+    register_ordering_name(name)
     return cls
 
 

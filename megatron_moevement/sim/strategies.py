@@ -50,7 +50,7 @@ from megatron_moevement.sim.pipeline import iteration_times, localized_iteration
 from megatron_moevement.sim.profile import StageProfile
 from megatron_moevement.sim.recovery import RecoveryModel
 from megatron_moevement.sim.timeline import StaticRuntime, StrategyRuntime, run_timeline
-from megatron_moevement.sim.window import SparseSchedule, find_window_size
+from megatron_moevement.sim.window import StageWindow, job_windows
 
 __all__ = [
     "STRATEGIES",
@@ -554,7 +554,7 @@ class MoC(Strategy):
 
 @dataclass(frozen=True)
 class _MoEvementPlan:
-    schedules: List[SparseSchedule]
+    schedules: List[StageWindow]
     overhead_s: float
     recovery: RecoveryModel
     details: Dict[str, Any]
@@ -566,10 +566,10 @@ class MoEvement(Strategy):
     name = "moevement"
     label = "MoEvement"
 
-    def schedules(self, ctx: ScenarioContext) -> List[SparseSchedule]:
+    def schedules(self, ctx: ScenarioContext) -> List[StageWindow]:
         """Algorithm 1's window and slot layout for every stage."""
         cfg = ctx.config
-        return find_window_size(
+        return job_windows(
             ctx.stages,
             ctx.scenario.model.precision,
             ctx.shard_divisor,
@@ -582,7 +582,7 @@ class MoEvement(Strategy):
         )
 
     def _replay_iteration_s(
-        self, ctx: ScenarioContext, schedules: List[SparseSchedule], step: Optional[int]
+        self, ctx: ScenarioContext, schedules: List[StageWindow], step: Optional[int]
     ) -> float:
         """Expected time of one replayed iteration (``step`` j of the conversion, or ``None``
         for a fully active re-execution), averaged over the stage that failed."""

@@ -1,11 +1,11 @@
-"""Sparse checkpoint window and slot layout (paper Algorithm 1) and its replay cost shares.
+"""The simulator's view of Algorithm 1: a stage's window, slot bytes and replay cost shares.
 
-``FindWindowSize`` (§3.5): order operators by ascending popularity (``OrderOperators``), then
-try W = 1, 2, ...: split the ordered operators into W consecutive slots of roughly equal
-full-state size; slot ``j`` is snapshotted in the ``j``-th iteration of the window with the
-full state (master weights + optimizer) of its own operators and the compute weights of every
-operator of the later slots (they are frozen at that point of a replay, Fig. 6). The first W
-whose largest slot snapshot fits in the overlap window at the device-to-host bandwidth wins.
+The window size and the slot cut are Algorithm 1 as the strategy runs it
+(:mod:`megatron_moevement.schedule.window`: the smallest W whose every slot fits the overlap
+budget, slices cut so that the largest slot is smallest). What the simulator adds is its cost
+model: operator sizes from the model spec and precision (per GPU of the stage), the popularity
+order of :class:`~megatron_moevement.sim.operators.StageOperators`, and the share of the stage's
+weight-gradient and optimizer work that is active in each replayed iteration.
 
 For the sparse-to-dense conversion (§3.3) the ``j``-th replayed iteration has slots ``1..j``
 active; active operators do weight-gradient and optimizer work, frozen ones do not. Ordering by
@@ -22,16 +22,22 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.schedule.window import (
+    SlotCost,
+    balanced_slices,
+    least_stall_window,
+    smallest_window,
+)
 from megatron_moevement.sim.operators import StageOperators
 from megatron_moevement.sim.specs import Precision
 
-__all__ = ["SparseSchedule", "build_schedule", "find_window_size"]
+__all__ = ["StageWindow", "job_windows", "stage_window"]
 
 logger = get_logger(__name__)
 
 
 @dataclass(frozen=True)
-class SparseSchedule:
+class StageWindow:
     """Slot layout of one stage for a given window W (per GPU of the stage)."""
 
     window: int
@@ -82,16 +88,24 @@ def _order(ops: StageOperators, by_popularity: bool) -> np.ndarray:
     return np.arange(ops.num_operators)
 
 
-def _slot_assignment(full_sorted: np.ndarray, window: int) -> np.ndarray:
-    """Contiguous split into ``window`` slots of about equal full-state bytes."""
-    total = full_sorted.sum()
-    if total <= 0:
-        return np.zeros(full_sorted.size, dtype=np.int64)
-    midpoints = np.cumsum(full_sorted) - 0.5 * full_sorted
-    return np.minimum(window - 1, np.floor(window * midpoints / total)).astype(np.int64)
+def _sizes(
+    ops: StageOperators, precision: Precision, shard_divisor: float, by_popularity: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Snapshot order, and full-state and compute-weight bytes per GPU in that order."""
+    order = _order(ops, by_popularity)
+    full = ops.params[order] * precision.full_state_bytes / shard_divisor
+    compute = ops.params[order] * precision.compute_weight_bytes / shard_divisor
+    return order, full, compute
 
 
-def build_schedule(
+def _slot_cost(full: np.ndarray, compute: np.ndarray) -> SlotCost:
+    # Algorithm 1 works on whole bytes; per-GPU sizes are rounded (an error of < 1 byte each).
+    return SlotCost(
+        np.rint(full).astype(np.int64).tolist(), np.rint(compute).astype(np.int64).tolist()
+    )
+
+
+def stage_window(
     ops: StageOperators,
     window: int,
     precision: Precision,
@@ -100,12 +114,12 @@ def build_schedule(
     budget_s: float,
     by_popularity: bool = True,
     skip_frozen_weight_grad: bool = True,
-) -> SparseSchedule:
-    """Lays out the slots of a window of size ``window`` for one stage.
+) -> StageWindow:
+    """Lays out the slots of a window of size ``window`` for one stage (Algorithm 1's cut).
 
     Args:
         ops: The stage's operators.
-        window: Window size W >= 1.
+        window: Window size W >= 1 (slots beyond the stage's operator count stay empty).
         precision: Bytes per parameter of each state part.
         shard_divisor: GPUs sharing the stage's snapshot work evenly (``tp * ep * dp``).
         snapshot_bandwidth: Device-to-host bandwidth per GPU (bytes/s).
@@ -115,12 +129,16 @@ def build_schedule(
             (False models a replay without that optimization: every share is 1).
 
     Returns:
-        The schedule.
+        The stage's window.
     """
-    order = _order(ops, by_popularity)
-    full = ops.params[order] * precision.full_state_bytes / shard_divisor
-    compute = ops.params[order] * precision.compute_weight_bytes / shard_divisor
-    slot_sorted = _slot_assignment(full, window)
+    order, full, compute = _sizes(ops, precision, shard_divisor, by_popularity)
+    window = max(1, int(window))
+    # A stage with fewer operators than the job's W leaves its last slots empty.
+    n = ops.num_operators
+    bounds = balanced_slices(_slot_cost(full, compute), min(window, n)) if n else []
+    slot_sorted = np.empty(ops.num_operators, dtype=np.int64)
+    for k, (p, q) in enumerate(bounds):
+        slot_sorted[p : q + 1] = k
     slot_full = np.bincount(slot_sorted, weights=full, minlength=window)
     slot_cw = np.bincount(slot_sorted, weights=compute, minlength=window)
     later_cw = compute.sum() - np.cumsum(slot_cw)  # compute weights of the frozen later slots
@@ -138,7 +156,7 @@ def build_schedule(
     else:
         weight_grad_share = np.ones(window)
         param_share = np.ones(window)
-    return SparseSchedule(
+    return StageWindow(
         window=window,
         slot_of_operator=slot_of_operator,
         slot_bytes=slot_bytes,
@@ -149,7 +167,7 @@ def build_schedule(
     )
 
 
-def find_window_size(
+def job_windows(
     stages: Sequence[StageOperators],
     precision: Precision,
     shard_divisor: float,
@@ -159,12 +177,14 @@ def find_window_size(
     by_popularity: bool = True,
     skip_frozen_weight_grad: bool = True,
     fixed_window: Optional[int] = None,
-) -> List[SparseSchedule]:
+) -> List[StageWindow]:
     """Algorithm 1's ``FindWindowSize`` for a whole pipeline: one W shared by all stages.
 
     Each stage's smallest fitting W is found; the job uses the largest of them (a larger window
-    only shrinks the other stages' slots). When no W up to ``max_window`` fits, the W with the
-    smallest largest-slot snapshot is used and training stalls; that is logged.
+    only shrinks the other stages' slots). When no W up to ``max_window`` fits a stage, that
+    stage asks for the smallest W whose largest slot is as small as any cut allows
+    (:func:`~megatron_moevement.schedule.window.least_stall_window`) and training stalls; that is
+    logged.
 
     Args:
         stages: Operators of every stage.
@@ -174,15 +194,15 @@ def find_window_size(
         budget_s: Overlap window of one iteration (s).
         max_window: Largest W tried.
         by_popularity: Ascending-popularity operator order (the paper's default).
-        skip_frozen_weight_grad: See :func:`build_schedule`.
+        skip_frozen_weight_grad: See :func:`stage_window`.
         fixed_window: Use this W instead of searching.
 
     Returns:
-        One schedule per stage, all with the same W.
+        One window per stage, all with the same W.
     """
 
-    def schedule(ops: StageOperators, w: int) -> SparseSchedule:
-        return build_schedule(
+    def window_of(ops: StageOperators, w: int) -> StageWindow:
+        return stage_window(
             ops,
             w,
             precision,
@@ -194,29 +214,29 @@ def find_window_size(
         )
 
     if fixed_window is not None:
-        return [schedule(ops, fixed_window) for ops in stages]
+        return [window_of(ops, fixed_window) for ops in stages]
     job_window = 1
     for ops in stages:
+        if ops.num_operators == 0:
+            continue  # nothing to snapshot on this stage
         limit = max(1, min(max_window, ops.num_operators))
-        best_w, best_s = 1, float("inf")
-        chosen = None
-        for w in range(1, limit + 1):
-            sched = schedule(ops, w)
-            if sched.fits:
-                chosen = w
-                break
-            if sched.max_slot_s < best_s - 1e-12:
-                best_w, best_s = w, sched.max_slot_s
-        if chosen is None:
+        _, full, compute = _sizes(ops, precision, shard_divisor, by_popularity)
+        cost = _slot_cost(full, compute)
+        chosen = smallest_window(cost, budget_s * snapshot_bandwidth)
+        # Rounding to whole bytes may let a cut pass that the exact sizes miss by a byte.
+        while chosen is not None and chosen <= limit and not window_of(ops, chosen).fits:
+            chosen = chosen + 1 if chosen < limit else None
+        if chosen is None or chosen > limit:
+            chosen = min(limit, least_stall_window(cost))
+            worst = window_of(ops, chosen)
             logger.warning(
                 "stage %d: no sparse window up to W=%d fits in %.3fs; using W=%d, whose largest "
                 "slot takes %.3fs (training stalls)",
                 ops.stage,
                 limit,
                 budget_s,
-                best_w,
-                best_s,
+                chosen,
+                worst.max_slot_s,
             )
-            chosen = best_w
         job_window = max(job_window, chosen)
-    return [schedule(ops, job_window) for ops in stages]
+    return [window_of(ops, job_window) for ops in stages]

@@ -12,301 +12,48 @@ restricted to what this rank is responsible for (:mod:`megatron_moevement.snapsh
 
 Each slot is packed into one contiguous host buffer (pinned on CUDA) described by a manifest of
 ``TensorRecord`` entries, which makes replication a single transfer per slot and checksums cheap.
-Buffers belong to a pool keyed by (generation parity, slot): the in-flight and the persisted
+Buffers belong to a pool keyed by (window parity, slot): the in-flight and the persisted
 checkpoint use different halves, so a window never overwrites the checkpoint it may need.
 
 The copy is asynchronous. On CUDA it runs on a dedicated stream, ordered after the optimizer step
 by an event, and the next optimizer step waits for it on the device (``wait_stream``), so the host
 never blocks. On CPU it runs on a background thread (torch releases the GIL while copying) and the
 next optimizer step waits for the thread only if it is not done. Either way a slot holds exactly
-the state of its iteration although training continues.
-"""
+the state of its iteration although training continues."""
 
 from __future__ import annotations
 
-import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot.serialization import (
-    SnapshotChecksumError,
-    checksum,
-    dtype_from_name,
-    dtype_name,
+from megatron_moevement.snapshot.buffers import HostBufferPool, allocate_host_buffer
+from megatron_moevement.snapshot.checksum import checksum, dtype_name
+from megatron_moevement.snapshot.slots import (
+    _ALIGN,
+    SlotSnapshot,
+    SnapshotError,
+    SparseCheckpoint,
+    TensorRecord,
 )
+from megatron_moevement.state.operators import operator_tensors
 
 logger = get_logger(__name__)
 
-_ALIGN = 64
-
-
-class SnapshotError(RuntimeError):
-    """A snapshot is missing, incomplete or does not match what is asked of it."""
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    """Where one tensor lives inside a slot buffer."""
-
-    key: str
-    """``<operator>/<kind>/<param>[/<state key>]`` with kind in compute, main, optim."""
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-    checksum: str = ""
-
-    def to_dict(self) -> dict:
-        return dict(
-            key=self.key,
-            dtype=self.dtype,
-            shape=list(self.shape),
-            offset=self.offset,
-            nbytes=self.nbytes,
-            checksum=self.checksum,
-        )
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TensorRecord":
-        return cls(
-            d["key"], d["dtype"], tuple(d["shape"]), d["offset"], d["nbytes"], d.get("checksum", "")
-        )
-
-
-def allocate_host_buffer(nbytes: int) -> torch.Tensor:
-    """A uint8 host buffer, pinned when CUDA is available (for asynchronous device->host copies)."""
-    pin = torch.cuda.is_available()
-    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-
-
-@dataclass
-class SlotSnapshot:
-    """One slot of a sparse checkpoint on one rank: a host buffer and its manifest."""
-
-    generation: int
-    """Window number (0, 1, 2, ...) of the sparse checkpoint this slot belongs to."""
-    slot: int
-    """0-based slot index within the window."""
-    iteration: int
-    """Training iteration whose post-optimizer-step state the slot holds."""
-    full_state_ops: tuple[str, ...]
-    """Operators captured with full state in this slot (by this rank)."""
-    compute_ops: tuple[str, ...]
-    """Operators captured with compute weights only (by this rank)."""
-    records: dict[str, TensorRecord] = field(default_factory=dict)
-    buffer: torch.Tensor | None = field(default=None, repr=False)
-    algorithm: str = "crc32"
-    owner_rank: int = -1
-    """Global rank that captured the slot (differs from the holder for a peer replica)."""
-    window_start: int = -1
-    """First iteration of the slot's window."""
-    schedule: dict | None = field(default=None, repr=False)
-    """The window's schedule (kept with every slot so a peer replica is self-describing)."""
-    ready: threading.Event = field(default_factory=threading.Event, repr=False)
-    error: BaseException | None = field(default=None, repr=False)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.records.values())
-
-    @property
-    def used_bytes(self) -> int:
-        """Length of the buffer prefix the records occupy (what a transfer or file must hold)."""
-        return max((r.offset + r.nbytes for r in self.records.values()), default=0)
-
-    def wait(self, timeout: float | None = None) -> None:
-        """Blocks until the copy and checksums are done; re-raises a copy failure."""
-        if not self.ready.wait(timeout):
-            raise SnapshotError(f"slot {self.slot} of window {self.generation} not ready in time")
-        if self.error is not None:
-            raise SnapshotError(f"capturing slot {self.slot} failed: {self.error}") from self.error
-
-    def tensor(self, key: str) -> torch.Tensor:
-        """A view of the stored tensor ``key`` (no copy)."""
-        try:
-            rec = self.records[key]
-        except KeyError:
-            raise SnapshotError(
-                f"slot {self.slot} (iteration {self.iteration}, rank {self.owner_rank}) has no "
-                f"tensor {key!r}"
-            ) from None
-        raw = self.buffer[rec.offset : rec.offset + rec.nbytes]
-        return raw.view(dtype_from_name(rec.dtype)).view(rec.shape)
-
-    def keys(self) -> Iterable[str]:
-        return self.records.keys()
-
-    def verify(self, keys: Iterable[str] | None = None) -> None:
-        """Recomputes checksums; raises :class:`SnapshotChecksumError` naming the bad tensor."""
-        self.wait()
-        for key in keys if keys is not None else self.records:
-            rec = self.records[key]
-            got = checksum(self.buffer[rec.offset : rec.offset + rec.nbytes], self.algorithm)
-            if got != rec.checksum:
-                raise SnapshotChecksumError(
-                    key,
-                    rec.checksum,
-                    got,
-                    self.algorithm,
-                    shard=f"rank{self.owner_rank}/window{self.generation}/slot{self.slot}",
-                )
-
-    def manifest(self) -> dict:
-        return dict(
-            generation=self.generation,
-            slot=self.slot,
-            iteration=self.iteration,
-            full_state_ops=list(self.full_state_ops),
-            compute_ops=list(self.compute_ops),
-            algorithm=self.algorithm,
-            owner_rank=self.owner_rank,
-            window_start=self.window_start,
-            schedule=self.schedule,
-            records=[r.to_dict() for r in self.records.values()],
-        )
-
-    @classmethod
-    def from_manifest(cls, manifest: dict, buffer: torch.Tensor) -> "SlotSnapshot":
-        slot = cls(
-            generation=manifest["generation"],
-            slot=manifest["slot"],
-            iteration=manifest["iteration"],
-            full_state_ops=tuple(manifest["full_state_ops"]),
-            compute_ops=tuple(manifest["compute_ops"]),
-            algorithm=manifest["algorithm"],
-            owner_rank=manifest["owner_rank"],
-            buffer=buffer,
-            window_start=manifest.get("window_start", -1),
-            schedule=manifest.get("schedule"),
-            records={d["key"]: TensorRecord.from_dict(d) for d in manifest["records"]},
-        )
-        slot.ready.set()
-        return slot
-
-
-@dataclass
-class SparseCheckpoint:
-    """The W slots of one window on one rank."""
-
-    generation: int
-    start_iteration: int
-    """Iteration captured by slot 0."""
-    window_size: int
-    schedule: dict
-    """``SparseSchedule.to_dict()`` of the window (slices of operator names)."""
-    owner_rank: int
-    slots: list[SlotSnapshot | None] = field(default_factory=list)
-    replicated: set[int] = field(default_factory=set)
-    """Slot indices whose replication to every peer has completed."""
-
-    def __post_init__(self) -> None:
-        if not self.slots:
-            self.slots = [None] * self.window_size
-
-    @property
-    def captured(self) -> bool:
-        """True once every slot has been captured (copies may still be finishing)."""
-        return all(s is not None for s in self.slots)
-
-    @property
-    def persisted(self) -> bool:
-        """True once every slot is captured and replicated to all peers."""
-        return self.captured and len(self.replicated) == self.window_size
-
-    @property
-    def nbytes(self) -> int:
-        return sum(s.nbytes for s in self.slots if s is not None)
-
-    @classmethod
-    def from_slots(cls, slots: list[SlotSnapshot]) -> "SparseCheckpoint":
-        """Rebuilds a checkpoint from self-describing slots (e.g. a peer's replicas)."""
-        if not slots or any(s is None for s in slots):
-            raise SnapshotError("cannot rebuild a sparse checkpoint from an incomplete window")
-        first = slots[0]
-        ckpt = cls(
-            generation=first.generation,
-            start_iteration=first.window_start,
-            window_size=len(slots),
-            schedule=first.schedule,
-            owner_rank=first.owner_rank,
-            slots=list(slots),
-        )
-        ckpt.replicated = set(range(len(slots)))
-        return ckpt
-
-    def slot_for_iteration(self, iteration: int) -> SlotSnapshot:
-        index = iteration - self.start_iteration
-        if not 0 <= index < self.window_size or self.slots[index] is None:
-            raise SnapshotError(
-                f"window {self.generation} (iterations {self.start_iteration}.."
-                f"{self.start_iteration + self.window_size - 1}) has no slot for iteration "
-                f"{iteration}"
-            )
-        return self.slots[index]
-
-
-class _HostBufferPool:
-    """Host buffers keyed by (generation modulo ``keep``, slot), allocated once and grown only if
-    a schedule change needs more room."""
-
-    def __init__(self, keep: int = 2) -> None:
-        if keep < 2:
-            raise ValueError(f"keep={keep} must be >= 2 (one persisted, one in flight)")
-        self.keep = keep
-        """Generations whose buffers coexist (keyed by ``generation % keep``)."""
-        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
-        self.allocations = 0
-
-    def get(self, generation: int, slot: int, nbytes: int) -> torch.Tensor:
-        key = (generation % self.keep, slot)
-        buf = self._buffers.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = allocate_host_buffer(nbytes)
-            self._buffers[key] = buf
-            self.allocations += 1
-        return buf
-
-    def release_slots_from(self, window_size: int) -> None:
-        """Frees buffers of slot indices that a smaller window no longer uses."""
-        for key in [k for k in self._buffers if k[1] >= window_size]:
-            del self._buffers[key]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() for b in self._buffers.values())
-
-
-def _operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
-    """(key, live tensor) pairs of operator ``op`` for the given kinds (compute/main/optim).
-
-    When the optimizer steps the model parameter itself (plain FP32 training), the compute weight
-    *is* the main parameter: it is listed once, as ``compute``.
-    """
-    out: list[tuple[str, torch.Tensor]] = []
-    for p in op.params:
-        if "compute" in kinds:
-            out.append((f"{op.name}/compute/{p.name}", p.param.detach()))
-        state = p.state
-        if state is None or state.main_param is None:
-            continue
-        if "main" in kinds and not state.main_is_model:
-            out.append((f"{op.name}/main/{p.name}", state.main_param.detach()))
-        if "optim" in kinds:
-            for skey in sorted(state.optimizer_state):
-                value = state.optimizer_state[skey]
-                if torch.is_tensor(value):
-                    out.append((f"{op.name}/optim/{p.name}/{skey}", value.detach()))
-    return out
-
 
 class _Copier:
-    """Runs device->host copies asynchronously and computes checksums off the critical path."""
+    """Runs device->host copies asynchronously and computes checksums off the critical path.
 
-    def __init__(self) -> None:
+    Args:
+        asynchronous: False runs every copy and checksum on the calling thread before
+            :meth:`submit` returns (``MoEvementConfig.snapshot_async=False``: simpler to debug,
+            and the training thread pays for the copy).
+    """
+
+    def __init__(self, asynchronous: bool = True) -> None:
+        self.asynchronous = asynchronous
         self.use_cuda = torch.cuda.is_available()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moevement-copy")
         self._stream = torch.cuda.Stream() if self.use_cuda else None
@@ -315,6 +62,18 @@ class _Copier:
 
     def submit(self, slot: SlotSnapshot, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> None:
         self.wait_host()
+        if not self.asynchronous:
+            if self.use_cuda:
+                for rec, src in pairs:
+                    slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
+                        src.reshape(-1).view(torch.uint8)
+                    )
+                torch.cuda.current_stream().synchronize()
+                self._finish_sync(slot)
+            else:
+                self._copy_host(slot, pairs)
+            slot.wait()  # re-raises a copy failure on the training thread
+            return
         if self.use_cuda:
             # Order the copy after the optimizer step on the compute stream, then let the
             # compute stream continue; the next step waits on this stream (wait_for_copies).
@@ -340,6 +99,15 @@ class _Copier:
                 )
             _Copier._seal(slot)
         except BaseException as exc:  # surfaced by SlotSnapshot.wait()
+            slot.error = exc
+        finally:
+            slot.ready.set()
+
+    @staticmethod
+    def _finish_sync(slot: SlotSnapshot) -> None:
+        try:
+            _Copier._seal(slot)
+        except BaseException as exc:
             slot.error = exc
         finally:
             slot.ready.set()
@@ -379,6 +147,10 @@ class _Copier:
         self.wait_host()
         self._executor.shutdown(wait=True)
 
+    def abandon(self) -> None:
+        """Stops the copy thread without waiting (after a failure); finished slots stay."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
 
 class SnapshotEngine:
     """Captures the slots of sparse checkpoints for one rank.
@@ -388,22 +160,32 @@ class SnapshotEngine:
         plan: This rank's :class:`~megatron_moevement.snapshot.sharding.ShardPlan`.
         rank: Global rank (recorded in manifests).
         algorithm: Checksum algorithm of the slots.
+        pool: The host buffers to capture into (default: two windows' worth).
+        asynchronous: Overlap copies with training (see :class:`_Copier`).
     """
 
-    def __init__(self, registry, plan, rank: int, algorithm: str = "crc32") -> None:
+    def __init__(
+        self,
+        registry,
+        plan,
+        rank: int,
+        algorithm: str = "crc32",
+        pool: HostBufferPool | None = None,
+        asynchronous: bool = True,
+    ) -> None:
         self.registry = registry
         self.plan = plan
         self.rank = rank
         self.algorithm = algorithm
-        self.pool = _HostBufferPool()
-        self._copier = _Copier()
+        self.pool = pool if pool is not None else HostBufferPool()
+        self._copier = _Copier(asynchronous)
         self.bytes_captured_last = 0
 
-    def begin_window(self, schedule, start_iteration: int, generation: int) -> SparseCheckpoint:
-        """A new, empty sparse checkpoint for the window starting at ``start_iteration``."""
+    def begin_window(self, schedule, start_iteration: int, window: int) -> SparseCheckpoint:
+        """A new, empty sparse checkpoint: window number ``window``, from ``start_iteration``."""
         self.pool.release_slots_from(schedule.window_size)
         return SparseCheckpoint(
-            generation=generation,
+            window=window,
             start_iteration=start_iteration,
             window_size=schedule.window_size,
             schedule=schedule.to_dict(),
@@ -416,7 +198,7 @@ class SnapshotEngine:
         Call right after the optimizer step of ``iteration``; returns at once.
         """
         if ckpt.slots[slot_index] is not None:
-            raise SnapshotError(f"slot {slot_index} of window {ckpt.generation} already captured")
+            raise SnapshotError(f"slot {slot_index} of window {ckpt.window} already captured")
         self.registry.refresh()
         slices: list[list[str]] = ckpt.schedule["slices"]
         full_ops = [n for n in slices[slot_index] if self.plan.captures_full(n)]
@@ -427,9 +209,9 @@ class SnapshotEngine:
 
         live: list[tuple[str, torch.Tensor]] = []
         for name in full_ops:
-            live.extend(_operator_tensors(self.registry[name], ("main", "optim")))
+            live.extend(operator_tensors(self.registry[name], ("main", "optim")))
         for name in compute_ops:
-            live.extend(_operator_tensors(self.registry[name], ("compute",)))
+            live.extend(operator_tensors(self.registry[name], ("compute",)))
 
         records: list[TensorRecord] = []
         offset = 0
@@ -439,9 +221,9 @@ class SnapshotEngine:
                 TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes)
             )
             offset += -(-nbytes // _ALIGN) * _ALIGN
-        buffer = self.pool.get(ckpt.generation, slot_index, offset)
+        buffer = self.pool.get(ckpt.window, slot_index, offset)
         slot = SlotSnapshot(
-            generation=ckpt.generation,
+            window=ckpt.window,
             slot=slot_index,
             iteration=iteration,
             full_state_ops=tuple(full_ops),
@@ -468,3 +250,37 @@ class SnapshotEngine:
 
     def shutdown(self) -> None:
         self._copier.shutdown()
+
+    def abandon(self) -> None:
+        """Stops copying without waiting (after a failure); drops the registry reference."""
+        self._copier.abandon()
+        self.registry = None
+
+
+def measure_d2h_bandwidth(
+    nbytes: int = 32 << 20, repeats: int = 3, checksum_algorithm: str | None = None
+) -> float:
+    """Effective snapshot throughput in bytes/s, as Algorithm 1 needs it.
+
+    On CUDA: device-to-host copies into a pinned buffer (checksums run on the host, off the
+    device's critical path). On CPU the "device" is the host, and a slot is done only once it is
+    copied *and* checksummed on the same cores that train, so both are timed together.
+    """
+    dst = allocate_host_buffer(nbytes)
+    if torch.cuda.is_available():
+        src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8)
+        dst.copy_(src)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dst.copy_(src)
+            if checksum_algorithm:
+                checksum(dst, checksum_algorithm)
+    return nbytes * repeats / max(time.perf_counter() - start, 1e-9)

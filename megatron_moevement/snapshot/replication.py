@@ -22,11 +22,13 @@ import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from megatron_moevement.logging_utils import get_logger
-from megatron_moevement.snapshot.engine import SlotSnapshot, SparseCheckpoint, _HostBufferPool
+from megatron_moevement.snapshot.buffers import HostBufferPool
+from megatron_moevement.snapshot.slots import SlotSnapshot, SparseCheckpoint
 
 logger = get_logger(__name__)
 
@@ -78,22 +80,27 @@ def sources_of(
 
 @dataclass
 class ReplicaStore:
-    """Replicas this rank holds for one source rank: generation -> slots, in host buffers from
-    a pool keyed like the owner's (window parity, slot), allocated once and reused."""
+    """Replicas this rank holds for one source rank: window number -> slots, in host buffers
+    from a pool keyed like the owner's (window parity, slot), allocated once and reused."""
 
     source: int
     windows: dict[int, list[SlotSnapshot | None]] = field(default_factory=dict)
-    pool: _HostBufferPool = field(default_factory=_HostBufferPool)
+    pool: HostBufferPool = field(default_factory=HostBufferPool)
     keep: int = 2
-    """Newest generations kept (one persisted and one in flight by default)."""
+    """Newest windows kept (one persisted and one in flight by default)."""
 
-    def buffer(self, generation: int, slot: int, nbytes: int) -> torch.Tensor:
-        return self.pool.get(generation, slot, nbytes)
+    @classmethod
+    def keeping(cls, source: int, keep: int) -> "ReplicaStore":
+        """Replicas of ``source`` for its ``keep`` newest windows (buffers allocated once)."""
+        return cls(source, pool=HostBufferPool(keep), keep=keep)
+
+    def buffer(self, window: int, slot: int, nbytes: int) -> torch.Tensor:
+        return self.pool.get(window, slot, nbytes)
 
     def put(self, slot: SlotSnapshot, window_size: int) -> None:
-        slots = self.windows.setdefault(slot.generation, [None] * window_size)
+        slots = self.windows.setdefault(slot.window, [None] * window_size)
         slots[slot.slot] = slot
-        for old in [g for g in self.windows if g <= slot.generation - self.keep]:
+        for old in [g for g in self.windows if g <= slot.window - self.keep]:
             del self.windows[old]
 
     @property
@@ -110,10 +117,18 @@ class PeerReplicator:
         replication_factor: Peers per rank (``r``); 0 disables replication.
         ranks_per_node: Ranks per node, for off-node peer choice.
         group: Dedicated gloo process group (created collectively by the caller).
+        store_factory: ``f(source) -> ReplicaStore`` for the replicas of one source rank
+            (default: two windows kept).
     """
 
     def __init__(
-        self, rank: int, world_size: int, replication_factor: int, ranks_per_node: int, group=None
+        self,
+        rank: int,
+        world_size: int,
+        replication_factor: int,
+        ranks_per_node: int,
+        group=None,
+        store_factory: Callable[[int], ReplicaStore] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
@@ -129,7 +144,8 @@ class PeerReplicator:
                 self.peers,
             )
         self.group = group
-        self.replicas = {s: ReplicaStore(s) for s in self.sources}
+        factory = store_factory or ReplicaStore
+        self.replicas = {s: factory(s) for s in self.sources}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moevement-repl")
         self._pending: list[Future] = []
         self._lock = threading.Lock()
@@ -153,9 +169,7 @@ class PeerReplicator:
             slot.wait()
             manifest = json.dumps(slot.manifest()).encode()
             used = slot.used_bytes
-            header = torch.tensor(
-                [slot.generation, slot.slot, used, len(manifest)], dtype=torch.int64
-            )
+            header = torch.tensor([slot.window, slot.slot, used, len(manifest)], dtype=torch.int64)
             manifest_t = torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
             headers = {s: torch.zeros(4, dtype=torch.int64) for s in self.sources}
             ops = [dist.P2POp(dist.isend, header, p, self.group) for p in self.peers]
@@ -185,12 +199,10 @@ class PeerReplicator:
             ckpt.replicated.add(slot.slot)
         except BaseException as exc:
             self.error = exc
-            logger.error(
-                "replication of window %d slot %d failed: %s", slot.generation, slot.slot, exc
-            )
+            logger.error("replication of window %d slot %d failed: %s", slot.window, slot.slot, exc)
             raise
 
-    def replica(self, source: int, generation: int, slot: int) -> SlotSnapshot:
+    def replica(self, source: int, window: int, slot: int) -> SlotSnapshot:
         """The replica of ``source``'s slot, or a :class:`ReplicationError` saying what exists."""
         store = self.replicas.get(source)
         if store is None:
@@ -198,10 +210,10 @@ class PeerReplicator:
                 f"rank {self.rank} holds no replicas of rank {source} (it holds {self.sources}); "
                 f"ask one of rank {source}'s peers instead"
             )
-        slots = store.windows.get(generation)
+        slots = store.windows.get(window)
         if slots is None or slots[slot] is None:
             raise ReplicationError(
-                f"rank {self.rank} has no replica of rank {source} window {generation} slot "
+                f"rank {self.rank} has no replica of rank {source} window {window} slot "
                 f"{slot}; it has windows {sorted(store.windows)}. Fall back to global rollback "
                 "or the durable tier."
             )
@@ -223,3 +235,8 @@ class PeerReplicator:
             self.drain()
         finally:
             self._executor.shutdown(wait=True)
+
+    def abandon(self) -> None:
+        """Stops replicating without waiting (after a failure); the replicas held stay."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.group = None

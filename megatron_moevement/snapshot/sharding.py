@@ -134,3 +134,80 @@ def plan_shards(operators: Sequence, ctx: ShardingContext) -> ShardPlan:
         loads,
     )
     return plan
+
+
+@dataclass
+class OperatorGroups:
+    """Process groups over which the replicas of an operator's state are assembled."""
+
+    dense: object
+    """Group of the data-parallel replicas of non-expert operators (CPU-capable)."""
+    expert: object
+    """Group of the expert data-parallel replicas (same experts)."""
+
+
+def default_operator_groups() -> OperatorGroups:
+    """gloo-backed data-parallel groups from Megatron's ``parallel_state`` (host tensors)."""
+    from megatron.core import parallel_state as ps
+
+    def gloo_or(getter_gloo, getter):
+        try:
+            group = getter_gloo()
+            if group is not None:
+                return group
+        except (AssertionError, AttributeError, RuntimeError):
+            pass
+        return getter()
+
+    return OperatorGroups(
+        dense=gloo_or(ps.get_data_parallel_group_gloo, ps.get_data_parallel_group),
+        expert=gloo_or(ps.get_expert_data_parallel_group_gloo, ps.get_expert_data_parallel_group),
+    )
+
+
+class ReplicaMismatchError(RuntimeError):
+    """Data-parallel replicas of an operator hold different compute weights."""
+
+
+def verify_replicas_identical(
+    registry, sharding: ShardingContext, algorithm: str = "crc32"
+) -> None:
+    """Raises :class:`ReplicaMismatchError` unless every replicated operator has the same compute
+    weights on all of its data-parallel replicas (collective over the DP and expert-DP groups)."""
+    import torch.distributed as dist
+
+    from megatron_moevement.snapshot.checksum import checksum
+
+    groups = default_operator_groups()
+    for kind, group, size in (
+        ("dense", groups.dense, sharding.dp_size),
+        ("expert", groups.expert, sharding.expert_dp_size),
+    ):
+        if size <= 1:
+            continue
+        ops = [op for op in registry.operators if (op.kind == "expert") == (kind == "expert")]
+        # Experts are named by global id, so replicas of one expert share the name.
+        mine = {op.name: [checksum(p.param, algorithm) for p in op.params] for op in ops}
+        gathered: list = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
+        differing = sorted(
+            {
+                name
+                for _, other in gathered
+                for name, digest in other.items()
+                if mine.get(name, digest) != digest
+            }
+        )
+        if differing:
+            ranks = [
+                r for r, other in gathered if any(other.get(n) != mine.get(n) for n in differing)
+            ]
+            raise ReplicaMismatchError(
+                f"rank {dist.get_rank()}: {len(differing)} {kind} operator(s) differ between "
+                f"data-parallel replicas (e.g. {differing[:3]}; ranks {ranks} disagree with this "
+                "one). MoEvement snapshots a replicated operator on one replica and restores it "
+                "on all of them, so replicas must hold identical weights. Fix: seed every rank "
+                "identically before building the model (torch.manual_seed and "
+                "tensor_parallel.model_parallel_cuda_manual_seed), or load/broadcast the same "
+                "checkpoint on every replica before constructing MoEvementStrategy."
+            )

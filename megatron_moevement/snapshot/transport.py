@@ -41,7 +41,8 @@ def send_slot(slot, dst: int) -> None:
 def recv_slot(src: int, manifest: dict | None = None):
     """Receives what :func:`send_slot` sent from global rank ``src`` into a fresh host buffer and
     verifies its checksums. ``manifest``: the manifest, if the caller already received it."""
-    from megatron_moevement.snapshot.engine import SlotSnapshot, allocate_host_buffer
+    from megatron_moevement.snapshot.buffers import allocate_host_buffer
+    from megatron_moevement.snapshot.slots import SlotSnapshot
 
     if manifest is None:
         manifest = json.loads(recv_bytes(src))

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
+from megatron_moevement.constants import OPERATOR_KINDS
 from megatron_moevement.state.optim_view import OptimizerView, ParamState
-
-OPERATOR_KINDS = ("embedding", "dense", "router", "expert", "output")
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _EXPERT_RE = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
@@ -236,7 +235,7 @@ class OperatorRegistry:
 
 def _canonical_key(op: Operator) -> tuple:
     """Model order: embedding, then per layer dense, router, experts by id, then output."""
-    kind_rank = {"embedding": 0, "dense": 1, "router": 2, "expert": 3, "output": 5}[op.kind]
+    kind_rank = OPERATOR_KINDS.index(op.kind)
     layer = -1 if op.layer is None else op.layer
     if op.kind == "output":
         layer = 1 << 30
@@ -258,3 +257,34 @@ def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str
                 state = leaf.optimizer.state.get(p, {})
                 optim += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
     return {"compute": compute, "main": main, "optimizer": optim}
+
+
+def operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
+    """(key, live tensor) pairs of operator ``op`` for the given kinds (compute/main/optim).
+
+    When the optimizer steps the model parameter itself (plain FP32 training), the compute weight
+    *is* the main parameter: it is listed once, as ``compute``.
+    """
+    out: list[tuple[str, torch.Tensor]] = []
+    for p in op.params:
+        if "compute" in kinds:
+            out.append((f"{op.name}/compute/{p.name}", p.param.detach()))
+        state = p.state
+        if state is None or state.main_param is None:
+            continue
+        if "main" in kinds and not state.main_is_model:
+            out.append((f"{op.name}/main/{p.name}", state.main_param.detach()))
+        if "optim" in kinds:
+            for skey in sorted(state.optimizer_state):
+                value = state.optimizer_state[skey]
+                if torch.is_tensor(value):
+                    out.append((f"{op.name}/optim/{p.name}/{skey}", value.detach()))
+    return out
+
+
+def layer_number_of(model: torch.nn.Module, module_name: str) -> int:
+    """Global 0-based number of the transformer layer that contains submodule ``module_name``
+    (e.g. ``"decoder.layers.1.mlp.router"``), from Megatron's ``layer_number``."""
+    parts = module_name.split(".")
+    idx = parts.index("layers")
+    return int(model.get_submodule(".".join(parts[: idx + 2])).layer_number) - 1

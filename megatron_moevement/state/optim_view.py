@@ -53,6 +53,25 @@ def iter_optimizers(optimizer) -> list:
     return [optimizer]
 
 
+def first_leaf(optimizer):
+    """The first leaf optimizer of ``optimizer`` (the one holding the loss scaler and config)."""
+    return iter_optimizers(optimizer)[0]
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Creates Adam state (step, moments) for parameters that have none yet, as torch's Adam does
+    at its first step, so a rebuilt optimizer has tensors to restore into."""
+    for leaf in iter_optimizers(optimizer):
+        for group in leaf.optimizer.param_groups:
+            for p in group["params"]:
+                state = leaf.optimizer.state[p]
+                if state:
+                    continue
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 class OptimizerView:
     """Maps each model parameter to its :class:`ParamState` for any Megatron-Core optimizer."""
 

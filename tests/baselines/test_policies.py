@@ -11,17 +11,18 @@ from megatron_moevement.baselines import (
     build_strategy,
 )
 from megatron_moevement.baselines.lost_tokens import TokenLedger
-from megatron_moevement.baselines.retention import retaining_replica_store
 from megatron_moevement.baselines.rotation import (
     captures_by_group,
     experts_per_group,
     group_of_expert,
-    group_of_generation,
+    group_of_window,
     latest_capture,
     num_groups,
 )
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.snapshot.engine import SlotSnapshot, _HostBufferPool
+from megatron_moevement.snapshot.buffers import HostBufferPool
+from megatron_moevement.snapshot.replication import ReplicaStore
+from megatron_moevement.snapshot.slots import SlotSnapshot
 
 
 # ---------------------------------------------------------------- config
@@ -76,7 +77,7 @@ def test_rotation_groups():
     assert num_groups(6, 0.25) == 3  # round(1.5) = 2 experts per group
     # strided: the experts of a group are spread over expert-parallel ranks
     assert [group_of_expert(e, 2) for e in range(4)] == [0, 1, 0, 1]
-    assert [group_of_generation(g, 3) for g in range(6)] == [0, 1, 2, 0, 1, 2]
+    assert [group_of_window(g, 3) for g in range(6)] == [0, 1, 2, 0, 1, 2]
 
 
 def test_latest_capture_of_each_group():
@@ -128,20 +129,20 @@ def test_ledger_state_round_trip():
 
 # ---------------------------------------------------------------- retention
 def test_rotating_pool_keeps_generations_apart():
-    pool = _HostBufferPool(keep=3)
+    pool = HostBufferPool(keep=3)
     bufs = [pool.get(g, 0, 16) for g in range(3)]
     assert len({b.data_ptr() for b in bufs}) == 3
     assert pool.get(3, 0, 16).data_ptr() == bufs[0].data_ptr()  # reused, not reallocated
     assert pool.allocations == 3
     with pytest.raises(ValueError):
-        _HostBufferPool(keep=1)
+        HostBufferPool(keep=1)
 
 
 def test_retaining_replica_store_keeps_n_generations():
-    store = retaining_replica_store(source=1, keep=3)
+    store = ReplicaStore.keeping(source=1, keep=3)
     for g in range(5):
         slot = SlotSnapshot(
-            generation=g,
+            window=g,
             slot=0,
             iteration=g,
             full_state_ops=(),

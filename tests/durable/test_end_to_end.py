@@ -9,7 +9,7 @@ records its state at the iterations the checks need. Then, in fresh processes:
 * each checkpoint is loaded with a plain ``dist_checkpointing.load`` (the backend comes from its
   metadata.json) and replayed: the state must equal the recorded one bit for bit, and training on
   from it must too;
-* ``python -m megatron_moevement.durable.convert`` turns the newest periodic checkpoint into a
+* ``python -m megatron_moevement.convert`` turns the newest periodic checkpoint into a
   torch_dist checkpoint, which plain Megatron-Core loads into a fresh model and optimizer with
   tensors identical to the run's;
 * a corrupted copy, a copy without one rank's files, a load on another layout of the same world
@@ -93,7 +93,7 @@ def durable_run(request, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "megatron_moevement.durable.convert",
+            "megatron_moevement.convert",
             str(durable_dir),
             str(dense),
             "--timeout",

@@ -14,8 +14,8 @@ import threading
 import pytest
 import torch
 
+from megatron_moevement.convert import ConversionError, convert
 from megatron_moevement.durable import files
-from megatron_moevement.durable.convert import ConversionError, convert
 from megatron_moevement.durable.errors import (
     DurableChecksumError,
     IncompleteCheckpointError,
@@ -27,10 +27,10 @@ from megatron_moevement.durable.payload import RankPayload
 from megatron_moevement.durable.periodic import DurableSaver
 from megatron_moevement.durable.reader import read_index, read_rank
 from megatron_moevement.durable.writer import wait_for_markers, write_index, write_rank_files
+from megatron_moevement.snapshot.engine import SnapshotEngine
+from megatron_moevement.snapshot.sharding import ShardPlan
 from megatron_moevement.state.operators import Operator, OperatorParam
 from megatron_moevement.state.optim_view import ParamState
-from megatron_moevement.snapshot.sharding import ShardPlan
-from megatron_moevement.snapshot.engine import SnapshotEngine
 from tests.fakes import FakeRegistry, FakeSchedule
 
 WORLD = 2
@@ -76,7 +76,7 @@ def _payload(rank: int) -> RankPayload:
     registry = _registry(rank)
     plan = ShardPlan(full_state={"a", "b"}, compute={"a", "b"}, owner_of={"a": 0, "b": 0})
     engine = SnapshotEngine(registry, plan, rank=rank)
-    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, generation=4)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, window=4)
     engine.capture(ckpt, 0, 10)
     engine.capture(ckpt, 1, 11)
     engine.drain()
@@ -286,9 +286,9 @@ def test_converter_needs_the_job_description(tmp_path):
 
 
 def test_recovery_loader_reads_the_newest_complete_checkpoint(tmp_path):
-    from megatron_moevement.replay.frozen import ScalarLog
     from megatron_moevement.durable.recovery_loader import DurableTierLoader
     from megatron_moevement.harness.layout import ParallelLayout
+    from megatron_moevement.replay.scalar_log import ScalarLog
 
     for it in (7, 12):
         path = files.iteration_dir(tmp_path, it)
@@ -301,7 +301,7 @@ def test_recovery_loader_reads_the_newest_complete_checkpoint(tmp_path):
     strategy = _Strategy()
     loader = DurableTierLoader(tmp_path, strategy_of=lambda: strategy)
     ckpt = loader(1, ParallelLayout(dp=2))
-    assert ckpt.generation == 4 and ckpt.start_iteration == 10 and ckpt.window_size == 2
+    assert ckpt.window == 4 and ckpt.start_iteration == 10 and ckpt.window_size == 2
     assert loader.last_state.path.endswith("iter_0000007")
     assert [e for e in (10, 11, 12) if e in strategy.scalar_log] == [10, 11, 12]
     with pytest.raises(LayoutMismatchError, match="pp 1 != 2"):

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_moevement.harness.launcher import LocalJob
+from megatron_moevement.launch.local import LocalJob
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,8 @@ import time
 
 import pytest
 
-from megatron_moevement.harness.launcher import JobFailed, JobTimeout, LocalJob
+from megatron_moevement.launch.local import LocalJob
+from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
 SLEEP_ARGS = ["-n", "1", "-r", "1", "import time; time.sleep(60)"]
 

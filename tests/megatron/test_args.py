@@ -8,9 +8,9 @@ import pytest
 
 from megatron_moevement.baselines import BASELINE_STRATEGIES, BaselineConfig
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
+from megatron_moevement.constants import MEGATRON_CKPT_STRATEGIES
 from megatron_moevement.megatron import args as margs
 from megatron_moevement.megatron.args import (
-    CKPT_STRATEGIES,
     MoEvementArgsError,
     add_moevement_args,
     baseline_config_from_args,
@@ -231,9 +231,9 @@ BASELINE_NON_DEFAULT = {
 
 
 def test_strategies():
-    assert CKPT_STRATEGIES == ("default", "moevement", *BASELINE_STRATEGIES)
-    assert CKPT_STRATEGIES == ("default", "moevement", "gemini", "moc")
-    for strategy in CKPT_STRATEGIES:
+    assert MEGATRON_CKPT_STRATEGIES == ("default", "moevement", *BASELINE_STRATEGIES)
+    assert MEGATRON_CKPT_STRATEGIES == ("default", "moevement", "gemini", "moc")
+    for strategy in MEGATRON_CKPT_STRATEGIES:
         args = parse("--ckpt-strategy", strategy)
         assert args.ckpt_strategy == strategy
         assert moevement_enabled(args) is (strategy != "default")

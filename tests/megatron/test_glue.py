@@ -71,7 +71,7 @@ class FakeStrategyWithState(FakeStrategy):
     def __init__(self, *a):
         super().__init__(*a)
         self.registry = FakeRegistry()
-        self.persisted_checkpoint = type("Ckpt", (), dict(generation=4, start_iteration=12))()
+        self.persisted_checkpoint = type("Ckpt", (), dict(window=4, start_iteration=12))()
 
 
 @pytest.fixture(autouse=True)
@@ -588,7 +588,7 @@ def test_real_baseline_strategies_through_the_glue(tmp_path):
     import json
     from pathlib import Path
 
-    from megatron_moevement.harness.launcher import LocalJob
+    from megatron_moevement.launch.local import LocalJob
 
     repo = Path(__file__).resolve().parents[2]
     with LocalJob(

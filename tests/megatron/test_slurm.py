@@ -353,8 +353,8 @@ def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
     rank 1 is SIGKILLed mid-iteration; spare task 4 (on the spare node) takes its place through
     the same store protocol as a local spare, the job finishes with status 0, and every rank's
     state is bitwise equal to a fault-free run."""
-    from megatron_moevement.harness.launcher import free_port
     from megatron_moevement.harness.worker import WorkerSpec
+    from megatron_moevement.launch.local import free_port
     from tests.conftest import (
         RESILIENT_ITERATIONS,
         RESILIENT_LAYOUT,
@@ -425,7 +425,7 @@ def test_pretrain_gpt_spares_are_reserved_and_a_failure_ends_the_job(tmp_path):
     """With Megatron-LM's pretrain_gpt.py (which cannot take over a rank mid-job), spare tasks
     start with the spare role but no worker, and the first failed rank ends the job at once: the
     coordinator kills the other workers by pid and srun's status is non-zero."""
-    from megatron_moevement.harness.launcher import free_port
+    from megatron_moevement.launch.local import free_port
 
     megatron_dir = tmp_path / "Megatron-LM"
     megatron_dir.mkdir()

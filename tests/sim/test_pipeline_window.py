@@ -10,7 +10,7 @@ from megatron_moevement.sim.estimator import estimate_profile
 from megatron_moevement.sim.operators import expert_popularity, normalized_hhi
 from megatron_moevement.sim.pipeline import iteration_times, localized_iteration_s
 from megatron_moevement.sim.profile import uniform_profile
-from megatron_moevement.sim.window import build_schedule, find_window_size
+from megatron_moevement.sim.window import job_windows, stage_window
 
 from .conftest import toy_scenario
 
@@ -65,7 +65,7 @@ def test_popularity_skew_matches_target_hhi():
 def _window(scenario, **kw):
     sim = Simulator(scenario)
     ctx = sim.ctx
-    return ctx, find_window_size(
+    return ctx, job_windows(
         ctx.stages,
         scenario.model.precision,
         ctx.shard_divisor,
@@ -90,7 +90,7 @@ def test_window_is_the_smallest_that_fits_and_grows_as_bandwidth_shrinks():
         assert all(s.fits for s in schedules)
         if w > 1:  # the next smaller window does not fit on some stage
             smaller = [
-                build_schedule(
+                stage_window(
                     ops,
                     w - 1,
                     ctx.scenario.model.precision,

@@ -201,7 +201,7 @@ def test_kill_in_the_first_window_replays_from_the_initial_state(
 
 
 def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_path):
-    from megatron_moevement.harness.launcher import JobFailed
+    from megatron_moevement.recovery.coordinator import JobFailed
 
     faults = [dict(rank=1, iteration=1, phase="microbatch2")]
     with pytest.raises(JobFailed) as err:
@@ -213,8 +213,8 @@ def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_pat
 def test_single_rank_job_losing_its_only_rank_is_a_clear_error(tmp_path):
     # One rank, one spare: the sparse checkpoints died with the only process (no peer held a
     # replica). Recovery must stop at once with the reason and the fix, not wait for timeouts.
-    from megatron_moevement.harness.launcher import JobFailed
     from megatron_moevement.harness.layout import ParallelLayout
+    from megatron_moevement.recovery.coordinator import JobFailed
 
     spec = WorkerSpec(
         job="resilient",
@@ -231,7 +231,7 @@ def test_single_rank_job_losing_its_only_rank_is_a_clear_error(tmp_path):
 
 
 def test_missing_peer_replica_is_a_clear_error(tmp_path):
-    from megatron_moevement.harness.launcher import JobFailed
+    from megatron_moevement.recovery.coordinator import JobFailed
 
     # Rank 3's only replica (r=1) is on rank 0: losing both loses rank 3's sparse checkpoint.
     faults = [dict(rank=0, iteration=6, phase="before"), dict(rank=3, iteration=6, phase="before")]

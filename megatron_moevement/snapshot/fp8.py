@@ -25,20 +25,28 @@ Integrity: :func:`checksum` hashes raw bytes (``crc32`` or ``sha256``); :func:`v
 expected and actual checksum, and the fallback (peer replica, then the next storage tier).
 
 Transformer Engine is never imported at module import time; :func:`te_tensor_classes` tries
-it lazily once and falls back to duck typing when it is missing or broken.
-"""
+it lazily once and falls back to duck typing when it is missing or broken."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
+from megatron_moevement.constants import CHECKSUM_ALGORITHMS
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.snapshot.checksum import (
+    _FALLBACK_ADVICE,
+    SerializationError,
+    SnapshotChecksumError,
+    SnapshotCorruptionError,
+    _raw_bytes,
+    checksum,
+    dtype_from_name,
+    dtype_name,
+)
 
 __all__ = [
     "CHECKSUM_ALGORITHMS",
@@ -66,138 +74,27 @@ __all__ = [
     "verify",
 ]
 
+
 logger = get_logger(__name__)
 
-CHECKSUM_ALGORITHMS = ("crc32", "sha256")
 """Supported checksum algorithms."""
 
-_FALLBACK_ADVICE = (
-    "Do not load this copy: restore the shard from a peer replica, or from the next storage "
-    "tier (durable checkpoint) if no replica verifies."
-)
 
 _FLOAT8_COMPONENTS = ("_data", "_transpose", "_scale_inv")
+
+
 _MX_COMPONENTS = (
     "_rowwise_data",
     "_rowwise_scale_inv",
     "_columnwise_data",
     "_columnwise_scale_inv",
 )
+
+
 _FP8_META_KEYS = ("scaling_fwd", "scaling_bwd")
+
+
 _FP8_META_FIELDS = ("amax_history", "scale", "scale_inv")
-
-
-class SerializationError(ValueError):
-    """Raised for objects that cannot be packed or restored (with the reason and the fix)."""
-
-
-class SnapshotCorruptionError(RuntimeError):
-    """Raised when snapshot bytes are missing, truncated or do not match their manifest."""
-
-
-class SnapshotChecksumError(SnapshotCorruptionError):
-    """Raised when the checksum of a tensor's bytes differs from the recorded one.
-
-    Attributes:
-        name: Tensor (or component) name.
-        shard: Shard name, if known.
-        algorithm: Checksum algorithm.
-        expected: Recorded checksum.
-        got: Checksum of the bytes at hand.
-    """
-
-    def __init__(
-        self, name: str, expected: str, got: str, algorithm: str, shard: Optional[str] = None
-    ) -> None:
-        self.name, self.shard, self.algorithm = name, shard, algorithm
-        self.expected, self.got = expected, got
-        where = f"tensor {name!r}" + (f" of shard {shard!r}" if shard else "")
-        super().__init__(
-            f"Snapshot checksum mismatch for {where} ({algorithm}): expected {expected}, got "
-            f"{got}. The bytes are corrupted (bad host memory, a truncated transfer or a torn "
-            f"write). {_FALLBACK_ADVICE}"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# dtypes and raw bytes
-# ---------------------------------------------------------------------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float8_e4m3fn`` -> ``"float8_e4m3fn"`` (stable across processes and versions)."""
-    return str(dtype).split(".", 1)[-1]
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """Inverse of :func:`dtype_name`.
-
-    Raises:
-        SerializationError: when this torch build lacks the dtype.
-    """
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise SerializationError(
-            f"dtype {name!r} of the snapshot is not available in torch {torch.__version__}. Fix: "
-            "restore with the torch version that wrote the snapshot (or a newer one)."
-        )
-    return dtype
-
-
-def _raw_bytes(t: torch.Tensor, what: str) -> torch.Tensor:
-    """1-D uint8 view of ``t``'s bytes (contiguous copy first if needed), on ``t``'s device."""
-    if t.is_quantized:
-        raise SerializationError(
-            f"{what}: quantized tensors ({t.dtype}) have no raw byte view. Fix: pack "
-            "t.int_repr() and the quantization parameters separately."
-        )
-    flat = t.detach()
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    try:
-        return flat.reshape(-1).view(torch.uint8)
-    except RuntimeError as exc:
-        raise SerializationError(f"{what}: cannot view dtype {t.dtype} as bytes ({exc}).") from exc
-
-
-def _host_buffer(data: Any) -> Any:
-    """Object supporting the buffer protocol for hashing (numpy view of a CPU uint8 tensor)."""
-    if isinstance(data, torch.Tensor):
-        raw = _raw_bytes(data, "checksum")
-        if raw.device.type != "cpu":
-            raw = raw.cpu()
-        return raw.numpy()
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return data
-    raise SerializationError(
-        "checksum expects bytes, bytearray, memoryview or a torch.Tensor, got "
-        f"{type(data).__name__}."
-    )
-
-
-def checksum(
-    buf: Union[bytes, bytearray, memoryview, torch.Tensor], algorithm: str = "crc32"
-) -> str:
-    """Checksum of raw bytes as a lowercase hex string.
-
-    Args:
-        buf: Bytes, or a tensor (its raw bytes are hashed, whatever the dtype; device tensors
-            are copied to the host first).
-        algorithm: ``"crc32"`` (8 hex digits) or ``"sha256"`` (64 hex digits).
-    """
-    data = _host_buffer(buf)
-    if algorithm == "crc32":
-        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
-    if algorithm == "sha256":
-        return hashlib.sha256(data).hexdigest()
-    raise SerializationError(
-        f"Unknown checksum algorithm {algorithm!r}. Fix: use one of {CHECKSUM_ALGORITHMS}."
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Packed containers
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -354,11 +251,8 @@ class PackedFP8Meta:
 Packed = Union[PackedTensor, PackedQuantizedTensor, PackedFP8Meta]
 
 
-# ---------------------------------------------------------------------------------------------
-# Transformer Engine detection (lazy, optional)
-# ---------------------------------------------------------------------------------------------
-
 _TE_CLASSES: Optional[Dict[str, Tuple[type, ...]]] = None
+
 
 _TE_CANDIDATES = {
     "float8": (
@@ -425,11 +319,6 @@ def is_float8_tensor(obj: Any) -> bool:
         and hasattr(obj, "_scale_inv")
         and hasattr(obj, "_data")
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# pack / unpack
-# ---------------------------------------------------------------------------------------------
 
 
 def _pack_plain(
@@ -703,11 +592,6 @@ def unpack_tensor(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# fp8_meta
-# ---------------------------------------------------------------------------------------------
-
-
 def pack_fp8_meta(
     meta: Mapping[str, Any], *, name: str = "fp8_meta", algorithm: str = "crc32"
 ) -> PackedFP8Meta:
@@ -778,11 +662,6 @@ def restore_fp8_meta_(
             targets.append((dst, comp))
     for dst, comp in targets:
         _copy_bytes_into(dst, comp, f"restore_fp8_meta_({packed.name!r})")
-
-
-# ---------------------------------------------------------------------------------------------
-# generic helpers and manifest
-# ---------------------------------------------------------------------------------------------
 
 
 def pack(obj: Any, *, name: str = "", algorithm: str = "crc32") -> Packed:

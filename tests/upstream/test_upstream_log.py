@@ -5,13 +5,8 @@ import json
 import pytest
 import torch
 
-from megatron_moevement.upstream.log import (
-    ACTIVATION,
-    GRADIENT,
-    UpstreamLog,
-    UpstreamLogError,
-    check_schedule_supported,
-)
+from megatron_moevement.upstream.communicator import check_schedule_supported
+from megatron_moevement.upstream.log import ACTIVATION, GRADIENT, UpstreamLog, UpstreamLogError
 from tests.conftest import LAYOUTS
 
 

@@ -11,13 +11,15 @@ import json
 import pytest
 import torch
 
-from megatron_moevement.replay.frozen import ReplayError, ScalarLog, SlotLoader, StepScalars
 from megatron_moevement.harness.layout import ParallelLayout
+from megatron_moevement.replay.loader import SlotLoader
+from megatron_moevement.replay.scalar_log import ReplayError, ScalarLog, StepScalars
+from megatron_moevement.snapshot.checksum import SnapshotChecksumError
+from megatron_moevement.snapshot.engine import SnapshotEngine
+from megatron_moevement.snapshot.sharding import ShardingContext, ShardPlan
+from megatron_moevement.snapshot.slots import SnapshotError
 from megatron_moevement.state.operators import Operator, OperatorParam
 from megatron_moevement.state.optim_view import ParamState
-from megatron_moevement.snapshot.serialization import SnapshotChecksumError
-from megatron_moevement.snapshot.sharding import ShardingContext, ShardPlan
-from megatron_moevement.snapshot.engine import SnapshotEngine, SnapshotError
 from tests.conftest import LAYOUTS, assert_states_bitwise_equal, load_states
 from tests.fakes import FakeRegistry, FakeSchedule
 
@@ -111,7 +113,7 @@ def _registry(shape=(4, 3)):
 def _captured(registry):
     plan = ShardPlan(full_state={"a", "b"}, compute={"a", "b"}, owner_of={"a": 0, "b": 0})
     engine = SnapshotEngine(registry, plan, rank=0)
-    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, generation=0)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=10, window=0)
     engine.capture(ckpt, 0, 10)
     engine.drain()
     return engine, ckpt, plan

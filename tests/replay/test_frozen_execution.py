@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _asymmetric_frozen_job(out: str) -> None:
@@ -16,10 +16,10 @@ def _asymmetric_frozen_job(out: str) -> None:
 
     import torch.distributed as dist
 
-    from megatron_moevement.replay.frozen import frozen_operators
     from megatron_moevement.harness.layout import ParallelLayout
     from megatron_moevement.harness.model import TinyMoEConfig
     from megatron_moevement.harness.trainer import HarnessTrainer
+    from megatron_moevement.replay.frozen import frozen_operators
     from megatron_moevement.state.operators import OperatorRegistry
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=30))
@@ -48,11 +48,11 @@ def _asymmetric_frozen_job(out: str) -> None:
 
 @pytest.mark.multiproc
 def test_expert_ranks_with_different_frozen_sets_do_not_deadlock(tmp_path):
-    from megatron_moevement.harness.launcher import LocalJob
+    from megatron_moevement.launch.local import LocalJob
 
     with LocalJob(
         2,
-        "tests.test_frozen_execution",
+        "tests.replay.test_frozen_execution",
         [str(tmp_path)],
         log_dir=tmp_path,
         env={"PYTHONPATH": str(REPO)},

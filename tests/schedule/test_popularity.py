@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from megatron_moevement.schedule import popularity as pop_mod
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.schedule import popularity as pop_mod
 from megatron_moevement.schedule.popularity import (
     ExpertPopularity,
     OrderingPolicy,

@@ -10,19 +10,20 @@ import pytest
 import torch
 
 from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.schedule.manager import SHRINK_HEADROOM, ScheduleManager
+from megatron_moevement.schedule.order import order_operators
 from megatron_moevement.schedule.popularity import ExpertPopularity
-from megatron_moevement.schedule.scheduler import (
-    SHRINK_HEADROOM,
+from megatron_moevement.schedule.sparse_schedule import (
     HostMemoryBudgetError,
+    SparseSchedule,
+    build_schedule,
+)
+from megatron_moevement.schedule.window import (
     OperatorLike,
     ScheduleError,
-    ScheduleManager,
-    SparseSchedule,
     WindowSizeError,
-    build_schedule,
     compute_slot_bytes,
     find_window_size,
-    order_operators,
     partition_operators,
 )
 
@@ -353,14 +354,14 @@ def test_manager_changes_schedule_only_at_window_boundaries():
         tracker.step()
         return manager.slot_for_iteration(t)
 
-    generations, slots, starts = [], [], []
+    versions, slots, starts = [], [], []
     # slot_for_iteration(t) runs after iteration t's step, so it sees iteration t's counts.
     feed = {0: [8, 1, 4, 2], 1: [8, 1, 4, 2], 2: [8, 1, 4, 2], 3: [0, 200, 0, 0], 4: [0, 0, 0, 0]}
     feed.update({t: [24, 203, 12, 6] for t in (5, 6, 7)})
     orders = {}
     for t in range(8):
         a = run_iteration(t, feed[t])
-        generations.append(a.schedule.generation)
+        versions.append(a.schedule.version)
         slots.append(a.slot)
         starts.append(a.window_start)
         orders[t] = _expert_order(a.schedule)
@@ -369,7 +370,7 @@ def test_manager_changes_schedule_only_at_window_boundaries():
     assert starts == [0, 0, 2, 2, 4, 4, 6, 6]
     # Reorders at boundary 2 (first statistics) and 4 (the drift of iteration 3, mid-window,
     # does not change the schedule of iteration 3).
-    assert generations == [0, 0, 1, 1, 2, 2, 2, 2]
+    assert versions == [0, 0, 1, 1, 2, 2, 2, 2]
     assert orders[0] == ["layer0.expert0", "layer0.expert1", "layer0.expert2", "layer0.expert3"]
     # cumulative counts at 2: [24, 3, 12, 6]
     assert orders[2] == ["layer0.expert1", "layer0.expert3", "layer0.expert2", "layer0.expert0"]
@@ -390,7 +391,7 @@ def test_manager_reorders_only_past_threshold_and_fraction():
     tracker.step()
     manager.slot_for_iteration(0)
     manager.slot_for_iteration(1)  # boundary with the first statistics -> reorder
-    assert manager.schedule.generation == 1
+    assert manager.schedule.version == 1
     first_order = ["layer0.expert3", "layer0.expert2", "layer0.expert1", "layer0.expert0"]
     assert _expert_order(manager.schedule) == first_order
     # Shares move from [.4,.3,.2,.1] to [.3,.35,.2,.15] (relative changes .25,.17,0,.5): the
@@ -399,13 +400,13 @@ def test_manager_reorders_only_past_threshold_and_fraction():
     tracker.update(0, torch.tensor([20, 40, 20, 20]))
     tracker.step()
     manager.slot_for_iteration(2)
-    assert manager.schedule.generation == 1
+    assert manager.schedule.version == 1
     assert _expert_order(manager.schedule) == first_order
     # Shares [.15,.175,.35,.325] vs the reference [.4,.3,.2,.1]: all 4 drifted -> reorder.
     tracker.update(0, torch.tensor([0, 0, 100, 100]))
     tracker.step()
     manager.slot_for_iteration(3)
-    assert manager.schedule.generation == 2
+    assert manager.schedule.version == 2
     assert _expert_order(manager.schedule) == [
         "layer0.expert0",
         "layer0.expert1",
@@ -463,10 +464,10 @@ def test_manager_auto_window_shrinks_only_with_headroom_and_survives_bad_measure
     )
     assert a.schedule.window_size == expected < w_slow and a.slot == 0
     # A measurement under which nothing fits keeps the schedule (and warns) instead of failing.
-    generation = a.schedule.generation
+    version = a.schedule.version
     manager.update_measurements(d2h_bandwidth_bytes_per_s=10.0)
     for t in range(t + 1, t + 3 * expected):
-        assert manager.slot_for_iteration(t).schedule.generation == generation
+        assert manager.slot_for_iteration(t).schedule.version == version
     assert "No sparse checkpoint window fits" in caplog.text
 
 

@@ -13,14 +13,13 @@ import torch.distributed as dist
 
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.recovery_loader import DurableTierLoader
-from megatron_moevement.harness.launcher import JobFailed, JobTimeout
-from megatron_moevement.recovery.driver import (
-    ElasticContext,
-    JobCoordinator,
-    RecoveryDriver,
-    RecoveryError,
-)
-from megatron_moevement.recovery.scope import RankStatus, ScopePlan
+from megatron_moevement.recovery.coordinator import JobCoordinator, JobFailed, JobTimeout
+from megatron_moevement.recovery.driver import RecoveryDriver
+from megatron_moevement.recovery.errors import RecoveryError
+from megatron_moevement.recovery.protocol import ElasticContext
+from megatron_moevement.recovery.scope import RankStatus
+from megatron_moevement.recovery.tiers import Survey, plan_recovery, resolve_durable
+from megatron_moevement.snapshot.replication import choose_peers
 
 
 @pytest.fixture
@@ -229,45 +228,71 @@ def test_waiting_for_a_generation_stops_when_the_job_failed(store):
 # ----------------------------------------------------------------------------- durable tier
 
 
+class SameOnEveryRank:
+    """One rank's view of the collectives: every rank reports what this one does."""
+
+    def __init__(self, world=4):
+        self.world = world
+
+    def all_gather(self, obj):
+        return [obj] * self.world
+
+    def barrier(self):
+        pass
+
+
 def make_driver(rank, config, loader=None, checkpoints=()):
     ctx = ElasticContext(store=None, rank=rank, world_size=4)
-    driver = RecoveryDriver(ctx, build=lambda: None, config=config, durable_loader=loader)
+    driver = RecoveryDriver(
+        ctx, build=lambda: None, config=config, durable_loader=loader, collectives=SameOnEveryRank()
+    )
     driver.strategy = SimpleNamespace(
         config=config, replicator_ranks_per_node=4, checkpoints=list(checkpoints), scalar_log={}
     )
     driver.trainer = SimpleNamespace(layout="pp2xdp2")
-    # One rank's view of the collectives: every rank agrees with it.
-    driver._agree = lambda value, op: value
-    driver._gather_flags = lambda flag: [bool(flag)] * 4
     return driver
 
 
 STATUSES = [RankStatus(r, r // 2, r % 2, 7, False, r not in (0, 3), True) for r in range(4)]
-SCOPED = ScopePlan(True, [0, 1], [0], 7, "")
 
 
-def ckpt(generation):
-    return SimpleNamespace(generation=generation, start_iteration=3 * generation)
+def survey(config, failed=(0, 3), window=1, holds=(False, True, True, False), loader=True):
+    """Ranks 0 and 3 failed: rank 0's replica lives on rank 1; rank 3's on rank 0."""
+    return Survey(
+        statuses=STATUSES,
+        failed=list(failed),
+        window=window,
+        holds_window=list(holds),
+        replica_peers=[choose_peers(r, 4, config.replication_factor, 4) for r in range(4)],
+        has_scalar_log=[s.has_state for s in STATUSES],
+        durable_dir_set=config.durable_dir is not None,
+        durable_loader_installed=loader,
+    )
+
+
+def ckpt(window):
+    return SimpleNamespace(window=window, start_iteration=3 * window)
 
 
 def test_lost_replicas_without_durable_tier_is_a_clear_error():
     cfg = MoEvementConfig(replication_factor=1)
-    driver = make_driver(1, cfg)
-    lost = driver._lost_ranks([0, 3], [True, False, False, True])
-    assert lost == [3]  # rank 0's replica lives on rank 1; rank 3's on rank 0, which failed
     with pytest.raises(RecoveryError) as err:
-        driver._durable_fallback(lost, 1, SCOPED, STATUSES, [0, 3])
+        plan_recovery(survey(cfg, loader=False))
     text = str(err.value)
+    # Rank 0's replica lives on rank 1 (alive); rank 3's on rank 0, which failed.
     assert "rank 3's sparse checkpoint has no surviving replica" in text
+    assert "rank 0's sparse checkpoint" not in text
     assert "durable tier" in text and "durable_dir is not set" in text
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
     driver = make_driver(1, cfg)
     # With durable_dir set, the driver reads the real durable tier by default...
     assert isinstance(driver.durable_loader, DurableTierLoader)
     assert driver.durable_loader.durable_dir == "/ckpt"
-    driver.durable_loader = None  # ...unless the loader is removed
+    # ...and without a loader the plan says so.
     with pytest.raises(RecoveryError, match="no durable checkpoint loader is installed"):
-        driver._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+        plan_recovery(survey(cfg, loader=False))
+    plan = plan_recovery(survey(cfg))
+    assert plan.needs_durable and plan.durable_ranks == [3] and plan.fetch_from == {0: 1}
 
 
 def test_durable_checkpoint_of_the_same_window_replaces_only_the_lost_rank():
@@ -278,34 +303,51 @@ def test_durable_checkpoint_of_the_same_window_replaces_only_the_lost_rank():
         calls.append((rank, layout))
         return ckpt(1)
 
+    s = survey(cfg)
+    plan = plan_recovery(s)
     lost_rank = make_driver(3, cfg, loader)
-    window, plan = lost_rank._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
-    assert (window, plan) == (1, SCOPED) and calls == [(3, "pp2xdp2")]
-    assert lost_rank.strategy.checkpoints[0].generation == 1 and lost_rank._received_ckpt
+    resolved = lost_rank.consult_durable_tier(plan, s)
+    assert resolved.window == 1 and resolved.scope == plan.scope and resolved.path == "durable"
+    assert resolved.fetch_from == {0: 1}  # rank 0 still fetches its checkpoint from rank 1
+    assert calls == [(3, "pp2xdp2")]
+    assert lost_rank.strategy.checkpoints[0].window == 1 and lost_rank.received_checkpoint
     survivor = make_driver(2, cfg, loader, checkpoints=["live"])
-    survivor._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
+    survivor.consult_durable_tier(plan, s)
     assert survivor.strategy.checkpoints == ["live"]  # keeps its in-memory checkpoint
 
 
 def test_older_durable_window_means_global_rollback_to_it():
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    s = survey(cfg)
     driver = make_driver(2, cfg, lambda rank, layout: ckpt(0), checkpoints=["live"])
-    window, plan = driver._durable_fallback([3], 1, SCOPED, STATUSES, [0, 3])
-    assert window == 0 and not plan.scoped and plan.ranks == [0, 1, 2, 3]
-    assert plan.committed == 7 and "durable tier holds window 0" in plan.reason
-    assert driver.strategy.checkpoints[0].generation == 0
+    plan = driver.consult_durable_tier(plan_recovery(s), s)
+    assert plan.window == 0 and not plan.scope.scoped and plan.scope.ranks == [0, 1, 2, 3]
+    assert plan.scope.committed == 7 and "durable tier holds window 0" in plan.scope.reason
+    assert driver.strategy.checkpoints[0].window == 0
 
 
 def test_missing_durable_checkpoint_or_loader_error_is_reported():
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    s = survey(cfg)
+    plan = plan_recovery(s)
     with pytest.raises(RecoveryError, match=r"ranks \[0, 1, 2, 3\] have no durable checkpoint"):
-        make_driver(2, cfg, lambda r, l: None)._durable_fallback([3], 1, SCOPED, STATUSES, [3])
+        make_driver(2, cfg, lambda r, l: None).consult_durable_tier(plan, s)
 
     def broken(rank, layout):
         raise OSError("disk gone")
 
     with pytest.raises(RecoveryError, match="loader failed on rank 2: OSError: disk gone"):
-        make_driver(2, cfg, broken)._durable_fallback([3], 1, SCOPED, STATUSES, [3])
+        make_driver(2, cfg, broken).consult_durable_tier(plan, s)
+
+
+def test_durable_tier_asked_first_in_the_first_window_then_initial_state():
+    cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
+    s = survey(cfg, window=-1)
+    plan = plan_recovery(s)
+    assert plan.needs_durable and plan.durable_ranks == [0, 1, 2, 3]
+    resolved = resolve_durable(plan, s, [-1, -1, -1, -1])
+    assert resolved.tier == "initial-state" and not resolved.scope.scoped
+    assert plan_recovery(survey(MoEvementConfig(), window=-1)).tier == "initial-state"
 
 
 def test_replay_from_durable_needs_the_scalar_log():

@@ -10,32 +10,47 @@ standard ``torch_dist`` backend. Plain Megatron-Core loads that into a fresh mod
 (``dist_checkpointing`` reshards), without this package::
 
     moevement-convert /ckpt/durable /ckpt/dense            # newest complete iter_* under it
-    python -m megatron_moevement.durable.convert /ckpt/durable/iter_0000099 /ckpt/dense \\
+    python -m megatron_moevement.convert /ckpt/durable/iter_0000099 /ckpt/dense \\
         --iteration 97 --no-optimizer
 
 The dense checkpoint's common part holds ``iteration`` (Megatron-LM's count of completed
 iterations: target + 1) and ``moevement_conversion`` (source, window, target iteration).
 
-The command builds the local harness model (``megatron_moevement.harness``), whose data is
-addressable by iteration, from the description the writing job stored with the checkpoint
-(``strategy.durable.metadata["harness"]``) and runs it as a local multi-process job. For another
-training setup, call :func:`convert_in_job` inside that job's own processes, with its model,
-optimizer and ``train_iteration`` (its data must be addressable by iteration too).
+The command rebuilds the writing job from what the checkpoint records: its layout (one process
+per rank that wrote it) and its job builder (``strategy.durable.metadata["job"] = {"builder":
+"module:function", "spec": {...}}``; ``function(spec)`` returns the rank's model, optimizer and
+data accessor, see :class:`ReplayJob`). The local harness records
+``megatron_moevement.harness.trainer:build_replay_job``; any training setup whose data is
+addressable by iteration can record its own, or call :func:`convert_in_job` inside its own
+processes. Before replaying, the rebuilt model's operators are checked against the
+checkpoint's operator manifest.
+
+This module is a tool on top of the library (it builds a strategy and launches processes); the
+durable tier itself (:mod:`megatron_moevement.durable`) sits below the strategy.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Protocol
 
+from megatron.core import dist_checkpointing
+
+from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.durable.backend import STATE_DICT_KEY, moevement_sharded_state_dict
 from megatron_moevement.durable.errors import DurableCheckpointError
+from megatron_moevement.durable.files import resolve_checkpoint
+from megatron_moevement.durable.reader import read_index, read_rank_schedule
+from megatron_moevement.launch.local import LocalJob, exit_after_success
 from megatron_moevement.logging_utils import configure_logging, get_logger
+from megatron_moevement.strategy import MoEvementStrategy
 
-logger = get_logger("megatron_moevement.durable.convert")
+logger = get_logger("megatron_moevement.convert")
 
 DEFAULT_TIMEOUT_S = 1800.0
 
@@ -118,24 +133,20 @@ def convert_in_job(
     Returns:
         A report (source, target iteration, replayed iterations, seconds per phase).
     """
-    from megatron.core import dist_checkpointing
-
-    from megatron_moevement.durable.backend import STATE_DICT_KEY, moevement_sharded_state_dict
-    from megatron_moevement.durable.files import resolve_checkpoint
-
     source = resolve_checkpoint(source)
+    _check_operator_manifest(strategy, source)
     t0 = time.perf_counter()
     loaded = dist_checkpointing.load(moevement_sharded_state_dict(strategy), str(source))
     state = loaded[STATE_DICT_KEY]
     t1 = time.perf_counter()
     replay = state.restore(strategy, train_iteration, target=iteration, resume=False)
     t2 = time.perf_counter()
-    target = replay["target_iteration"]
+    target = replay.target_iteration
     common = {
         "iteration": target + 1,
         "moevement_conversion": dict(
             source=str(source),
-            window=state.checkpoint.generation,
+            window=state.checkpoint.window,
             window_start=state.window_start,
             window_size=state.checkpoint.window_size,
             target_iteration=target,
@@ -147,52 +158,34 @@ def convert_in_job(
         source=str(source),
         output=str(output),
         target_iteration=target,
-        iterations_replayed=replay["iterations_replayed"],
+        iterations_replayed=replay.iterations_replayed,
         load_s=t1 - t0,
         replay_s=t2 - t1,
         save_s=t3 - t2,
     )
 
 
-def run_convert_job(spec) -> None:
-    """Harness job ``durable_convert`` (one process per rank of the layout that wrote it).
-
-    ``spec.moevement``: ``source``, ``output``, optional ``iteration``, ``optimizer`` (bool) and
-    ``config`` (the writing job's ``MoEvementConfig`` fields).
-    """
+def _check_operator_manifest(strategy, source: Path) -> None:
+    """Every rank: the rebuilt model's operators must be the ones the checkpoint's schedule
+    names (a different model configuration would fail deep inside the replay otherwise)."""
     import torch.distributed as dist
 
-    from megatron_moevement.harness.layout import ParallelLayout
-    from megatron_moevement.harness.model import TinyMoEConfig
-    from megatron_moevement.harness.trainer import HarnessTrainer
-    from megatron_moevement.strategy import MoEvementStrategy
-
-    opts = dict(spec.moevement)
-    trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), ParallelLayout(**spec.layout))
-    strategy = MoEvementStrategy(
-        trainer.gpt_model, trainer.optimizer, replay_config(opts.get("config", {}))
-    )
-    try:
-        report = convert_in_job(
-            strategy,
-            trainer.train_iteration,
-            opts["source"],
-            opts["output"],
-            opts.get("iteration"),
-            bool(opts.get("optimizer", True)),
+    saved = read_rank_schedule(source, dist.get_rank())["slices"]
+    saved_names = {name for names in saved for name in names}
+    live = {op.name for op in strategy.registry}
+    if saved_names != live:
+        raise ConversionError(
+            f"{source}: rank {dist.get_rank()}'s rebuilt model does not match the checkpoint's "
+            f"operators (missing {sorted(saved_names - live)[:5]}, unexpected "
+            f"{sorted(live - saved_names)[:5]}). Fix: build the model with the configuration "
+            "that wrote the checkpoint (the builder's spec in its metadata)."
         )
-    finally:
-        strategy.shutdown()
-    if dist.get_rank() == 0 and spec.output_dir:
-        (Path(spec.output_dir) / "convert.json").write_text(json.dumps(report, indent=1))
 
 
 def replay_config(saved: dict):
     """A ``MoEvementConfig`` for replaying a saved checkpoint: the writing job's settings that
     matter for loading (checksums), without replication, logging or durable saves."""
     from dataclasses import fields
-
-    from megatron_moevement.config import MoEvementConfig
 
     known = {f.name for f in fields(MoEvementConfig)}
     values = {k: v for k, v in saved.items() if k in known}
@@ -209,6 +202,90 @@ def replay_config(saved: dict):
 
 
 # ----------------------------------------------------------------------------- launcher
+JOB_METADATA_KEY = "job"
+"""Key of ``strategy.durable.metadata`` that describes the writing job for the converter:
+``{"builder": "module:function", "spec": {...}}``, where ``function(spec)`` builds one rank's
+model, optimizer and data accessor (a :class:`ReplayJob`) on an initialized process group."""
+
+
+class ReplayJob(Protocol):
+    """What a recorded builder returns on each rank: the job's model, optimizer and data."""
+
+    gpt_model: Any
+    optimizer: Any
+
+    def train_iteration(self, iteration: int) -> Any:
+        """Trains one iteration on its own microbatches (data addressable by iteration)."""
+
+
+def job_description(index: dict, source: Path) -> dict:
+    """The ``{"builder", "spec"}`` the writing job recorded, or a :class:`ConversionError`."""
+    metadata = index.get("metadata") or {}
+    job = metadata.get(JOB_METADATA_KEY)
+    if job is None and "harness" in metadata:
+        # Checkpoints written before the builder was recorded: the local harness wrote them.
+        job = {
+            "builder": "megatron_moevement.harness.trainer:build_replay_job",
+            "spec": metadata["harness"],
+        }
+    if not job or ":" not in str(job.get("builder", "")):
+        raise ConversionError(
+            f"{source} does not describe the job that wrote it (no metadata[{JOB_METADATA_KEY!r}]"
+            " with a 'module:function' builder and its spec), so moevement-convert cannot "
+            "rebuild the model and its data. Fix: call megatron_moevement.convert."
+            "convert_in_job(strategy, train_iteration, source, output) inside your own training "
+            "job on the same layout (its data must be addressable by iteration), or set "
+            f"strategy.durable.metadata[{JOB_METADATA_KEY!r}] = {{'builder': 'module:function', "
+            "'spec': {...}}} when saving."
+        )
+    return job
+
+
+def load_builder(name: str) -> Callable[[dict], ReplayJob]:
+    """The builder ``"module:function"`` names (imported here, by name)."""
+    module, _, function = name.partition(":")
+    try:
+        return getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError) as exc:
+        raise ConversionError(
+            f"cannot import the checkpoint's job builder {name!r} ({exc}). Fix: install the "
+            "package that wrote the checkpoint, or convert inside that job with convert_in_job."
+        ) from exc
+
+
+def run_rank(spec_path: str | Path) -> None:
+    """One rank of a conversion job (run by :func:`convert` as ``python -m
+    megatron_moevement.convert --rank SPEC``): builds the writing job through its
+    recorded builder, then loads, replays and saves (:func:`convert_in_job`)."""
+    import torch.distributed as dist
+
+    spec = json.loads(Path(spec_path).read_text())
+    dist.init_process_group(backend="gloo", init_method="env://")
+    try:
+        job = load_builder(spec["job"]["builder"])(spec["job"]["spec"])
+        strategy = MoEvementStrategy(
+            job.gpt_model, job.optimizer, replay_config(spec.get("config", {}))
+        )
+        try:
+            report = convert_in_job(
+                strategy,
+                job.train_iteration,
+                spec["source"],
+                spec["output"],
+                spec.get("iteration"),
+                bool(spec.get("optimizer", True)),
+            )
+        finally:
+            strategy.shutdown()
+        if dist.get_rank() == 0:
+            Path(spec["report"]).write_text(json.dumps(report, indent=1))
+    finally:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
 def convert(
     source: str | Path,
     output: str | Path,
@@ -218,6 +295,10 @@ def convert(
     work_dir: str | Path | None = None,
 ) -> dict:
     """Runs the conversion as a local multi-process job (one process per rank that wrote it).
+
+    Every rank rebuilds the writing job through the builder the checkpoint records
+    (:data:`JOB_METADATA_KEY`), so any training setup whose data is addressable by iteration
+    can be converted, not just the one that ships with this package.
 
     Args:
         source: A durable checkpoint, or a durable directory (its newest complete checkpoint).
@@ -230,24 +311,10 @@ def convert(
     Returns:
         The job's report (see :func:`convert_in_job`).
     """
-    from megatron_moevement.durable.files import resolve_checkpoint
-    from megatron_moevement.durable.reader import read_index
-    from megatron_moevement.harness.launcher import run_worker_job
-    from megatron_moevement.harness.worker import WorkerSpec
-
     source = resolve_checkpoint(source).resolve()
     output = Path(output).resolve()
     index = read_index(source)
-    harness = (index.get("metadata") or {}).get("harness")
-    if not harness:
-        raise ConversionError(
-            f"{source} does not describe the job that wrote it (no metadata['harness'] with its "
-            "model and layout), so moevement-convert cannot rebuild the model and its data. Fix: "
-            "call megatron_moevement.durable.convert.convert_in_job(strategy, train_iteration, "
-            "source, output) inside your own training job on the same layout (its data must be "
-            "addressable by iteration), or set strategy.durable.metadata['harness'] = "
-            "{'model': ..., 'layout': ...} when saving."
-        )
+    job = job_description(index, source)
     if iteration is not None and not index["window_end"] <= iteration <= index["iteration"]:
         raise ConversionError(
             f"--iteration {iteration} cannot be reconstructed from {source}: choose one from "
@@ -256,18 +323,21 @@ def convert(
     if output.exists() and any(output.iterdir()):
         raise ConversionError(f"output directory {output} is not empty; choose a new one")
     work_dir = Path(work_dir) if work_dir is not None else output.with_name(output.name + ".logs")
-    spec = WorkerSpec(
-        job="durable_convert",
-        layout=harness["layout"],
-        model=harness["model"],
-        moevement=dict(
-            source=str(source),
-            output=str(output),
-            iteration=iteration,
-            optimizer=optimizer,
-            config=index.get("config", {}),
-        ),
-        iterations=0,
+    work_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = work_dir / "convert_spec.json"
+    spec_path.write_text(
+        json.dumps(
+            dict(
+                job=job,
+                source=str(source),
+                output=str(output),
+                iteration=iteration,
+                optimizer=optimizer,
+                config=index.get("config", {}),
+                report=str(work_dir / "convert.json"),
+            ),
+            indent=1,
+        )
     )
     logger.info(
         "converting %s (world size %d, window %d..%d, saved to iteration %d) into %s",
@@ -278,7 +348,13 @@ def convert(
         index["iteration"],
         output,
     )
-    run_worker_job(spec, work_dir, timeout=timeout)
+    with LocalJob(
+        index["world_size"],
+        "megatron_moevement.convert",
+        ["--rank", str(spec_path)],
+        log_dir=work_dir / "logs",
+    ) as local:
+        local.check(timeout=timeout)
     report = json.loads((work_dir / "convert.json").read_text())
     logger.info(
         "wrote dense torch_dist checkpoint %s (iteration %d; load %.1fs, replay %.1fs, "
@@ -324,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         "--work-dir", default=None, help="where the job's spec and logs go (default: OUTPUT.logs)"
     )
     parser.add_argument("--log-level", default="INFO")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rank"]:  # one rank of the job convert() starts
+        configure_logging("INFO")
+        run_rank(argv[1])
+        exit_after_success()
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:

@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_moevement.snapshot.serialization import (
-    PackedQuantizedTensor,
-    PackedTensor,
+from megatron_moevement.snapshot.checksum import (
     SerializationError,
-    ShardManifest,
     SnapshotChecksumError,
     SnapshotCorruptionError,
     checksum,
     dtype_name,
+)
+from megatron_moevement.snapshot.fp8 import (
+    PackedQuantizedTensor,
+    PackedTensor,
+    ShardManifest,
     is_float8_tensor,
     is_mxfp8_tensor,
     pack,

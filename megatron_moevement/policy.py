@@ -1,0 +1,189 @@
+"""Capture policies: what a strategy snapshots after each optimizer step, and how it restores.
+
+:class:`~megatron_moevement.strategy.MoEvementStrategy` owns the machinery (operator registry,
+snapshot engine, replicator, scalar log, replay engine); a :class:`CapturePolicy` decides what
+that machinery captures each iteration and how a rollback uses it. MoEvement's own policy,
+:class:`SparseWindowPolicy`, is the paper's: Algorithm 1 windows (one slot per iteration, full
+state for a slice of the operators) and sparse-to-dense replay. The baselines
+(:mod:`megatron_moevement.baselines`) are other policies on the same machinery.
+
+A policy is attached to exactly one strategy, which calls its hooks:
+
+* :meth:`CapturePolicy.attach` once the machinery exists (install forward hooks here);
+* :meth:`CapturePolicy.after_step` after every optimizer step (after the strategy's own
+  bookkeeping: scalar log, popularity, timing);
+* :meth:`CapturePolicy.restore` for a rollback to a checkpoint;
+* :meth:`CapturePolicy.adopt` / :meth:`CapturePolicy.resume` around a recovery rebuild;
+* :meth:`CapturePolicy.stats` for reports, :meth:`CapturePolicy.detach` at shutdown.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol
+
+import torch
+
+from megatron_moevement.config import MoEvementConfig
+from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.replay.engine import ReplayEngine, ReplayReport
+from megatron_moevement.replay.scalar_log import ScalarLog
+from megatron_moevement.schedule.manager import ScheduleManager
+from megatron_moevement.schedule.sparse_schedule import ScheduledOperator, SparseSchedule
+from megatron_moevement.snapshot.slots import SparseCheckpoint
+
+logger = get_logger(__name__)
+
+__all__ = ["CapturePolicy", "PolicyHost", "SparseWindowPolicy"]
+
+
+class PolicyHost(Protocol):
+    """What a policy uses of the strategy it is attached to
+    (:class:`~megatron_moevement.strategy.MoEvementStrategy` provides it)."""
+
+    config: MoEvementConfig
+    rank: int
+    world_size: int
+    gpt_model: Any
+    optimizer: Any
+    registry: Any
+    """The operator registry."""
+    popularity: Any
+    """Routing statistics."""
+    popularity_group: Any
+    d2h_bandwidth: float
+    iteration_times: list[float]
+    checkpoints: list[SparseCheckpoint]
+    windows_started: int
+    scalar_log: ScalarLog
+    replay: ReplayEngine
+    replicator: Any
+    replicator_ranks_per_node: int
+    durable: Any
+    persisted_checkpoint: SparseCheckpoint | None
+
+    def agree_max(self, value: int) -> int:
+        """The maximum of ``value`` over every rank (collective)."""
+
+    def start_window(self, schedule: SparseSchedule, start_iteration: int) -> SparseCheckpoint:
+        """Begins the next checkpoint."""
+
+    def capture_and_replicate(self, ckpt: SparseCheckpoint, slot: int, iteration: int) -> None:
+        """Starts the copy and the replication of one slot."""
+
+    def flush(self) -> None:
+        """Waits for pending copies and replication."""
+
+
+class CapturePolicy:
+    """Base class of capture policies (see the module docstring)."""
+
+    name = ""
+    """The strategy name (``--ckpt-strategy`` value) this policy implements."""
+
+    keep_windows = 2
+    """Windows whose host buffers and peer replicas coexist (one persisted, one in flight)."""
+
+    def __init__(self) -> None:
+        self.strategy: PolicyHost | None = None
+
+    def attach(self, strategy: PolicyHost) -> None:
+        """Binds the policy to ``strategy`` (called once, at the end of its construction)."""
+        self.strategy = strategy
+
+    def after_step(self, iteration: int) -> None:
+        """Captures what ``iteration`` snapshots (called right after its optimizer step)."""
+        raise NotImplementedError
+
+    def restore(
+        self, target_iteration: int, train_iteration: Callable[[int], object], ckpt=None
+    ) -> ReplayReport:
+        """Rebuilds the state of ``target_iteration`` from ``ckpt`` (default: the persisted
+        checkpoint); collective over the ranks that roll back."""
+        raise NotImplementedError
+
+    def adopt(self, old: "CapturePolicy") -> None:
+        """Takes over a failed-over predecessor's policy state (beyond the strategy's)."""
+
+    def resume(self, committed: int, windows_started: int, ckpt) -> None:
+        """After a recovery to ``committed``: keep ``ckpt`` as the persisted checkpoint (none
+        after a replay from the initial state) and start afresh at the next iteration."""
+        strategy = self.strategy
+        strategy.checkpoints = [] if ckpt is None else [ckpt]
+        strategy.windows_started = windows_started
+
+    def stats(self) -> dict:
+        """Policy facts for reports."""
+        return {"strategy": self.name}
+
+    def detach(self) -> None:
+        """Removes what :meth:`attach` installed."""
+
+
+class SparseWindowPolicy(CapturePolicy):
+    """MoEvement: one slot per iteration of an Algorithm 1 window, sparse-to-dense replay."""
+
+    name = "moevement"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scheduler: ScheduleManager | None = None
+
+    # ------------------------------------------------------------------ capture
+    def after_step(self, iteration: int) -> None:
+        self.capture(iteration)
+
+    def capture(self, iteration: int) -> None:
+        """Captures and replicates the slot that ``iteration`` snapshots (Algorithm 1)."""
+        s = self.strategy
+        if self.scheduler is None:
+            self.scheduler = ScheduleManager(
+                [ScheduledOperator.of(op) for op in s.registry.operators],
+                s.config,
+                s.popularity,
+                iteration_time_s=self._slot_budget_s(),
+                start_iteration=iteration,
+                d2h_bandwidth_bytes_per_s=s.d2h_bandwidth,
+                agree_window_size=s.agree_max,
+                popularity_group=s.popularity_group,
+                include_compute_in_full_slot=True,
+            )
+        elif s.iteration_times and s.config.auto_window:
+            self.scheduler.update_measurements(iteration_time_s=self._slot_budget_s())
+        assignment = self.scheduler.slot_for_iteration(iteration)
+        if assignment.slot == 0:
+            s.start_window(assignment.schedule, assignment.iteration)
+        ckpt = s.checkpoints[-1]
+        s.capture_and_replicate(ckpt, assignment.slot, iteration)
+        s.durable.after_step(iteration)
+
+    def _slot_budget_s(self) -> float:
+        """The time budget of one slot: the (median recent) iteration time, scaled by the
+        share of an iteration a snapshot may take."""
+        s = self.strategy
+        fraction = s.config.snapshot_budget_fraction
+        if fraction is None:
+            fraction = 1.0 if torch.cuda.is_available() else 0.05
+        if s.iteration_times:
+            recent = s.iteration_times[-5:]
+            return fraction * sorted(recent)[len(recent) // 2]
+        return fraction * (s.config.iteration_time_s or 1.0)
+
+    # ------------------------------------------------------------------ restore
+    def restore(self, target_iteration, train_iteration, ckpt=None) -> ReplayReport:
+        s = self.strategy
+        ckpt = ckpt or s.persisted_checkpoint
+        if ckpt is None:
+            raise RuntimeError(
+                "no persisted sparse checkpoint to roll back to (the first window has not been "
+                "captured and replicated yet); restart from the durable tier"
+            )
+        s.flush()
+        return s.replay.rollback_and_replay(ckpt, target_iteration, train_iteration)
+
+    def resume(self, committed: int, windows_started: int, ckpt) -> None:
+        super().resume(committed, windows_started, ckpt)
+        self.scheduler = None  # the next iteration starts a fresh window
+
+    def stats(self) -> dict:
+        window = self.scheduler.schedule.window_size if self.scheduler is not None else None
+        return dict(super().stats(), window_size=window)

@@ -1,0 +1,42 @@
+"""Host buffers for snapshots: pinned on CUDA, allocated once per (window parity, slot), reused."""
+
+from __future__ import annotations
+
+import torch
+
+
+def allocate_host_buffer(nbytes: int) -> torch.Tensor:
+    """A uint8 host buffer, pinned when CUDA is available (for asynchronous device->host copies)."""
+    pin = torch.cuda.is_available()
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+
+
+class HostBufferPool:
+    """Host buffers keyed by (window number modulo ``keep``, slot), allocated once and grown only if
+    a schedule change needs more room."""
+
+    def __init__(self, keep: int = 2) -> None:
+        if keep < 2:
+            raise ValueError(f"keep={keep} must be >= 2 (one persisted, one in flight)")
+        self.keep = keep
+        """Windows whose buffers coexist (keyed by ``window % keep``)."""
+        self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        self.allocations = 0
+
+    def get(self, window: int, slot: int, nbytes: int) -> torch.Tensor:
+        key = (window % self.keep, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = allocate_host_buffer(nbytes)
+            self._buffers[key] = buf
+            self.allocations += 1
+        return buf
+
+    def release_slots_from(self, window_size: int) -> None:
+        """Frees buffers of slot indices that a smaller window no longer uses."""
+        for key in [k for k in self._buffers if k[1] >= window_size]:
+            del self._buffers[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self._buffers.values())
