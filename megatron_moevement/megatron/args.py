@@ -38,6 +38,9 @@ Example::
     assert cfg.window_size == 4
     args = parser.parse_args(["--ckpt-strategy", "gemini", "--baseline-interval", "8"])
     assert baseline_config_from_args(args).interval == 8
+
+One module on purpose: every option is generated from the config dataclasses' fields and types,
+and the cross-option checks need all of them.
 """
 
 from __future__ import annotations

@@ -46,6 +46,9 @@ first iteration and a fingerprint of its weights in the store; after the rebuild
 that its fresh, seeded build reproduces them and replays (globally, with the logged scalars) from
 the first iteration to the last committed one. A build that does not reproduce the initial weights
 stops recovery with an error that says so.
+
+The driver is one cohesive loop (its phases share the rank's recovery state); planning, transfers
+and the replay communicator live in their own modules.
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ Cross-rank consistency: each rank only sees the tokens of its own micro-batches.
 group to :meth:`ExpertPopularity.snapshot` to sum the statistics over the ranks that must agree
 on one schedule (all statistics are linear in the counts, the EMA included, so the sum of the
 per-rank statistics equals the statistics of the summed counts).
+
+One module on purpose: the policies are functions of the statistics' fields, and the drift
+trigger compares their scores; split, each half would need the other's internals.
 """
 
 from __future__ import annotations

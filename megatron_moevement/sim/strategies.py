@@ -25,6 +25,9 @@ A dense checkpoint's cost per checkpoint is ``C(I) = copy_cost(S / B_d2h) + max(
 (the snapshot copy stalls only beyond the overlap window; a background drain — replication or
 persistence — that is still running when the next checkpoint is due delays it), and its
 per-iteration overhead is ``C(I) / I``.
+
+The four models stay in one module: they share the dense-checkpoint cost model, the interval
+search and the recovery models, and the paper's comparison is between them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,56 @@
+"""The snapshot engine on its own: synchronous and asynchronous copies, sealed checksums."""
+
+import threading
+
+import torch
+
+from megatron_moevement.snapshot.engine import SnapshotEngine
+from megatron_moevement.snapshot.sharding import ShardPlan
+from megatron_moevement.state.operators import Operator, OperatorParam
+from megatron_moevement.state.optim_view import ParamState
+from tests.fakes import FakeRegistry, FakeSchedule
+
+
+def _registry():
+    gen = torch.Generator().manual_seed(0)
+    ops = []
+    for name in ("a", "b"):
+        param = torch.nn.Parameter(torch.randn((64, 32), generator=gen).to(torch.bfloat16))
+        main = torch.randn((64, 32), generator=gen)
+        state = ParamState(param, main, {"exp_avg": torch.randn((64, 32), generator=gen)})
+        ops.append(Operator(name, "dense", 0, params=[OperatorParam(f"{name}.w", param, state)]))
+    return FakeRegistry(ops)
+
+
+def _engine(asynchronous):
+    plan = ShardPlan(full_state={"a", "b"}, compute={"a", "b"}, owner_of={"a": 0, "b": 0})
+    return SnapshotEngine(_registry(), plan, rank=0, asynchronous=asynchronous)
+
+
+def test_synchronous_capture_is_complete_when_it_returns():
+    engine = _engine(asynchronous=False)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=0, window=0)
+    calling = threading.current_thread()
+    seen = []
+    original = engine._copier._copy_host
+    engine._copier._copy_host = lambda slot, pairs: (
+        seen.append(threading.current_thread()),
+        original(slot, pairs),
+    )
+    slot = engine.capture(ckpt, 0, 0)
+    assert slot.ready.is_set() and slot.error is None and seen == [calling]
+    assert all(rec.checksum for rec in slot.records.values())
+    slot.verify()
+    live = engine.registry["a"].params[0].state.main_param
+    assert torch.equal(slot.tensor("a/main/a.w"), live)
+    engine.shutdown()
+
+
+def test_asynchronous_capture_copies_on_the_copy_thread():
+    engine = _engine(asynchronous=True)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=0, window=0)
+    slot = engine.capture(ckpt, 0, 0)
+    engine.drain()
+    assert slot.ready.is_set() and all(rec.checksum for rec in slot.records.values())
+    slot.verify()
+    engine.shutdown()
