@@ -47,6 +47,7 @@ _EXPORTS = {
     "UpstreamLogError": "megatron_moevement.upstream.log",
     "RegistryError": "megatron_moevement.state.operators",
     "DurableCheckpointError": "megatron_moevement.durable.errors",
+    "UnsupportedModelError": "megatron_moevement.state.support",
 }
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "SnapshotChecksumError",
     "SnapshotError",
     "Trainer",
+    "UnsupportedModelError",
     "UpstreamLogError",
     "build_strategy",
 ]
@@ -90,6 +92,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from megatron_moevement.snapshot.sharding import ReplicaMismatchError
     from megatron_moevement.snapshot.slots import SnapshotError
     from megatron_moevement.state.operators import RegistryError
+    from megatron_moevement.state.support import UnsupportedModelError
     from megatron_moevement.strategy import MoEvementStrategy
     from megatron_moevement.upstream.log import UpstreamLogError
 

@@ -19,6 +19,7 @@ reading, and records the scalars replay needs.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
@@ -49,6 +50,8 @@ from megatron_moevement.snapshot.sharding import (
 from megatron_moevement.snapshot.slots import SparseCheckpoint
 from megatron_moevement.state.operators import OperatorRegistry, layer_number_of
 from megatron_moevement.state.optim_view import first_leaf
+from megatron_moevement.state.rng import RNG_PREFIX, rng_state
+from megatron_moevement.state.support import check_model_supported
 from megatron_moevement.upstream.communicator import make_logging_communicator
 from megatron_moevement.upstream.log import UpstreamLog
 
@@ -89,6 +92,7 @@ class MoEvementStrategy:
         from megatron.core import parallel_state as ps
 
         self.config = config or MoEvementConfig()
+        check_model_supported(gpt_model.config)
         self.policy = policy or SparseWindowPolicy()
         self.gpt_model = gpt_model
         self.optimizer = optimizer
@@ -112,8 +116,10 @@ class MoEvementStrategy:
         if verify_replicas:
             verify_replicas_identical(self.registry, self.sharding, self.config.checksum)
         self.popularity = ExpertPopularity(ema_decay=self.config.ema_decay)
-        self.popularity_group = ps.get_data_parallel_group()
-        """Process group over which routing statistics are summed before ordering."""
+        self.popularity_group = ps.get_tensor_and_data_parallel_group(with_context_parallel=True)
+        """Process group over which routing statistics are summed before ordering: every rank
+        of the stage (each tensor-parallel rank routes only its own sequence shard), so all of
+        them cut the same schedule."""
         self.d2h_bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth(
             checksum_algorithm=self.config.checksum
         )
@@ -171,6 +177,9 @@ class MoEvementStrategy:
             self.registry, optimizer, self.shard_plan, self.sharding, self.scalar_log
         )
         self._pending_scalars: StepScalars | None = None
+        self.rng_after_step: dict[str, torch.Tensor] = rng_state()
+        """This rank's RNG states after its last optimizer step (what the next iteration starts
+        from); every slot carries them, and a rank outside a recovery's scope restores them."""
         self.step_in_progress = False
         """True while the wrapped optimizer step runs (a failure then leaves state half-updated)."""
         self._hooks = self._install_router_hooks()
@@ -206,6 +215,8 @@ class MoEvementStrategy:
             self.step_in_progress = True  # stays True if the step is interrupted by a failure
             result = original(*args, **kwargs)
             self.step_in_progress = False
+            # Forward passes draw randomness, the step does not: this is the iteration's end.
+            self.rng_after_step = rng_state()
             update_successful, grad_norm = bool(result[0]), result[1]
             self._pending_scalars = StepScalars(
                 iteration=-1,
@@ -230,7 +241,9 @@ class MoEvementStrategy:
                 if self.replay.replaying or not mod.training:
                     return  # replayed tokens were counted by the original run; eval is not training
                 probs, routing_map = output[0], output[1]
-                self.popularity.update_from_routing(layer, routing_map, probs)
+                self.popularity.update_from_routing(
+                    layer, routing_map, probs, expert_capacity(mod.config, routing_map.shape)
+                )
 
             handles.append(module.register_forward_hook(hook))
         return handles
@@ -295,7 +308,8 @@ class MoEvementStrategy:
     def capture_and_replicate(self, ckpt: SparseCheckpoint, slot: int, iteration: int) -> None:
         """Starts the copy of ``ckpt``'s ``slot`` with the state of ``iteration`` and queues its
         replication to the peers (both asynchronous)."""
-        captured = self.engine.capture(ckpt, slot, iteration)
+        rank_state = {RNG_PREFIX + name: t for name, t in self.rng_after_step.items()}
+        captured = self.engine.capture(ckpt, slot, iteration, rank_state)
         self.replicator.replicate(ckpt, captured)
         self.snapshots_taken += 1
         self.snapshot_bytes_total += self.engine.bytes_captured_last
@@ -404,6 +418,7 @@ class MoEvementStrategy:
             self.upstream_log = old.upstream_log
             self.p2p_communicator.log = old.upstream_log
         self.popularity.load_state_dict(old.popularity.state_dict())
+        self.rng_after_step = old.rng_after_step
         self.windows_started = old.windows_started
         self.snapshots_taken = old.snapshots_taken
         self.snapshot_bytes_total = old.snapshot_bytes_total
@@ -476,6 +491,18 @@ class MoEvementStrategy:
             self.engine.shutdown()
             self.replicator.shutdown()
             self.durable.close(self)
+
+
+def expert_capacity(config, routing_shape) -> float:
+    """Tokens an expert can take from one microbatch of ``routing_shape`` (``[tokens,
+    experts]``): Megatron's capacity with a capacity factor (``ceil(tokens * topk / experts *
+    factor)``), else every token once (dropless routing)."""
+    tokens, experts = int(routing_shape[0]), int(routing_shape[1])
+    factor = getattr(config, "moe_expert_capacity_factor", None)
+    if factor is None:
+        return float(tokens)
+    topk = int(getattr(config, "moe_router_topk", 1))
+    return float(math.ceil(tokens * topk / experts * factor))
 
 
 def _local_world_size() -> int:

@@ -20,7 +20,7 @@ from megatron_moevement import cli
         (["--strategy", "moc", "--baseline-expert-fraction", "2"], "--baseline-expert-fraction"),
         (["--kill-iteration", "10"], "--kill-iteration"),  # the run has 10 iterations
         (["--kill-iteration", "-1"], "--kill-iteration"),
-        (["--layout", "tp2xep2"], "tp=2.*Fix: use tp=1"),  # no sequence parallel norm on CPU
+        (["--layout", "tp2xdp1xep2"], "etp=2 does not divide"),  # ep x etp must divide tp x dp
         (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
         (["--layout", "pp2xzz2"], "pp2xzz2"),
         (["--layout", "single"], "at least 2 ranks"),

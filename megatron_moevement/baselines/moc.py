@@ -298,7 +298,7 @@ class PartialExpertStrategy(BaselineStrategy):
     def __init__(self, gpt_model, optimizer, config=None, baseline=None, num_experts=None, **kw):
         self._model_sizes = (
             num_experts or gpt_model.config.num_moe_experts,
-            gpt_model.config.num_layers,
+            gpt_model.config.num_layers + (getattr(gpt_model.config, "mtp_num_layers", None) or 0),
         )
         super().__init__(gpt_model, optimizer, config, baseline, num_experts, **kw)
 

@@ -30,7 +30,13 @@ class ParallelLayout:
     ep: int = 1
     """Expert-parallel size (ranks the experts of a layer are spread over)."""
 
+    etp: int | None = None
+    """Expert tensor-parallel size (``None``: the same as ``tp``). Experts are spread over
+    ``ep * etp`` ranks, which must divide ``tp * dp``."""
+
     def __post_init__(self) -> None:
+        if self.etp is not None and (not isinstance(self.etp, int) or self.etp < 1):
+            raise LayoutError(f"ParallelLayout.etp={self.etp!r} is invalid: use an int >= 1")
         for name in ("tp", "pp", "dp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -41,6 +47,12 @@ class ParallelLayout:
                 "Megatron-Core takes expert-parallel ranks out of the data-parallel ranks; "
                 "choose ep so that it divides tp*dp"
             )
+        if (self.tp * self.dp) % (self.ep * self.expert_tp) != 0:
+            raise LayoutError(
+                f"ParallelLayout ep={self.ep} x etp={self.expert_tp} does not divide "
+                f"tp*dp={self.tp * self.dp}: Megatron-Core spreads each layer's experts over "
+                "ep * etp of the tp * dp ranks of a stage; choose sizes that divide it"
+            )
 
     @property
     def world_size(self) -> int:
@@ -48,9 +60,14 @@ class ParallelLayout:
         return self.tp * self.pp * self.dp
 
     @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel size (``etp``, defaulting to ``tp``)."""
+        return self.tp if self.etp is None else self.etp
+
+    @property
     def expert_dp(self) -> int:
         """Data-parallel size of the expert parameters."""
-        return self.tp * self.dp // self.ep
+        return self.tp * self.dp // (self.ep * self.expert_tp)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,7 +83,7 @@ class ParallelLayout:
             return cls()
         sizes = {}
         for part in re.split(r"[x*,\s]+", text):
-            match = re.fullmatch(r"(tp|pp|dp|ep)(\d+)", part)
+            match = re.fullmatch(r"(tp|pp|dp|ep|etp)(\d+)", part)
             if not match:
                 raise LayoutError(
                     f"cannot parse layout part {part!r} of {text!r}: write e.g. 'pp2xdp2xep2'"
@@ -77,4 +94,5 @@ class ParallelLayout:
         return cls(**sizes)
 
     def __str__(self) -> str:
-        return f"tp{self.tp}xpp{self.pp}xdp{self.dp}xep{self.ep}"
+        etp = "" if self.etp is None else f"xetp{self.etp}"
+        return f"tp{self.tp}xpp{self.pp}xdp{self.dp}xep{self.ep}{etp}"

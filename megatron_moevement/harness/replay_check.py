@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from megatron_moevement.harness.snapshot_check import _live_state
+from megatron_moevement.state.rng import rng_state, set_rng_state
 
 
 def _scramble(registry, seed: int) -> None:
@@ -35,6 +36,12 @@ def _scramble(registry, seed: int) -> None:
             for _, live in operator_tensors(op, ("compute", "main", "optim")):
                 noise = torch.randn(live.shape, generator=gen).to(live.dtype)
                 live.copy_(noise)
+    # The generators too: replay must bring back the ones the original run drew from.
+    scrambled = {
+        name: torch.Generator().manual_seed(seed * 7919 + i).get_state()
+        for i, name in enumerate(rng_state())
+    }
+    set_rng_state(scrambled)
 
 
 def _diff(state, ref) -> list[str]:

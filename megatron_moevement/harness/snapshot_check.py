@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.state.rng import RNG_PREFIX, rng_state
 
 logger = get_logger(__name__)
 
@@ -62,6 +63,7 @@ def run_snapshot_check(spec) -> None:
         trainer.train_iteration(it)
         strategy.after_optimizer_step(it)
         live[it] = _live_state(strategy.registry)
+        live[it].update({RNG_PREFIX + k: v for k, v in rng_state().items()})
         memory.append(strategy.host_memory_bytes())
     strategy.flush()
 

@@ -24,6 +24,7 @@ from megatron_moevement.harness.model import (
 )
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.state.optim_view import OptimizerView
+from megatron_moevement.state.rng import rng_state
 
 logger = get_logger(__name__)
 
@@ -122,6 +123,7 @@ class HarnessTrainer:
             tensor_model_parallel_size=layout.tp,
             pipeline_model_parallel_size=layout.pp,
             expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.expert_tp,
         )
         torch.manual_seed(cfg.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
@@ -164,6 +166,7 @@ class HarnessTrainer:
         config.finalize_model_grads_func = finalize_model_grads
         self.forward_backward_func = get_forward_backward_func()
         self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.pp_rank = parallel_state.get_pipeline_model_parallel_rank()
         self.ep_rank = parallel_state.get_expert_model_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
@@ -238,7 +241,9 @@ class HarnessTrainer:
         """A detached copy of every tensor of this rank's training state, by stable name.
 
         Keys: ``param/<name>`` (compute weights), ``main/<name>`` (FP32 main param or its shard),
-        ``optim/<name>/<key>`` (optimizer state such as ``exp_avg``, ``exp_avg_sq``, ``step``).
+        ``optim/<name>/<key>`` (optimizer state such as ``exp_avg``, ``exp_avg_sq``, ``step``),
+        ``buffer/<name>`` (module buffers, e.g. the router's expert bias) and ``rng/<name>``
+        (this rank's generator states): the same set the operator registry snapshots.
         """
         state: dict[str, torch.Tensor] = {}
         for name, param in self.named_parameters():
@@ -252,6 +257,10 @@ class HarnessTrainer:
                     state[f"optim/{name}/{key}"] = value.detach().clone()
                 else:
                     state[f"optim/{name}/{key}"] = torch.tensor(value)
+        for name, buffer in self.gpt_model.named_buffers():
+            state[f"buffer/{name}"] = buffer.detach().clone()
+        for name, value in rng_state().items():
+            state[f"rng/{name}"] = value
         return state
 
 

@@ -88,6 +88,7 @@ from megatron_moevement.recovery.tiers import (
 )
 from megatron_moevement.snapshot.replication import choose_peers
 from megatron_moevement.state.optim_view import ensure_optimizer_state
+from megatron_moevement.state.rng import set_rng_state
 
 logger = get_logger(__name__)
 
@@ -119,6 +120,8 @@ class Trainer(Protocol):
     """This rank's pipeline stage."""
     dp_rank: int
     """This rank's data-parallel rank."""
+    tp_rank: int
+    """This rank's tensor-parallel rank (0 without tensor parallelism)."""
     num_microbatches: int
     """Microbatches per iteration (upstream logs hold one entry per microbatch)."""
     p2p_communicator: Any
@@ -452,6 +455,7 @@ class RecoveryDriver:
             self._dirty and not spare,
             not spare,
             strategy.upstream_log is not None,
+            getattr(self.trainer, "tp_rank", 0),
         )
         mine = dict(
             status=asdict(status),
@@ -574,6 +578,8 @@ class RecoveryDriver:
         committed = plan.scope.committed
         if self.ctx.rank not in plan.scope.ranks:
             restore_live_state(self.strategy.registry, self._live_backup)
+            # The generators as the committed iteration left them (the failed one drew more).
+            set_rng_state(self.strategy.rng_after_step)
             self.fault_hook(committed, "recovery_wait", self)
             return []
 

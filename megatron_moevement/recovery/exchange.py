@@ -93,14 +93,14 @@ def exchange_logs(
 
     Returns, on a rank in scope, ``{(direction, iteration, microbatch): tensor}``.
     """
-    by_pos = {(s.pp_rank, s.dp_rank): s.rank for s in statuses}
+    by_pos = {(s.pp_rank, s.dp_rank, s.tp_rank): s.rank for s in statuses}
     in_scope = set(plan.ranks)
     received: dict = {}
     for s in sorted(statuses, key=lambda x: x.rank):
         if s.rank not in in_scope:
             continue
         for direction, neighbour_pp in ((ACTIVATION, s.pp_rank - 1), (GRADIENT, s.pp_rank + 1)):
-            source = by_pos.get((neighbour_pp, s.dp_rank))
+            source = by_pos.get((neighbour_pp, s.dp_rank, s.tp_rank))
             if source is None or source in in_scope:
                 continue
             if me == source:

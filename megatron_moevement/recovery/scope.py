@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from megatron_moevement.logging_utils import get_logger
 
@@ -27,13 +26,21 @@ logger = get_logger(__name__)
 
 @dataclass
 class RankStatus:
+    """Where one rank stands after a failure."""
+
     rank: int
     pp_rank: int
     dp_rank: int
     committed: int
+    """Last iteration whose optimizer step completed on it (-1 for a replacement)."""
     dirty: bool
+    """The failure interrupted its optimizer step (its state may be half-updated)."""
     has_state: bool
+    """It survived (a replacement has no state)."""
     logging: bool
+    """It keeps upstream logs."""
+    tp_rank: int = 0
+    """Its tensor-parallel rank: p2p partners across stages share (data-parallel, tp) ranks."""
 
 
 @dataclass
@@ -49,27 +56,6 @@ class ScopePlan:
     """Iteration every rank is at after recovery."""
     reason: str
     """Why global rollback was chosen (empty for scoped)."""
-
-
-def gather_status(status: RankStatus, world_size: int) -> list[RankStatus]:
-    import torch.distributed as dist
-
-    t = torch.zeros(world_size, 6, dtype=torch.int64)
-    t[status.rank] = torch.tensor(
-        [
-            status.pp_rank,
-            status.dp_rank,
-            status.committed,
-            int(status.dirty),
-            int(status.has_state),
-            int(status.logging),
-        ]
-    )
-    dist.all_reduce(t)
-    return [
-        RankStatus(r, *[int(v) for v in t[r][:3]], bool(t[r][3]), bool(t[r][4]), bool(t[r][5]))
-        for r in range(world_size)
-    ]
 
 
 def global_plan(statuses: list[RankStatus], reason: str) -> ScopePlan:

@@ -35,9 +35,13 @@ def frozen_operators(registry, names: Iterable[str]):
     rank whose local experts of a layer are all frozen (with everything before them frozen too)
     would skip that layer's all-to-all backward while an expert-parallel peer with active experts
     runs it, and the peers would deadlock. Weight gradients do not depend on it.
+
+    A stacked weight (grouped-GEMM experts) is frozen only when every expert that owns a block
+    of it is: otherwise it trains, and its frozen blocks' updates are discarded (the next slot
+    loads their compute weights, and their full state is loaded with their own slot).
     """
     names = list(names)
-    params = [p.param for name in names for p in registry[name].params]
+    params = _wholly_frozen(registry, names)
     previous = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(False)
@@ -139,12 +143,32 @@ def _force_found_inf(leaves, value: bool):
     return restore
 
 
-def frozen_main_params(registry, names: Iterable[str]) -> list[torch.Tensor]:
-    """The main parameters (or shards) of operators ``names`` on this rank."""
-    registry.refresh()
-    out = []
+def _wholly_frozen(registry, names: list[str]) -> list[torch.nn.Parameter]:
+    """The parameters every owner of which is among the operators ``names`` (each once)."""
+    frozen = set(names)
+    out, seen = [], set()
     for name in names:
         for p in registry[name].params:
-            if p.state is not None and p.state.main_param is not None:
-                out.append(p.state.main_param)
+            if id(p.param) in seen:
+                continue
+            owners = registry.owners(p.param) if hasattr(registry, "owners") else [name]
+            if all(owner in frozen for owner in owners):
+                seen.add(id(p.param))
+                out.append(p.param)
+    return out
+
+
+def frozen_main_params(registry, names: Iterable[str]) -> list[torch.Tensor]:
+    """The main parameters (or shards) of the wholly frozen parameters of operators ``names``
+    on this rank (see :func:`frozen_operators`)."""
+    registry.refresh()
+    names = list(names)
+    frozen = {id(param) for param in _wholly_frozen(registry, names)}
+    out, seen = [], set()
+    for name in names:
+        for p in registry[name].params:
+            main = None if p.state is None else p.state.main_param
+            if main is not None and id(p.param) in frozen and id(main) not in seen:
+                seen.add(id(main))
+                out.append(main)
     return out

@@ -12,6 +12,7 @@ from __future__ import annotations
 from megatron_moevement.snapshot.sharding import OperatorGroups
 from megatron_moevement.snapshot.slots import SnapshotError, SparseCheckpoint
 from megatron_moevement.state.operators import operator_tensors
+from megatron_moevement.state.rng import RNG_PREFIX, set_rng_state
 
 
 class SlotLoader:
@@ -68,7 +69,8 @@ class SlotLoader:
         return placed
 
     def apply(self, ckpt: SparseCheckpoint, k: int) -> dict:
-        """Loads slot ``k``: full state of slice ``k``, compute weights of slices ``k..``."""
+        """Loads slot ``k``: full state of slice ``k``, compute weights and buffers of slices
+        ``k..``, and this rank's RNG states of the slot's iteration."""
         slot = ckpt.slots[k]
         if slot is None:
             raise SnapshotError(
@@ -86,4 +88,14 @@ class SlotLoader:
             stats["compute"] += self._place(
                 self.registry[name], ("compute",), slot, from_owner=True
             )
+        rng = {
+            key[len(RNG_PREFIX) :]: slot.tensor(key)
+            for key in slot.keys()
+            if key.startswith(RNG_PREFIX)
+        }
+        if rng:
+            # This rank's generators as they were after the slot's iteration: the next replayed
+            # iteration draws the dropout masks the original run drew.
+            set_rng_state(rng)
+            stats["rng"] = len(rng)
         return stats

@@ -19,6 +19,13 @@ The redirections are:
 * ``te_general_gemm`` defined as ``None`` in ``moe_utils`` when Transformer Engine is absent.
 * ``Tensor.type()`` seen from ``megatron.core.optimizer``, whose classes check parameters against
   ``torch.cuda.*Tensor`` names.
+* a grouped GEMM for ``GroupedMLP`` (``grouped_gemm_util.ops.gmm``), because the
+  ``grouped_gemm`` package is a CUDA extension.
+* the local layer spec's torch norm (``WrappedTorchNorm``) with sequence parallelism, because it
+  asserts SP off (apex's FusedLayerNorm, which allows it, needs CUDA) while MoE with TP needs SP.
+* uneven sequence-parallel gathers and reduce-scatters (``tensor_parallel.mappings``), because
+  gloo's ``all_gather`` / ``reduce_scatter`` need equal sizes on every rank; the all-to-all
+  dispatcher with expert tensor parallelism gathers uneven token counts.
 """
 
 from __future__ import annotations
@@ -262,6 +269,97 @@ def _patch_moe() -> None:
     )
 
 
+def grouped_gemm(a: torch.Tensor, b: torch.Tensor, batch_sizes, trans_b: bool = False):
+    """``out[rows of expert e] = a[rows of expert e] @ b[e]`` (``b[e].T`` with ``trans_b``), the
+    contract of ``grouped_gemm.ops.gmm``: ``a`` is [tokens, k] grouped by expert in order,
+    ``b`` is [experts, k, n] (or [experts, n, k]), ``batch_sizes`` the tokens per expert.
+
+    One matmul per expert with autograd through torch's own ops: deterministic on CPU, and the
+    same arithmetic as the per-expert ``SequentialMLP``.
+    """
+    sizes = [
+        int(s) for s in (batch_sizes.tolist() if torch.is_tensor(batch_sizes) else batch_sizes)
+    ]
+    chunks = torch.split(a, sizes, dim=0)
+    outs = [c @ (b[e].t() if trans_b else b[e]) for e, c in enumerate(chunks)]
+    return torch.cat(outs, dim=0) if outs else a.new_empty((0, b.shape[1 if trans_b else 2]))
+
+
+class _CpuGroupedGemm:
+    """What ``grouped_gemm_util`` expects of the ``grouped_gemm`` package (its ``ops.gmm``)."""
+
+    class ops:  # noqa: N801 - mirrors the package's attribute
+        gmm = staticmethod(grouped_gemm)
+
+
+def _patch_grouped_gemm() -> None:
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    if grouped_gemm_util.grouped_gemm is None:
+        # Reason: the grouped_gemm package is a CUDA extension; GroupedMLP needs its gmm.
+        grouped_gemm_util.grouped_gemm = _CpuGroupedGemm
+        grouped_gemm_util.ops = _CpuGroupedGemm.ops
+
+
+def _patch_torch_norm() -> None:
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        # Reason: WrappedTorchNorm asserts sequence parallelism off; a torch norm is exact under
+        # SP when its parameters say so (finalize_model_grads all-reduces their gradients over
+        # the tensor-parallel group, which is what the sharded sequence needs).
+        sequence_parallel = bool(getattr(config, "sequence_parallel", False))
+        if sequence_parallel:
+            config.sequence_parallel = False
+            try:
+                norm = original(cls, config, hidden_size, *args, **kwargs)
+            finally:
+                config.sequence_parallel = True
+            for param in norm.parameters():
+                setattr(param, "sequence_parallel", True)
+            return norm
+        return original(cls, config, hidden_size, *args, **kwargs)
+
+    torch_norm.WrappedTorchNorm.__new__ = __new__
+
+
+def _patch_uneven_sequence_parallel() -> None:
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = (
+        mappings._gather_along_first_dim,
+        mappings._reduce_scatter_along_first_dim,
+    )
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        # Reason: gloo's all_gather needs equal sizes; pad to the largest, gather, cut (exact).
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1 or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        largest = max(output_split_sizes)
+        padded = input_.new_zeros((largest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        pieces = [torch.empty_like(padded) for _ in range(group.size())]
+        dist.all_gather(pieces, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(pieces, output_split_sizes)], dim=0)
+
+    def _reduce_scatter_along_first_dim(
+        input_, group, input_split_sizes=None, use_global_buffer=False
+    ):
+        # Reason: gloo's reduce_scatter needs equal sizes; all-reduce the whole input, keep ours.
+        if input_split_sizes is None or len(set(input_split_sizes)) <= 1 or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(input_split_sizes[: group.rank()])
+        return total[start : start + input_split_sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 _DEVICE_MODE: CudaToCpuDeviceMode | None = None
 
 
@@ -288,6 +386,9 @@ def apply_cpu_compat() -> bool:
         _patch_torch_cuda()
         _patch_rng_tracker()
         _patch_moe()
+        _patch_grouped_gemm()
+        _patch_torch_norm()
+        _patch_uneven_sequence_parallel()
         _DEVICE_MODE = CudaToCpuDeviceMode()
         _DEVICE_MODE.__enter__()
         _APPLIED = True

@@ -74,7 +74,7 @@ class ScheduledOperator:
     def of(cls, op) -> "ScheduledOperator":
         """The schedule's view of a registry operator: its compute bytes and
         :data:`~megatron_moevement.constants.FULL_STATE_BYTES_PER_PARAM` per parameter."""
-        numel = sum(p.param.numel() for p in op.params)
+        numel = op.numel
         return cls(
             op.name,
             op.kind,

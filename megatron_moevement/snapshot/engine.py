@@ -192,10 +192,23 @@ class SnapshotEngine:
             owner_rank=self.rank,
         )
 
-    def capture(self, ckpt: SparseCheckpoint, slot_index: int, iteration: int) -> SlotSnapshot:
+    def capture(
+        self,
+        ckpt: SparseCheckpoint,
+        slot_index: int,
+        iteration: int,
+        rank_state: dict[str, torch.Tensor] | None = None,
+    ) -> SlotSnapshot:
         """Starts capturing slot ``slot_index`` of ``ckpt`` with the state of ``iteration``.
 
         Call right after the optimizer step of ``iteration``; returns at once.
+
+        Args:
+            ckpt: The window's checkpoint.
+            slot_index: Its slot to capture.
+            iteration: The iteration whose post-step state the slot holds.
+            rank_state: Per-rank tensors every slot carries besides the operators' (the RNG
+                states, ``{record key: tensor}``); they must not change while being copied.
         """
         if ckpt.slots[slot_index] is not None:
             raise SnapshotError(f"slot {slot_index} of window {ckpt.window} already captured")
@@ -212,6 +225,7 @@ class SnapshotEngine:
             live.extend(operator_tensors(self.registry[name], ("main", "optim")))
         for name in compute_ops:
             live.extend(operator_tensors(self.registry[name], ("compute",)))
+        live.extend(sorted((rank_state or {}).items()))
 
         records: list[TensorRecord] = []
         offset = 0

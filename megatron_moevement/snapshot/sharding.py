@@ -177,6 +177,7 @@ def verify_replicas_identical(
     import torch.distributed as dist
 
     from megatron_moevement.snapshot.checksum import checksum
+    from megatron_moevement.state.operators import operator_tensors
 
     groups = default_operator_groups()
     for kind, group, size in (
@@ -187,7 +188,10 @@ def verify_replicas_identical(
             continue
         ops = [op for op in registry.operators if (op.kind == "expert") == (kind == "expert")]
         # Experts are named by global id, so replicas of one expert share the name.
-        mine = {op.name: [checksum(p.param, algorithm) for p in op.params] for op in ops}
+        mine = {
+            op.name: [checksum(v, algorithm) for _, v in operator_tensors(op, ("compute",))]
+            for op in ops
+        }
         gathered: list = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (dist.get_rank(), mine), group=group)
         differing = sorted(
