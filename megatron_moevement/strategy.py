@@ -48,7 +48,11 @@ from megatron_moevement.snapshot.sharding import (
     verify_replicas_identical,
 )
 from megatron_moevement.snapshot.slots import SparseCheckpoint
-from megatron_moevement.state.operators import OperatorRegistry, layer_number_of
+from megatron_moevement.state.operators import (
+    OperatorRegistry,
+    layer_number_of,
+    operator_tensors,
+)
 from megatron_moevement.state.optim_view import first_leaf
 from megatron_moevement.state.rng import RNG_PREFIX, rng_state
 from megatron_moevement.state.support import check_model_supported
@@ -180,6 +184,9 @@ class MoEvementStrategy:
         self.rng_after_step: dict[str, torch.Tensor] = rng_state()
         """This rank's RNG states after its last optimizer step (what the next iteration starts
         from); every slot carries them, and a rank outside a recovery's scope restores them."""
+        self.buffers_after_step: dict[str, torch.Tensor] = self._buffers()
+        """This rank's module buffers after its last optimizer step (the routers' expert bias
+        and token counts: forward passes change them, so a mid-iteration failure must not)."""
         self.step_in_progress = False
         """True while the wrapped optimizer step runs (a failure then leaves state half-updated)."""
         self._hooks = self._install_router_hooks()
@@ -209,14 +216,15 @@ class MoEvementStrategy:
         def step(*args, **kwargs):
             engine.wait_for_copies()  # never mutate state a snapshot is still reading
             if replay.in_replayed_step:
-                return replay.optimizer_step()
+                result = replay.optimizer_step()
+                self._mark_iteration_end()
+                return result
             lrs = learning_rates(self.optimizer)  # at step time: schedulers move them after
             scaler = scaler_state(self.optimizer)
             self.step_in_progress = True  # stays True if the step is interrupted by a failure
             result = original(*args, **kwargs)
             self.step_in_progress = False
-            # Forward passes draw randomness, the step does not: this is the iteration's end.
-            self.rng_after_step = rng_state()
+            self._mark_iteration_end()
             update_successful, grad_norm = bool(result[0]), result[1]
             self._pending_scalars = StepScalars(
                 iteration=-1,
@@ -229,6 +237,19 @@ class MoEvementStrategy:
 
         self.optimizer.step = step
         self._original_step = original
+
+    def _mark_iteration_end(self) -> None:
+        # Forward passes draw randomness and count tokens, the step does not: this is where the
+        # iteration's state is complete (what the next one starts from).
+        self.rng_after_step = rng_state()
+        self.buffers_after_step = self._buffers()
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        return {
+            key: tensor.clone()
+            for op in self.registry.operators
+            for key, tensor in operator_tensors(op, ("buffer",))
+        }
 
     def _install_router_hooks(self) -> list:
         handles = []
@@ -419,6 +440,7 @@ class MoEvementStrategy:
             self.p2p_communicator.log = old.upstream_log
         self.popularity.load_state_dict(old.popularity.state_dict())
         self.rng_after_step = old.rng_after_step
+        self.buffers_after_step = old.buffers_after_step
         self.windows_started = old.windows_started
         self.snapshots_taken = old.snapshots_taken
         self.snapshot_bytes_total = old.snapshot_bytes_total

@@ -342,7 +342,7 @@ class RecoveryDriver:
         if old is not None and self.has_state and self._live_backup is None:
             self._dirty = old.step_in_progress
             if not self._dirty:
-                self._live_backup = capture_live_state(old.registry)
+                self._live_backup = capture_live_state(old.registry, old.buffers_after_step)
         fault.old = old if self.has_state else None
         while True:
             self._teardown()

@@ -15,13 +15,23 @@ from megatron_moevement.state.operators import operator_tensors
 
 
 # ---------------------------------------------------------------------------- live state backup
-def capture_live_state(registry) -> dict[str, torch.Tensor]:
-    """Host copies of every tensor of this rank's training state (kept across a rebuild)."""
+def capture_live_state(registry, buffers: dict | None = None) -> dict[str, torch.Tensor]:
+    """Host copies of every tensor of this rank's training state (kept across a rebuild).
+
+    Args:
+        registry: The rank's operator registry.
+        buffers: The buffers as the last completed iteration left them (the strategy's
+            ``buffers_after_step``): a failure mid-iteration finds buffers that the interrupted
+            forward passes already changed (the routers' token counts), which the live copy must
+            not keep.
+    """
     registry.refresh()
     out = {}
     for op in registry.operators:
         for key, tensor in operator_tensors(op, ("compute", "main", "optim")):
             out[key] = tensor.detach().to("cpu", copy=True)
+    for key, tensor in (buffers or {}).items():
+        out[key] = tensor.detach().to("cpu", copy=True)
     return out
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from megatron_moevement.logging_utils import get_logger
 
 logger = get_logger(__name__)

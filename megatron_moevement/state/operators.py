@@ -157,6 +157,12 @@ class OperatorBuffer:
 
     @property
     def tensor(self) -> torch.Tensor:
+        # The router keeps its expert bias in FP32, but Float16Module's cast turns it to bf16
+        # until the first forward; Megatron switches it back before saving and loading, and so
+        # do we, so that a fresh model and a trained one hold it alike.
+        maintain = getattr(self.module, "_maintain_float32_expert_bias", None)
+        if maintain is not None:
+            maintain()
         return getattr(self.module, self.attr).detach()
 
 
@@ -459,7 +465,8 @@ def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str
 def operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]:
     """(key, live tensor) pairs of operator ``op`` for the given kinds (compute/main/optim).
 
-    ``compute`` is the compute weights (blocks of stacked weights) and the buffers. When the
+    ``compute`` is the compute weights (blocks of stacked weights) and the buffers (``buffer``:
+    the buffers alone). When the
     optimizer steps the model parameter itself (plain FP32 training), the compute weight *is*
     the main parameter: it is listed once, as ``compute``. Every tensor is a live view: copying
     into it restores the model in place.
@@ -478,7 +485,7 @@ def operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]
         if "optim" in kinds:
             for skey, value in p.optimizer_views():
                 out.append((f"{op.name}/optim/{p.key}/{skey}", value))
-    if "compute" in kinds:
+    if "compute" in kinds or "buffer" in kinds:
         for b in op.buffers:
             out.append((f"{op.name}/buffer/{b.name}", b.tensor))
     return out

@@ -134,3 +134,40 @@ def test_corrupted_shard_is_detected_with_a_clear_error(reports):
         assert msg is not None
         assert "checksum mismatch" in msg and "rank" in msg and "slot" in msg
         assert "replica" in msg.lower()  # says where to fall back to
+
+
+@pytest.mark.multiproc
+def test_tensor_parallel_ranks_cut_the_same_schedule(run_job):
+    """Each tensor-parallel rank routes only its sequence shard; the popularity statistics are
+    summed over the stage, so the ranks of a TP group order and cut the same slices."""
+    out = run_job(
+        "tp",
+        job="snapshot_check",
+        layout=dict(tp=2, dp=2, ep=2),
+        model=dict(),
+        iterations=8,
+        moevement=dict(
+            window_size=2, replication_factor=0, reorder_threshold=0.01, reorder_fraction=0.01
+        ),
+    )
+    reports = [json.loads((out / f"snapshot_rank{r}.json").read_text()) for r in range(4)]
+    schedules = [r["schedule"] for r in reports]
+    assert schedules[0]["version"] > 0, "the order never changed: nothing was compared"
+    for a, b in ((0, 1), (2, 3)):  # tensor-parallel pairs (tp is Megatron's fastest dimension)
+        assert reports[a]["dp_rank"] == reports[b]["dp_rank"]
+        assert schedules[a]["slices"] == schedules[b]["slices"]
+
+
+@pytest.mark.multiproc
+def test_capacity_normalized_ordering_runs_past_the_first_window(run_job):
+    out = run_job(
+        "capacity",
+        job="snapshot_check",
+        layout=dict(),
+        model=dict(moe_expert_capacity_factor=1.5),
+        iterations=6,
+        moevement=dict(window_size=2, replication_factor=0, ordering="capacity_normalized"),
+    )
+    report = json.loads((out / "snapshot_rank0.json").read_text())
+    assert report["schedule"]["policy"] == "capacity_normalized"
+    assert report["windows_started"] == 3 and report["mismatches"] == []
