@@ -33,7 +33,7 @@ _EXPORTS = {
     "BaselineConfig": "megatron_moevement.baselines.config",
     "BaselineConfigError": "megatron_moevement.baselines.config",
     "RecoveryDriver": "megatron_moevement.recovery.driver",
-    "RecoveryReport": "megatron_moevement.recovery.driver",
+    "RecoveryReport": "megatron_moevement.recovery.procedure",
     "Trainer": "megatron_moevement.recovery.driver",
     "ElasticContext": "megatron_moevement.recovery.protocol",
     "RecoveryError": "megatron_moevement.recovery.errors",
@@ -81,7 +81,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from megatron_moevement.baselines.factory import build_strategy
     from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
     from megatron_moevement.durable.errors import DurableCheckpointError
-    from megatron_moevement.recovery.driver import RecoveryDriver, RecoveryReport, Trainer
+    from megatron_moevement.recovery.driver import RecoveryDriver, Trainer
+    from megatron_moevement.recovery.procedure import RecoveryReport
     from megatron_moevement.recovery.errors import RecoveryError
     from megatron_moevement.recovery.protocol import ElasticContext
     from megatron_moevement.replay.engine import ReplayReport

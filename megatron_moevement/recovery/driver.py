@@ -56,7 +56,7 @@ from __future__ import annotations
 import gc
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch.distributed as dist
@@ -65,30 +65,15 @@ from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.recovery_loader import DurableTierLoader
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.recovery.errors import RecoveryError
-from megatron_moevement.recovery.exchange import (
-    exchange_checkpoints,
-    exchange_logs,
-    exchange_scalar_log,
-)
 from megatron_moevement.recovery.live_state import (
     capture_live_state,
-    restore_live_state,
     state_fingerprint,
 )
 from megatron_moevement.recovery.protocol import ElasticContext, StoreKeys, _get_json, _has
-from megatron_moevement.recovery.replay_comm import make_replay_communicator
-from megatron_moevement.recovery.scope import RankStatus
-from megatron_moevement.recovery.tiers import (
-    DURABLE,
-    INITIAL_STATE,
-    RecoveryPlan,
-    Survey,
-    plan_recovery,
-    resolve_durable,
-)
-from megatron_moevement.snapshot.replication import choose_peers
-from megatron_moevement.state.optim_view import ensure_optimizer_state
-from megatron_moevement.state.rng import set_rng_state
+from megatron_moevement.recovery.procedure import RankRecoveryState
+from megatron_moevement.recovery.procedure import RecoveryProcedure
+from megatron_moevement.recovery.procedure import RecoveryReport
+from megatron_moevement.recovery.procedure import describe
 
 logger = get_logger(__name__)
 
@@ -156,48 +141,6 @@ class ProcessGroupCollectives:
         dist.barrier()
 
 
-@dataclass
-class RecoveryReport:
-    """What one recovery did, for logs and tests."""
-
-    generation: int
-    """The process-group generation the job recovered into."""
-    failed_ranks: list[int]
-    scope: str
-    """"scoped": only the ranks of the failed stages rolled back; "global": every rank did."""
-    scope_ranks: list[int]
-    """Ranks that rolled back and replayed."""
-    reason: str
-    """Why recovery was global rather than scoped (empty when scoped)."""
-    tier: str
-    """Where the rolled-back state came from: "sparse-checkpoint" (local + peer replicas),
-    "durable" (the durable tier, for at least one rank) or "initial-state" (no checkpoint had
-    persisted yet: every rank rebuilt the job's initial state and replayed from there)."""
-    path: str
-    """Which recovery ran: "scoped", "global" (in-memory) or "durable" (see the module doc)."""
-    committed_iteration: int
-    """Last iteration every survivor had completed; training resumes after it."""
-    window: int
-    window_start: int
-    iterations_replayed: list[int]
-    microbatches_replayed: int
-    spare: bool
-    """Whether this rank joined as a spare."""
-    times_s: dict = field(default_factory=dict)
-    """detect, rebuild, fetch, replay (seconds)."""
-    noticed_at: float = 0.0
-    """Wall-clock time (``time.time()``) at which this rank noticed the failure."""
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def describe(exc: BaseException) -> str:
-    """``"Type: first line of the message"`` (for logs and reports)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200] if text else ''}"
-
-
 class DurableCheckpointLoader(Protocol):
     """The durable tier's side of recovery (the last fallback, after scoped and global in-memory
     recovery): returns ``rank``'s newest sparse checkpoint from durable storage, or None.
@@ -262,21 +205,10 @@ class RecoveryDriver:
         self.collectives = collectives or ProcessGroupCollectives()
         self.trainer: Trainer | None = None
         self.strategy = None
-        self.committed = -1
-        """The last iteration whose optimizer step completed on this rank."""
         self.reports: list[RecoveryReport] = []
         self.joined_as_spare = ctx.is_spare_join
-        self.has_state = not ctx.is_spare_join
-        """False on a replacement until it has recovered (its host memory is empty)."""
-        self.received_checkpoint = None
-        """A replacement's fetched checkpoint, kept across recovery attempts."""
-        self._received_log: dict | None = None
-        """A replacement's received scalar log, kept across recovery attempts."""
-        self._dirty = False
-        """True when the failure interrupted this rank's optimizer step (state half-updated)."""
-        self._live_backup: dict | None = None
-        """Host copy of the live training state, restored after the rebuild if this rank is
-        outside the recovery scope."""
+        self.state = RankRecoveryState(has_state=not ctx.is_spare_join)
+        """What this rank carries across recoveries (committed iteration, host backups)."""
         self._noticed_at = 0.0
         """``time.time()`` when this rank last noticed a failure (for the report)."""
 
@@ -295,7 +227,7 @@ class RecoveryDriver:
         """Trains until ``iterations`` iterations are committed on every rank and the last
         snapshots are flushed, recovering from failures on the way (also during the flush)."""
         while True:
-            iteration = self.committed + 1
+            iteration = self.state.committed + 1
             failure = None
             try:
                 if iteration < iterations:
@@ -303,7 +235,7 @@ class RecoveryDriver:
                     self.trainer.train_iteration(iteration)
                     # The step completed: the state is that of `iteration` now, whatever happens
                     # in the snapshot call below.
-                    self.committed = iteration
+                    self.state.committed = iteration
                     self.fault_hook(iteration, "after_step", self)
                     self.strategy.after_optimizer_step(iteration)
                     self.fault_hook(iteration, "after_snapshot", self)
@@ -339,11 +271,12 @@ class RecoveryDriver:
             failure,
         )
         old = self.strategy
-        if old is not None and self.has_state and self._live_backup is None:
-            self._dirty = old.step_in_progress
-            if not self._dirty:
-                self._live_backup = capture_live_state(old.registry, old.buffers_after_step)
-        fault.old = old if self.has_state else None
+        st = self.state
+        if old is not None and st.has_state and st.live_backup is None:
+            st.dirty = old.step_in_progress
+            if not st.dirty:
+                st.live_backup = capture_live_state(old.registry, old.buffers_after_step)
+        fault.old = old if st.has_state else None
         while True:
             self._teardown()
             info = self.ctx.wait_for_generation(self.ctx.generation)
@@ -395,283 +328,36 @@ class RecoveryDriver:
             self.recover(failure)
 
     def _recover_in_generation(self, fault: _Fault, info: dict) -> RecoveryReport:
-        failed = sorted(info["failed"])
-        spare = fault.old is None
         times = {"detect": time.perf_counter() - fault.started}
         t = time.perf_counter()
-        self._rebuild(fault.old)
-        times["rebuild"] = time.perf_counter() - t
-        t = time.perf_counter()
-        survey, windows_started = self._survey(failed, spare)
-        plan = plan_recovery(survey)
-        if plan.needs_durable:
-            plan = self.consult_durable_tier(plan, survey)
-        ckpt, first_iteration, feed = self._fetch(plan, survey)
-        times["fetch"] = time.perf_counter() - t
-        t = time.perf_counter()
-        replay = self._replay_or_wait(plan, ckpt, first_iteration, feed)
-        self.collectives.barrier()  # ranks outside the scope wait here for the replay to finish
-        times["replay"] = time.perf_counter() - t
-        committed = plan.scope.committed
-        self.strategy.resume_after_recovery(committed, windows_started, ckpt)
-        self.committed = committed
-        self.has_state = True
-        self._dirty = False
-        self._live_backup = None
-        self.ctx.store.add(StoreKeys.stable(self.ctx.generation), 1)
-        return self._report(plan, failed, spare, ckpt, first_iteration, replay, times)
-
-    # ------------------------------------------------------------------ phases
-    def _rebuild(self, old) -> None:
-        """Builds the trainer and strategy on the new groups and gives them this rank's host
-        state (a survivor's own, a replacement's from an earlier attempt)."""
         self.trainer, self.strategy = self.build()
-        ensure_optimizer_state(self.trainer.optimizer)
-        self.strategy.registry.refresh()
-        if old is not None:
-            self.strategy.adopt_host_state(old)
-        else:
-            if self.received_checkpoint is not None:
-                self.strategy.checkpoints = [self.received_checkpoint]
-            if self._received_log is not None:
-                self.strategy.scalar_log.load_dict(self._received_log)
-
-    def _survey(self, failed: list[int], spare: bool) -> tuple[Survey, int]:
-        """Gathers where every rank stands (one collective); returns the survey and the number
-        of windows the job has begun."""
-        strategy, cfg = self.strategy, self.strategy.config
-        if spare:
-            persisted = (
-                None if self.received_checkpoint is None else self.received_checkpoint.window
-            )
-        else:
-            own = strategy.persisted_checkpoint
-            persisted = -1 if own is None else own.window
-        status = RankStatus(
+        times["rebuild"] = time.perf_counter() - t
+        procedure = RecoveryProcedure(
             self.ctx.rank,
-            self.trainer.pp_rank,
-            self.trainer.dp_rank,
-            -1 if spare else self.committed,
-            self._dirty and not spare,
-            not spare,
-            strategy.upstream_log is not None,
-            getattr(self.trainer, "tp_rank", 0),
+            self.ctx.world_size,
+            self.ctx.generation,
+            self.trainer,
+            self.strategy,
+            self.state,
+            self.collectives,
+            self.config,
+            self.durable_loader,
+            fault_hook=lambda it, phase, _: self.fault_hook(it, phase, self),
+            initial_state=self._check_initial_state,
         )
-        mine = dict(
-            status=asdict(status),
-            persisted=persisted,
-            windows=[c.window for c in strategy.checkpoints],
-            windows_started=0 if spare else strategy.windows_started,
-            has_log=not spare or self._received_log is not None,
-        )
-        everyone = self.collectives.all_gather(mine)
-        windows = [e["persisted"] for e in everyone if e["persisted"] is not None]
-        window = min(windows) if windows else -1
-        world = self.ctx.world_size
-        survey = Survey(
-            statuses=[RankStatus(**e["status"]) for e in everyone],
-            failed=failed,
-            window=window,
-            holds_window=[window in e["windows"] for e in everyone],
-            replica_peers=[
-                choose_peers(r, world, cfg.replication_factor, strategy.replicator_ranks_per_node)
-                for r in range(world)
-            ],
-            has_scalar_log=[e["has_log"] for e in everyone],
-            prefer_scoped=cfg.upstream_logging and cfg.recovery_scope == "auto",
-            durable_dir_set=cfg.durable_dir is not None,
-            durable_loader_installed=self.durable_loader is not None,
-        )
-        return survey, max(e["windows_started"] for e in everyone)
-
-    def consult_durable_tier(self, plan: RecoveryPlan, survey: Survey) -> RecoveryPlan:
-        """Asks the durable tier for this rank's checkpoint (on every rank, together), installs
-        what the resolved plan needs and returns that plan (:func:`.tiers.resolve_durable`).
-
-        Raises:
-            RecoveryError: the loader failed, or the durable checkpoints cannot replace the lost
-                ones (the message says why).
-        """
-        rank = self.ctx.rank
-        logger.warning(
-            "rank %d: ranks %s lack a surviving replica of their checkpoint; falling back to the "
-            "durable tier (%s)",
-            rank,
-            plan.durable_ranks,
-            self.config.durable_dir,
-        )
-        error = None
-        mine = None
-        try:
-            mine = self.durable_loader(rank, getattr(self.trainer, "layout", None))
-        except Exception as exc:
-            error = f"the durable checkpoint loader failed on rank {rank}: {describe(exc)}"
-        answers = self.collectives.all_gather(
-            dict(window=-1 if mine is None else int(mine.window), error=error)
-        )
-        errors = [a["error"] for a in answers if a["error"]]
-        if errors:
-            raise RecoveryError(error or errors[0])
-        resolved = resolve_durable(
-            plan, survey, [a["window"] for a in answers], self.config.durable_dir or ""
-        )
-        if resolved.tier == INITIAL_STATE:
-            logger.warning("rank %d: the durable tier holds no checkpoint of this run either", rank)
-        elif resolved.window == survey.window:
-            if rank in plan.durable_ranks:
-                self.strategy.checkpoints = [mine]
-                self.received_checkpoint = mine
-            logger.warning(
-                "rank %d: durable tier: window %d for ranks %s",
-                rank,
-                resolved.window,
-                plan.durable_ranks,
-            )
-        else:
-            self.strategy.checkpoints = [mine]
-            if rank in survey.failed:
-                self.received_checkpoint = mine
-            logger.warning("rank %d: durable tier: %s", rank, resolved.reason)
-        return resolved
-
-    def _fetch(self, plan: RecoveryPlan, survey: Survey):
-        """Transfers what the plan needs; returns this rank's checkpoint to roll back to (None
-        for the initial state), the first iteration of an initial-state replay, and the upstream
-        log entries a scoped replay feeds on."""
-        rank = self.ctx.rank
-        first_iteration = None
-        if plan.tier == INITIAL_STATE:
-            first_iteration = self._check_initial_state()
-        ckpt = None
-        if plan.tier != INITIAL_STATE:
-            received = exchange_checkpoints(rank, plan, self.strategy.replicator)
-            if received is not None:
-                self.strategy.checkpoints = [received]
-                self.received_checkpoint = received
-            mine = [c for c in self.strategy.checkpoints if c.window == plan.window]
-            if not mine:
-                raise RecoveryError(f"rank {rank} has no sparse checkpoint of window {plan.window}")
-            ckpt = mine[0]
-        log = exchange_scalar_log(rank, plan, self.strategy.scalar_log)
-        if log is not None:
-            self._received_log = log
-            self.strategy.scalar_log.load_dict(log)
-        feed = {}
-        if plan.scope.scoped:
-            feed = exchange_logs(
-                rank,
-                survey.statuses,
-                plan.scope,
-                self.strategy.upstream_log,
-                list(range(ckpt.start_iteration + 1, plan.scope.committed + 1)),
-                self.trainer.num_microbatches,
-            )
-        if plan.tier == DURABLE:
-            self._check_scalar_coverage(ckpt.start_iteration + 1, plan.scope.committed, ckpt)
-        elif plan.tier == INITIAL_STATE:
-            self._check_scalar_coverage(first_iteration, plan.scope.committed)
-        return ckpt, first_iteration, feed
-
-    def _replay_or_wait(self, plan: RecoveryPlan, ckpt, first_iteration, feed) -> list[int]:
-        """In scope: roll back and replay to the committed iteration. Outside: restore the live
-        state. Returns the iterations this rank replayed."""
-        committed = plan.scope.committed
-        if self.ctx.rank not in plan.scope.ranks:
-            restore_live_state(self.strategy.registry, self._live_backup)
-            # The generators as the committed iteration left them (the failed one drew more).
-            set_rng_state(self.strategy.rng_after_step)
-            self.fault_hook(committed, "recovery_wait", self)
-            return []
-
-        def replay_iteration(it: int) -> None:
-            self.fault_hook(it, "replay", self)
-            self.trainer.train_iteration(it)
-
-        if plan.scope.scoped and self.trainer.layout.pp > 1:
-            pp = self.trainer.pp_rank
-            self.trainer.p2p_communicator = make_replay_communicator(
-                self.strategy.gpt_model.config,
-                feed,
-                prev_in_scope=(pp - 1) in plan.scope.stages,
-                next_in_scope=(pp + 1) in plan.scope.stages,
-                upstream_log=self.strategy.upstream_log,
-            )
-        try:
-            if ckpt is None:
-                report = self.strategy.replay_from_initial_state(
-                    first_iteration, committed, replay_iteration
-                )
-            else:
-                report = self.strategy.rollback_and_replay(committed, replay_iteration, ckpt)
-        finally:
-            self.trainer.p2p_communicator = self.strategy.p2p_communicator
-        return report.iterations_replayed
-
-    def _report(self, plan, failed, spare, ckpt, first_iteration, replayed, times):
-        report = RecoveryReport(
-            generation=self.ctx.generation,
-            failed_ranks=failed,
-            scope="scoped" if plan.scope.scoped else "global",
-            scope_ranks=plan.scope.ranks,
-            reason=plan.scope.reason,
-            tier=plan.tier,
-            path=plan.path,
-            committed_iteration=plan.scope.committed,
-            window=-1 if ckpt is None else ckpt.window,
-            window_start=first_iteration - 1 if ckpt is None else ckpt.start_iteration,
-            iterations_replayed=replayed,
-            microbatches_replayed=len(replayed) * self.trainer.num_microbatches,
-            spare=spare,
-            times_s=times,
-            noticed_at=self._noticed_at,
-        )
+        report = procedure.run_through(fault.old, info["failed"], times, self._noticed_at)
+        self.ctx.store.add(StoreKeys.stable(self.ctx.generation), 1)
         self.reports.append(report)
-        logger.warning(
-            "rank %d recovered (generation %d, failed %s, path %s: %s recovery of ranks %s from "
-            "window %d [%s]%s): replayed iterations %s; detect %.3fs rebuild %.3fs fetch %.3fs "
-            "replay %.3fs",
-            self.ctx.rank,
-            report.generation,
-            failed,
-            report.path,
-            report.scope,
-            report.scope_ranks,
-            report.window,
-            report.tier,
-            f", because {report.reason}" if report.reason else "",
-            report.iterations_replayed,
-            times["detect"],
-            times["rebuild"],
-            times["fetch"],
-            times["replay"],
-        )
         return report
 
+    # ------------------------------------------------------------------ phases
     # ------------------------------------------------------------------ checks
-    def _check_scalar_coverage(self, first: int, committed: int, ckpt=None) -> None:
-        """Replay from a durable checkpoint (``ckpt``) or from the initial state needs the
-        scalar log of every replayed iteration, ``first..committed``, on every rank."""
-        log = self.strategy.scalar_log
-        missing = [it for it in range(first, committed + 1) if it not in log]
-        if max(self.collectives.all_gather(len(missing))):
-            source = (
-                "the initial state"
-                if ckpt is None
-                else f"the durable checkpoint of window {ckpt.window}"
-            )
-            raise RecoveryError(
-                f"replay from {source} starts at iteration {first}, but the scalar log in "
-                f"memory covers {log.span()} (rank {self.ctx.rank} lacks {missing[:5]}): it "
-                f"cannot be replayed to iteration {committed} bitwise. Restart the job from the "
-                "durable tier."
-            )
-
     def _record_initial_state(self) -> None:
         """Records where this rank's training starts (first iteration, weight fingerprint) in
         the store, for the initial-state tier: a failure before the first sparse checkpoint
         persisted is recovered by rebuilding every rank and replaying from there."""
         record = {
-            "first_iteration": self.committed + 1,
+            "first_iteration": self.state.committed + 1,
             "fingerprint": state_fingerprint(self.strategy.registry),
         }
         self.ctx.store.set(StoreKeys.initial_state(self.ctx.rank), json.dumps(record))

@@ -166,6 +166,16 @@ def _patch_torch_cuda() -> None:
     cuda.empty_cache = lambda: None  # type: ignore[assignment]
     cuda.memory_allocated = lambda device=None: 0  # type: ignore[assignment]
     cuda.max_memory_allocated = lambda device=None: 0  # type: ignore[assignment]
+    cuda.memory_reserved = lambda device=None: 0  # type: ignore[assignment]
+    cuda.max_memory_reserved = lambda device=None: 0  # type: ignore[assignment]
+    cuda.reset_peak_memory_stats = lambda device=None: None  # type: ignore[assignment]
+    cuda.memory_stats = lambda device=None: {}  # type: ignore[assignment]
+    # Megatron saves and restores the "CUDA" generator next to the CPU one (rerun state machine,
+    # checkpoints); on CPU the ops draw from the CPU generator, so that is the one it gets.
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore
+    cuda.get_rng_state_all = lambda: [torch.get_rng_state()]  # type: ignore[assignment]
+    cuda.set_rng_state_all = lambda states: torch.set_rng_state(states[0])  # type: ignore
 
 
 class CpuRNGStatesTracker:
@@ -361,6 +371,72 @@ def _patch_uneven_sequence_parallel() -> None:
 
 
 _DEVICE_MODE: CudaToCpuDeviceMode | None = None
+
+
+_BATCH_INVARIANT_KERNELS = "megatron.core.transformer.custom_layers.batch_invariant_kernels"
+
+
+def _batch_invariant_mode_unavailable(*args, **kwargs):
+    raise RuntimeError(
+        "--batch-invariant-mode needs Megatron's Triton kernels, which need CUDA; run without it "
+        "on CPU"
+    )
+
+
+def apply_megatron_lm_cpu_compat() -> bool:
+    """The redirections Megatron-LM's training loop (``megatron.training``, ``pretrain_gpt.py``)
+    needs on CPU, on top of :func:`apply_cpu_compat`. Call before ``megatron.training`` is
+    imported, once the Megatron-LM tree is on ``sys.path``. A no-op when CUDA is available.
+
+    Returns:
+        True if the redirections are active in this process.
+    """
+    if not apply_cpu_compat():
+        return False
+    import importlib.util
+    import types
+
+    if _BATCH_INVARIANT_KERNELS not in sys.modules and importlib.util.find_spec("triton") is None:
+        # Reason: megatron.training.initialize imports these Triton kernels unconditionally;
+        # they run only in --batch-invariant-mode, which needs CUDA. The one name it imports
+        # refuses clearly if that mode is asked for.
+        module = types.ModuleType(_BATCH_INVARIANT_KERNELS)
+        module.enable_batch_invariant_mode = _batch_invariant_mode_unavailable
+        sys.modules[_BATCH_INVARIANT_KERNELS] = module
+    from megatron.legacy import fused_kernels
+    from megatron.training import arguments, initialize, training, utils
+
+    # Reason: pretrain() never passes allow_no_cuda, and initialize_megatron asserts CUDA.
+    original_init = initialize.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original_init(*args, **kwargs)
+
+    initialize.initialize_megatron = initialize_megatron
+    training.initialize_megatron = initialize_megatron
+
+    # Reason: with torch.cuda.device_count() == 0 Megatron-LM builds no model-parallel groups
+    # and never seeds its RNG tracker; on CPU the one "device" is the host.
+    for fn_name in ("_initialize_distributed", "_set_random_seed"):
+        original = getattr(initialize, fn_name)
+
+        def with_one_device(*args, __original=original, **kwargs):
+            count = torch.cuda.device_count
+            torch.cuda.device_count = lambda: 1
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                torch.cuda.device_count = count
+
+        setattr(initialize, fn_name, with_one_device)
+    # Reason: the legacy fused kernels are CUDA code compiled with nvcc; on CPU the unfused
+    # softmax path runs (--no-masked-softmax-fusion).
+    fused_kernels.load = lambda args: None
+    # Reason: the GPU architecture is read to pick fused kernels; none is used on CPU.
+    utils.get_device_arch_version = arguments.get_device_arch_version = lambda: 0
+    logger.debug("Megatron-LM CPU redirections applied")
+    return True
 
 
 def cpu_compat_needed() -> bool:

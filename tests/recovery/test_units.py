@@ -16,6 +16,7 @@ from megatron_moevement.durable.recovery_loader import DurableTierLoader
 from megatron_moevement.recovery.coordinator import JobCoordinator, JobFailed, JobTimeout
 from megatron_moevement.recovery.driver import RecoveryDriver
 from megatron_moevement.recovery.errors import RecoveryError
+from megatron_moevement.recovery.procedure import RankRecoveryState, RecoveryProcedure
 from megatron_moevement.recovery.protocol import ElasticContext
 from megatron_moevement.recovery.scope import RankStatus
 from megatron_moevement.recovery.tiers import Survey, plan_recovery, resolve_durable
@@ -241,16 +242,14 @@ class SameOnEveryRank:
         pass
 
 
-def make_driver(rank, config, loader=None, checkpoints=()):
-    ctx = ElasticContext(store=None, rank=rank, world_size=4)
-    driver = RecoveryDriver(
-        ctx, build=lambda: None, config=config, durable_loader=loader, collectives=SameOnEveryRank()
-    )
-    driver.strategy = SimpleNamespace(
+def make_procedure(rank, config, loader=None, checkpoints=()):
+    strategy = SimpleNamespace(
         config=config, replicator_ranks_per_node=4, checkpoints=list(checkpoints), scalar_log={}
     )
-    driver.trainer = SimpleNamespace(layout="pp2xdp2")
-    return driver
+    trainer = SimpleNamespace(layout="pp2xdp2")
+    return RecoveryProcedure(
+        rank, 4, 1, trainer, strategy, RankRecoveryState(), SameOnEveryRank(), config, loader
+    )
 
 
 STATUSES = [RankStatus(r, r // 2, r % 2, 7, False, r not in (0, 3), True) for r in range(4)]
@@ -284,7 +283,9 @@ def test_lost_replicas_without_durable_tier_is_a_clear_error():
     assert "rank 0's sparse checkpoint" not in text
     assert "durable tier" in text and "durable_dir is not set" in text
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
-    driver = make_driver(1, cfg)
+    driver = RecoveryDriver(
+        ElasticContext(store=None, rank=1, world_size=4), lambda: None, config=cfg
+    )
     # With durable_dir set, the driver reads the real durable tier by default...
     assert isinstance(driver.durable_loader, DurableTierLoader)
     assert driver.durable_loader.durable_dir == "/ckpt"
@@ -305,13 +306,13 @@ def test_durable_checkpoint_of_the_same_window_replaces_only_the_lost_rank():
 
     s = survey(cfg)
     plan = plan_recovery(s)
-    lost_rank = make_driver(3, cfg, loader)
+    lost_rank = make_procedure(3, cfg, loader)
     resolved = lost_rank.consult_durable_tier(plan, s)
     assert resolved.window == 1 and resolved.scope == plan.scope and resolved.path == "durable"
     assert resolved.fetch_from == {0: 1}  # rank 0 still fetches its checkpoint from rank 1
     assert calls == [(3, "pp2xdp2")]
-    assert lost_rank.strategy.checkpoints[0].window == 1 and lost_rank.received_checkpoint
-    survivor = make_driver(2, cfg, loader, checkpoints=["live"])
+    assert lost_rank.strategy.checkpoints[0].window == 1 and lost_rank.state.received_checkpoint
+    survivor = make_procedure(2, cfg, loader, checkpoints=["live"])
     survivor.consult_durable_tier(plan, s)
     assert survivor.strategy.checkpoints == ["live"]  # keeps its in-memory checkpoint
 
@@ -319,7 +320,7 @@ def test_durable_checkpoint_of_the_same_window_replaces_only_the_lost_rank():
 def test_older_durable_window_means_global_rollback_to_it():
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
     s = survey(cfg)
-    driver = make_driver(2, cfg, lambda rank, layout: ckpt(0), checkpoints=["live"])
+    driver = make_procedure(2, cfg, lambda rank, layout: ckpt(0), checkpoints=["live"])
     plan = driver.consult_durable_tier(plan_recovery(s), s)
     assert plan.window == 0 and not plan.scope.scoped and plan.scope.ranks == [0, 1, 2, 3]
     assert plan.scope.committed == 7 and "durable tier holds window 0" in plan.scope.reason
@@ -331,13 +332,13 @@ def test_missing_durable_checkpoint_or_loader_error_is_reported():
     s = survey(cfg)
     plan = plan_recovery(s)
     with pytest.raises(RecoveryError, match=r"ranks \[0, 1, 2, 3\] have no durable checkpoint"):
-        make_driver(2, cfg, lambda r, l: None).consult_durable_tier(plan, s)
+        make_procedure(2, cfg, lambda r, l: None).consult_durable_tier(plan, s)
 
     def broken(rank, layout):
         raise OSError("disk gone")
 
     with pytest.raises(RecoveryError, match="loader failed on rank 2: OSError: disk gone"):
-        make_driver(2, cfg, broken).consult_durable_tier(plan, s)
+        make_procedure(2, cfg, broken).consult_durable_tier(plan, s)
 
 
 def test_durable_tier_asked_first_in_the_first_window_then_initial_state():
@@ -352,15 +353,15 @@ def test_durable_tier_asked_first_in_the_first_window_then_initial_state():
 
 def test_replay_from_durable_needs_the_scalar_log():
     cfg = MoEvementConfig(durable_dir="/ckpt", durable_interval=10)
-    driver = make_driver(2, cfg)
+    driver = make_procedure(2, cfg)
 
     class Log(dict):
         def span(self):
             return "6..9"
 
     driver.strategy.scalar_log = Log({i: 1 for i in range(6, 10)})
-    driver._check_scalar_coverage(7, 9, ckpt(2))  # window start 6: replays 7..9, all logged
+    driver.check_scalar_coverage(7, 9, ckpt(2))  # window start 6: replays 7..9, all logged
     with pytest.raises(RecoveryError, match=r"durable checkpoint of window 1 .*covers 6\.\.9 "):
-        driver._check_scalar_coverage(4, 9, ckpt(1))  # window start 3: needs 4..9
+        driver.check_scalar_coverage(4, 9, ckpt(1))  # window start 3: needs 4..9
     with pytest.raises(RecoveryError, match=r"initial state starts at iteration 0.*lacks \[0, 1"):
-        driver._check_scalar_coverage(0, 9)  # the initial-state tier replays 0..9
+        driver.check_scalar_coverage(0, 9)  # the initial-state tier replays 0..9
