@@ -4,6 +4,7 @@ Runs, one after the other (each writes its JSON into the results folder, output 
 prefix so long runs show progress):
 
 * ``snapshot_overhead.py --baselines`` — no checkpointing / dense / MoEvement / Gemini / MoC,
+* ``snapshot_overhead.py --grouped-gemm`` — the same with grouped-GEMM experts (expert share),
 * ``replay_cost.py`` — replayed iterations with frozen operators,
 * ``recovery_time.py`` — scoped vs global rollback vs full restart,
 * ``baselines.py`` — MoEvement, Gemini-like and MoC-like under the same real SIGKILL,
@@ -42,6 +43,22 @@ BENCHMARKS = {
         ["--baselines"],
         [
             "--baselines",
+            "--iterations",
+            "16",
+            "--window-size",
+            "3",
+            "--hidden-size",
+            "128",
+            "--ffn-hidden-size",
+            "512",
+        ],
+    ),
+    "overhead_grouped": (
+        "snapshot_overhead.py",
+        "snapshot_overhead_grouped.json",
+        ["--grouped-gemm"],
+        [
+            "--grouped-gemm",
             "--iterations",
             "16",
             "--window-size",

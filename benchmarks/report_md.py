@@ -57,7 +57,23 @@ class Plotter:
         return f"\n![{name}]({self.folder.name}/{name}.png)\n"
 
 
-def overhead_section(data: Optional[dict], plot: Plotter) -> str:
+def _share(result: dict) -> str:
+    """Share of the experts' full state snapshotted per iteration, next to 1/W."""
+    share = result.get("expert_share_per_iteration")
+    if share is None:
+        return "-"
+    return f"{share:.3f} (1/W = {1 / result['window_size']:.3f})"
+
+
+def overhead_grouped_section(data: Optional[dict], plot: Plotter) -> str:
+    if data is None:
+        return MISSING.format(name="snapshot_overhead_grouped.json")
+    return "Grouped-GEMM experts (`GroupedMLP`, per-expert slices of the stacked weights). " + (
+        overhead_section(data, plot, name="overhead_grouped")
+    )
+
+
+def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead") -> str:
     if data is None:
         return MISSING.format(name="snapshot_overhead.json")
     res = data["results"]
@@ -68,6 +84,7 @@ def overhead_section(data: Optional[dict], plot: Plotter) -> str:
             f"{r['median_iteration_s']:.3f}",
             f"{r['ratio_to_none']:.3f}",
             f"{r['snapshot_bytes_per_iteration'] / 1e6:.2f}",
+            _share(r),
         ]
         for mode, r in res.items()
     ]
@@ -76,7 +93,14 @@ def overhead_section(data: Optional[dict], plot: Plotter) -> str:
         "bytes summed over ranks.\n\n"
     )
     text += _table(
-        ["mode", "W", "median iteration (s)", "x no checkpointing", "MB snapshotted / iteration"],
+        [
+            "mode",
+            "W",
+            "median iteration (s)",
+            "x no checkpointing",
+            "MB snapshotted / iteration",
+            "expert share / iteration",
+        ],
         rows,
     )
 
@@ -94,7 +118,7 @@ def overhead_section(data: Optional[dict], plot: Plotter) -> str:
         )
         ax2.set_ylabel("MB snapshotted / iteration", color="tab:red")
 
-    return text + plot.save("overhead", draw)
+    return text + plot.save(name, draw)
 
 
 def replay_section(data: Optional[dict], plot: Plotter) -> str:
@@ -380,6 +404,11 @@ def ettr_section(data: Optional[dict], plot: Plotter) -> str:
 
 SECTIONS = [
     ("Snapshot overhead", "snapshot_overhead.json", overhead_section),
+    (
+        "Snapshot overhead, grouped-GEMM experts",
+        "snapshot_overhead_grouped.json",
+        overhead_grouped_section,
+    ),
     ("Sparse-to-dense replay cost", "replay_cost.json", replay_section),
     ("Recovery time", "recovery_time.json", recovery_section),
     ("Baselines under a real failure", "baselines.json", baselines_section),

@@ -55,6 +55,11 @@ def main() -> None:
     )
     parser.add_argument("--replication-factor", type=int, default=1)
     parser.add_argument(
+        "--grouped-gemm",
+        action="store_true",
+        help="grouped-GEMM experts (GroupedMLP: every local expert stacked in weight1/weight2)",
+    )
+    parser.add_argument(
         "--baselines", action="store_true", help="also run the gemini and moc baselines"
     )
     parser.add_argument("--gemini-interval", type=int, default=4)
@@ -73,6 +78,7 @@ def main() -> None:
         seq_length=64,
         micro_batch_size=4,
         num_microbatches=4,
+        moe_grouped_gemm=args.grouped_gemm,
     )
     window = args.window_size if args.window_size == "auto" else int(args.window_size)
     results = {}
@@ -112,19 +118,37 @@ def main() -> None:
                 snapshot_bytes_per_iteration=statistics.fmean(
                     data["snapshot_bytes_per_iteration"][warmup:]
                 ),
+                expert_snapshot_bytes_per_iteration=statistics.fmean(
+                    data["expert_snapshot_bytes_per_iteration"][warmup:]
+                ),
+                expert_full_state_bytes=data["expert_full_state_bytes"],
+                compute_weight_bytes=data["compute_weight_bytes"],
                 iteration_times=data["iteration_times"],
             )
     base = results["none"]["median_iteration_s"]
     for mode in modes:
-        results[mode]["ratio_to_none"] = results[mode]["median_iteration_s"] / base
+        r = results[mode]
+        r["ratio_to_none"] = r["median_iteration_s"] / base
+        # Share of the experts' full state snapshotted per iteration: 1/W for MoEvement's sparse
+        # windows (also with grouped-GEMM experts, whose per-expert slices keep the sparsity).
+        full = r["expert_full_state_bytes"]
+        r["expert_share_per_iteration"] = (
+            r["expert_snapshot_bytes_per_iteration"] / full if full else None
+        )
     print(f"\nlayout {layout}, model {model}")
-    print(f"{'mode':<10} {'W':>4} {'median it (s)':>14} {'x no-ckpt':>10} {'MB/iteration':>13}")
+    print(
+        f"{'mode':<10} {'W':>4} {'median it (s)':>14} {'x no-ckpt':>10} {'MB/iteration':>13} "
+        f"{'expert share':>13} {'1/W':>6}"
+    )
     for mode in modes:
         r = results[mode]
         w = "-" if r["window_size"] is None else r["window_size"]
+        share = r["expert_share_per_iteration"]
+        inv_w = "-" if r["window_size"] is None else f"{1 / r['window_size']:.3f}"
         print(
             f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
-            f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f}"
+            f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f} "
+            f"{'-' if share is None else f'{share:.3f}':>13} {inv_w:>6}"
         )
     write_results(args.output, dict(layout=str(layout), model=model, results=results))
 

@@ -173,6 +173,9 @@ class MoEvementStrategy:
         """Slots captured so far (for reports)."""
         self.snapshot_bytes_total = 0
         """Bytes those slots held on this rank (for reports)."""
+        self.snapshot_bytes_by_part: dict[str, int] = {}
+        """:attr:`snapshot_bytes_total` split by what it held (expert / non-expert full state,
+        compute weights, per-rank records)."""
         self._last_step_end: float | None = None
         self.iteration_times: list[float] = []
         """Wall-clock time between consecutive :meth:`after_optimizer_step` calls (s)."""
@@ -334,6 +337,8 @@ class MoEvementStrategy:
         self.replicator.replicate(ckpt, captured)
         self.snapshots_taken += 1
         self.snapshot_bytes_total += self.engine.bytes_captured_last
+        for part, n in self.engine.bytes_captured_last_by_part.items():
+            self.snapshot_bytes_by_part[part] = self.snapshot_bytes_by_part.get(part, 0) + n
 
     def stats(self) -> dict:
         """Facts for reports: strategy, window, slots captured and mean bytes per slot."""
@@ -444,6 +449,7 @@ class MoEvementStrategy:
         self.windows_started = old.windows_started
         self.snapshots_taken = old.snapshots_taken
         self.snapshot_bytes_total = old.snapshot_bytes_total
+        self.snapshot_bytes_by_part = dict(old.snapshot_bytes_by_part)
         self.policy.adopt(old.policy)
 
     def resume_after_recovery(self, committed: int, windows_started: int, ckpt) -> None:

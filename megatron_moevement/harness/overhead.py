@@ -42,24 +42,42 @@ def run_overhead(spec) -> None:
             MoEvementConfig.from_dict(fields),
             spec.moevement.get("baseline"),
         )
-    times, snap_bytes = [], []
+    times, snap_bytes, expert_bytes = [], [], []
     for it in range(spec.iterations):
         dist.barrier()
         start = time.perf_counter()
         trainer.train_iteration(it)
         if strategy is not None:
             before = strategy.snapshot_bytes_total
+            before_expert = strategy.snapshot_bytes_by_part.get("expert_full", 0)
             strategy.after_optimizer_step(it)
             snap_bytes.append(strategy.snapshot_bytes_total - before)
+            expert_bytes.append(strategy.snapshot_bytes_by_part.get("expert_full", 0) - before_expert)
         else:
             snap_bytes.append(0)
+            expert_bytes.append(0)
         times.append(time.perf_counter() - start)
     if strategy is not None:
         strategy.flush()
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    b = torch.tensor(snap_bytes, dtype=torch.float64)
+    b = torch.tensor([snap_bytes, expert_bytes], dtype=torch.float64)
     dist.all_reduce(b, op=dist.ReduceOp.SUM)
+    # The experts' full state (FP32 main weights + optimizer state) of the whole job, and the
+    # bytes of the compute weights by dtype: what one iteration's expert share is measured
+    # against, and what an FP8 model's compute weights cost.
+    experts = {"expert_full": 0, "compute": 0}
+    if strategy is not None:
+        from megatron_moevement.state.operators import operator_tensors
+
+        for op in strategy.registry.of_kind("expert"):
+            for _, tensor in operator_tensors(op, ("main", "optim")):
+                experts["expert_full"] += tensor.numel() * tensor.element_size()
+        for op in strategy.registry:
+            for _, tensor in operator_tensors(op, ("compute",)):
+                experts["compute"] += tensor.numel() * tensor.element_size()
+    totals = torch.tensor([experts["expert_full"], experts["compute"]], dtype=torch.float64)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
     window = strategy.stats()["window_size"] if strategy is not None else None
     if strategy is not None:
         strategy.shutdown()
@@ -71,7 +89,10 @@ def run_overhead(spec) -> None:
                     mode=mode,
                     window_size=window,
                     iteration_times=t.tolist(),
-                    snapshot_bytes_per_iteration=b.tolist(),
+                    snapshot_bytes_per_iteration=b[0].tolist(),
+                    expert_snapshot_bytes_per_iteration=b[1].tolist(),
+                    expert_full_state_bytes=totals[0].item(),
+                    compute_weight_bytes=totals[1].item(),
                 )
             )
         )

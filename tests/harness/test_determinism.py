@@ -1,7 +1,7 @@
 """Determinism: the ground every recovery test stands on.
 
 Two fault-free runs of real Megatron-Core MoE training on the same layout must end with every
-parameter, FP32 main parameter and optimizer tensor bitwise equal.
+parameter, FP32 main parameter, optimizer tensor and RNG state bitwise equal.
 """
 
 import json
@@ -27,7 +27,7 @@ def test_pp2_dp2_ep2_runs_are_bitwise_equal(run_job, model):
     states_a, states_b = load_states(first, 4), load_states(second, 4)
     compared = assert_states_bitwise_equal(states_a, states_b)
     kinds = {key.split("/")[0] for state in states_a for key in state}
-    assert kinds == {"param", "main", "optim"}
+    assert kinds == {"param", "main", "optim", "rng"}
     assert compared > 300
     # Training really progressed: the last stage's loss fell over 8 iterations.
     results = json.loads((first / "result_rank2.json").read_text())

@@ -171,3 +171,25 @@ def test_capacity_normalized_ordering_runs_past_the_first_window(run_job):
     report = json.loads((out / "snapshot_rank0.json").read_text())
     assert report["schedule"]["policy"] == "capacity_normalized"
     assert report["windows_started"] == 3 and report["mismatches"] == []
+
+
+@pytest.mark.multiproc
+def test_grouped_experts_keep_the_sparsity(run_job):
+    """With grouped-GEMM experts (every local expert stacked in ``weight1``/``weight2``) each
+    iteration snapshots 1/W of the experts' full state, and one window all of it exactly once."""
+    window = 3
+    out = run_job(
+        "grouped",
+        job="overhead",
+        layout=dict(dp=2, ep=2),
+        model=dict(moe_grouped_gemm=True, precision="bf16"),
+        iterations=2 * window,
+        moevement=dict(mode="moevement", window_size=window, replication_factor=0),
+    )
+    data = json.loads((out / "overhead.json").read_text())
+    full = data["expert_full_state_bytes"]
+    per_iteration = data["expert_snapshot_bytes_per_iteration"]
+    assert full > 0 and len(per_iteration) == 2 * window
+    for start in (0, window):
+        assert sum(per_iteration[start : start + window]) == full
+    assert max(per_iteration) <= full / window * 1.5
