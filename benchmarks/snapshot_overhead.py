@@ -150,6 +150,10 @@ def main() -> None:
             f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f} "
             f"{'-' if share is None else f'{share:.3f}':>13} {inv_w:>6}"
         )
+    compute = results["moevement"]["compute_weight_bytes"]
+    print(
+        f"compute weights (all ranks, as stored: FP8 ones as data + scales): {compute / 1e6:.2f} MB"
+    )
     write_results(args.output, dict(layout=str(layout), model=model, results=results))
 
 

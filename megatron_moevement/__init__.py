@@ -82,8 +82,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
     from megatron_moevement.durable.errors import DurableCheckpointError
     from megatron_moevement.recovery.driver import RecoveryDriver, Trainer
-    from megatron_moevement.recovery.procedure import RecoveryReport
     from megatron_moevement.recovery.errors import RecoveryError
+    from megatron_moevement.recovery.procedure import RecoveryReport
     from megatron_moevement.recovery.protocol import ElasticContext
     from megatron_moevement.replay.engine import ReplayReport
     from megatron_moevement.replay.scalar_log import ReplayError

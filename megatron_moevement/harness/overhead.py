@@ -52,7 +52,9 @@ def run_overhead(spec) -> None:
             before_expert = strategy.snapshot_bytes_by_part.get("expert_full", 0)
             strategy.after_optimizer_step(it)
             snap_bytes.append(strategy.snapshot_bytes_total - before)
-            expert_bytes.append(strategy.snapshot_bytes_by_part.get("expert_full", 0) - before_expert)
+            expert_bytes.append(
+                strategy.snapshot_bytes_by_part.get("expert_full", 0) - before_expert
+            )
         else:
             snap_bytes.append(0)
             expert_bytes.append(0)

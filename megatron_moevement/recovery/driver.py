@@ -69,11 +69,13 @@ from megatron_moevement.recovery.live_state import (
     capture_live_state,
     state_fingerprint,
 )
+from megatron_moevement.recovery.procedure import (
+    RankRecoveryState,
+    RecoveryProcedure,
+    RecoveryReport,
+    describe,
+)
 from megatron_moevement.recovery.protocol import ElasticContext, StoreKeys, _get_json, _has
-from megatron_moevement.recovery.procedure import RankRecoveryState
-from megatron_moevement.recovery.procedure import RecoveryProcedure
-from megatron_moevement.recovery.procedure import RecoveryReport
-from megatron_moevement.recovery.procedure import describe
 
 logger = get_logger(__name__)
 

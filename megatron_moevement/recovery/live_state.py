@@ -69,4 +69,5 @@ def restore_live_state(registry, backup: dict[str, torch.Tensor]) -> int:
                     )
                 live.copy_(saved)
                 restored += 1
+            op.after_restore()
     return restored

@@ -66,6 +66,8 @@ class SlotLoader:
                 if buf is not live:
                     live.copy_(buf)
             placed += 1
+        if "compute" in kinds:
+            op.after_restore()
         return placed
 
     def apply(self, ckpt: SparseCheckpoint, k: int) -> dict:

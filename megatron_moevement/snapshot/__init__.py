@@ -6,6 +6,6 @@
   background thread on CPU);
 * :mod:`.sharding`: which data-parallel replica captures which operator;
 * :mod:`.replication`: the peers' copies, and which windows are persisted;
-* :mod:`.checksum`, :mod:`.fp8`: raw-byte identity of tensors (checksums, FP8 layouts);
+* :mod:`.checksum`: raw-byte identity of tensors (checksums, dtype names);
 * :mod:`.transport`: point-to-point transfer of bytes and slots.
 """

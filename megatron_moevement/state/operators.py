@@ -18,7 +18,11 @@ block of the stacked weights (``GroupedMLP`` views ``weight1`` as
 
 Each operator maps to its compute weights (the model parameters the forward pass uses, or their
 block), its buffers, its FP32 main parameters and its optimizer state, whatever Megatron optimizer
-holds them (see :mod:`megatron_moevement.state.optim_view`). With the distributed optimizer, the
+holds them (see :mod:`megatron_moevement.state.optim_view`). An FP8 compute weight is captured as
+the tensors that hold it (a Transformer Engine ``Float8Tensor``'s ``_data`` and ``_scale_inv``),
+and a TE module's delayed-scaling state (``fp8_meta``: scale, amax history) is a buffer of the
+operator that owns the module (see :mod:`megatron_moevement.state.fp8`; the ``fp8_meta`` of a
+``TEGroupedMLP`` linear, shared by its local experts, belongs to the layer's dense operator). With the distributed optimizer, the
 main parameters and optimizer state of an operator on a rank are that rank's data-parallel shard.
 
 State coverage is checked when the registry is built: every parameter and every buffer
@@ -36,6 +40,13 @@ from typing import Iterator, Sequence
 import torch
 
 from megatron_moevement.constants import OPERATOR_KINDS
+from megatron_moevement.state.fp8 import (
+    fp8_meta_tensors,
+    invalidate_caches,
+    is_quantized,
+    quantized_components,
+    resolve_fp8_meta,
+)
 from megatron_moevement.state.optim_view import OptimizerView, ParamState
 
 
@@ -91,7 +102,8 @@ class OperatorParam:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.param.element_size()
+        """Bytes of the compute weight as stored (an FP8 weight: its data and scales)."""
+        return sum(_nbytes(t) for _, t in self.compute_views())
 
     @property
     def stacked(self) -> bool:
@@ -104,6 +116,13 @@ class OperatorParam:
         if self.flat_range is None:
             return t
         return t.view(-1)[self.flat_range[0] : self.flat_range[1]]
+
+    def compute_views(self) -> list[tuple[str, torch.Tensor]]:
+        """``(key suffix, live tensor)`` of what holds the compute weight: the weight itself, or
+        for a TE quantized weight its components (``"#_data"``, ``"#_scale_inv"``, ...)."""
+        if is_quantized(self.param):
+            return [(f"#{name}", t) for name, t in quantized_components(self.param)]
+        return [("", self.compute_view())]
 
     def _state_slice(self, tensor: torch.Tensor) -> torch.Tensor | None:
         """The block of a main-parameter-shaped tensor (``None``: not on this rank's shard)."""
@@ -148,7 +167,8 @@ class OperatorParam:
 
 @dataclass
 class OperatorBuffer:
-    """A module buffer that belongs to an operator (read live: modules may replace it)."""
+    """A module buffer that belongs to an operator (read live: modules may replace it), or a
+    tensor of a TE module's FP8 scaling state (``attr`` ``"fp8_meta.<entry>.<field>"``)."""
 
     name: str
     """Buffer name in the unwrapped ``GPTModel``."""
@@ -157,6 +177,8 @@ class OperatorBuffer:
 
     @property
     def tensor(self) -> torch.Tensor:
+        if self.attr.startswith("fp8_meta."):
+            return resolve_fp8_meta(self.module, self.attr)
         # The router keeps its expert bias in FP32, but Float16Module's cast turns it to bf16
         # until the first forward; Megatron switches it back before saving and loading, and so
         # do we, so that a fresh model and a trained one hold it alike.
@@ -214,6 +236,13 @@ class Operator:
     def full_state_bytes(self) -> int:
         """Bytes of the full state (main params + optimizer state) an active snapshot holds."""
         return self.main_bytes + self.optimizer_bytes
+
+    def after_restore(self) -> None:
+        """Call after writing the operator's compute weights in place: quantized weights drop
+        the caches TE derived from their old data (see :func:`invalidate_caches`)."""
+        for p in self.params:
+            if is_quantized(p.param):
+                invalidate_caches(p.param)
 
     def bytes_by_kind(self) -> dict[str, int]:
         return {
@@ -348,6 +377,12 @@ class OperatorRegistry:
             op_name, kind, layer, where = _classify(name, layers)
             state = self.optimizer_view.get(param)
             stacked = _STACKED_RE.match(where[2]) if where is not None else None
+            if stacked and is_quantized(param):
+                raise RegistryError(
+                    f"grouped-GEMM weight {name!r} is an FP8 tensor; its experts cannot be cut "
+                    "out of its scaled data. Fix: use TEGroupedMLP (one weight per expert) or "
+                    "moe_grouped_gemm=False with FP8"
+                )
             if stacked:
                 # GroupedMLP: local expert e owns block e of the flattened weight.
                 ids = layers.expert_ids(where[0], where[1])
@@ -381,6 +416,13 @@ class OperatorRegistry:
             module_name, _, attr = name.rpartition(".")
             module = gpt_model.get_submodule(module_name) if module_name else gpt_model
             ops[op_name].buffers.append(OperatorBuffer(name, module, attr))
+        for module_name, module in gpt_model.named_modules():
+            for path, _ in fp8_meta_tensors(module):
+                name = f"{module_name}.{path}" if module_name else path
+                op_name, kind, layer, _where = _classify(name, layers, "FP8 scaling state")
+                if op_name not in ops:
+                    raise _unplaced("FP8 scaling state", name)
+                ops[op_name].buffers.append(OperatorBuffer(name, module, path))
         self.operators: list[Operator] = sorted(ops.values(), key=_canonical_key)
         self._by_name = {op.name: op for op in self.operators}
 
@@ -450,7 +492,10 @@ def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str
     registry), to check that the registry accounts for every byte."""
     from megatron_moevement.state.optim_view import iter_optimizers
 
-    compute = sum(p.numel() * p.element_size() for p in gpt_model.parameters())
+    compute = sum(
+        sum(_nbytes(t) for _, t in quantized_components(p)) if is_quantized(p) else _nbytes(p)
+        for p in gpt_model.parameters()
+    )
     main = 0
     optim = 0
     for leaf in iter_optimizers(optimizer):
@@ -474,7 +519,8 @@ def operator_tensors(op, kinds: Sequence[str]) -> list[tuple[str, torch.Tensor]]
     out: list[tuple[str, torch.Tensor]] = []
     for p in op.params:
         if "compute" in kinds:
-            out.append((f"{op.name}/compute/{p.key}", p.compute_view()))
+            for suffix, view in p.compute_views():
+                out.append((f"{op.name}/compute/{p.key}{suffix}", view))
         state = p.state
         if state is None or state.main_param is None:
             continue

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_moevement.state.fp8 import fp8_refusal
+
 __all__ = ["UnsupportedModelError", "check_model_supported"]
 
 
@@ -31,6 +33,9 @@ def _refusals(config: Any) -> list[str]:
             "virtual pipeline parallelism (upstream logging follows the 1F1B schedule; use one "
             "model chunk per rank)"
         )
+    fp8 = fp8_refusal(config)
+    if fp8:
+        refused.append(fp8)
     if getattr(config, "fp4", None):
         refused.append("fp4 (no FP4 snapshot layout; use bf16 or fp8)")
     if getattr(config, "cpu_offloading", False):

@@ -1,0 +1,114 @@
+"""Snapshots are raw bytes: every bit pattern of every dtype survives capture and restore.
+
+The path is the real one: :class:`SnapshotEngine` copies an operator's tensors into a host slot
+and seals their checksums; :class:`SlotLoader` writes them back into the live tensors. No value
+is converted on the way, so NaN payloads, infinities, negative zero and the special encodings of
+the float8 formats are kept.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from megatron_moevement.replay.loader import SlotLoader
+from megatron_moevement.snapshot.checksum import SerializationError, checksum, dtype_name
+from megatron_moevement.snapshot.engine import SnapshotEngine
+from megatron_moevement.snapshot.sharding import ShardPlan
+from megatron_moevement.state.operators import Operator, OperatorParam
+from tests.fakes import FakeRegistry, FakeSchedule
+
+FLOAT8_DTYPES = sorted(
+    (getattr(torch, n) for n in dir(torch) if n.startswith("float8_")),
+    key=str,
+)
+
+SINGLE_PROCESS_SHARDING = SimpleNamespace(
+    dp_rank=0, dp_size=1, expert_dp_rank=0, expert_dp_size=1, distributed_optimizer=False
+)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).clone()
+
+
+def all_byte_patterns(dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(dtype).reshape(16, 16)
+
+
+def special_fp32() -> torch.Tensor:
+    patterns = [
+        0x00000000,  # +0
+        0x80000000,  # -0
+        0x7F800000,  # +inf
+        0xFF800000,  # -inf
+        0x7FC00001,  # qNaN with payload
+        0x7F800001,  # sNaN
+        0xFFFFFFFF,  # negative NaN, all payload bits
+        0x00000001,  # smallest denormal
+        0x7F7FFFFF,  # max finite
+    ]
+    rng = np.random.default_rng(0)
+    arr = np.concatenate(
+        [np.array(patterns, dtype=np.uint32), rng.integers(0, 2**32, 200, dtype=np.uint32)]
+    )
+    return torch.from_numpy(arr.view(np.int32).copy()).view(torch.float32)
+
+
+def capture_and_restore(param: torch.nn.Parameter, algorithm: str = "crc32") -> dict:
+    """Captures ``param`` as operator ``op``'s compute weight, overwrites it, restores it."""
+    op = Operator("op", "dense", 0, params=[OperatorParam("op.w", param)])
+    registry = FakeRegistry([op])
+    plan = ShardPlan(full_state=set(), compute={"op"}, owner_of={"op": 0})
+    engine = SnapshotEngine(registry, plan, rank=0, algorithm=algorithm, asynchronous=False)
+    ckpt = engine.begin_window(FakeSchedule([["op"]]), start_iteration=0, window=0)
+    slot = engine.capture(ckpt, 0, 0)
+    engine.shutdown()
+    original = bits(param)
+    param.detach().reshape(-1).view(torch.uint8).zero_()
+    assert not torch.equal(bits(param), original) or not original.any()
+    SlotLoader(registry, plan, SINGLE_PROCESS_SHARDING, None).apply(ckpt, 0)
+    return dict(slot=slot, original=original)
+
+
+def test_float8_dtypes_present():
+    names = {dtype_name(d) for d in FLOAT8_DTYPES}
+    assert {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"} <= names
+
+
+@pytest.mark.parametrize("dtype", FLOAT8_DTYPES, ids=str)
+@pytest.mark.parametrize("algorithm", ["crc32", "sha256"])
+def test_every_float8_bit_pattern_round_trips(dtype, algorithm):
+    param = torch.nn.Parameter(all_byte_patterns(dtype), requires_grad=False)
+    ptr = param.data_ptr()
+    out = capture_and_restore(param, algorithm)
+    record = out["slot"].records["op/compute/op.w"]
+    assert record.dtype == dtype_name(dtype) and record.nbytes == 256  # one byte per element
+    assert param.data_ptr() == ptr and torch.equal(bits(param), out["original"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_every_16bit_pattern_round_trips(dtype):
+    src = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    param = torch.nn.Parameter(src.clone(), requires_grad=False)
+    out = capture_and_restore(param)
+    assert torch.equal(bits(param), out["original"])
+
+
+def test_fp32_special_values_round_trip():
+    param = torch.nn.Parameter(special_fp32(), requires_grad=False)
+    out = capture_and_restore(param, "sha256")
+    assert torch.equal(bits(param), out["original"])
+    assert torch.signbit(param[1]) and param[1] == 0  # negative zero kept
+    assert torch.isinf(param[2]) and torch.isnan(param[4])
+
+
+def test_checksum_known_values():
+    assert checksum(b"hello", "crc32") == "3610a686"
+    assert checksum(b"hello", "sha256") == (
+        "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
+    )
+    assert checksum(torch.tensor(list(b"hello"), dtype=torch.uint8)) == "3610a686"
+    with pytest.raises(SerializationError, match="crc32"):
+        checksum(b"x", "md5")
