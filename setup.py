@@ -30,6 +30,9 @@ setup(
         "te": ["transformer-engine"],
         "sim": ["matplotlib"],
         "test": ["pytest", "pytest-timeout", "matplotlib"],
+        # What Megatron-LM's own training scripts (pretrain_gpt.py, megatron.training) import
+        # beyond megatron-core; pybind11 builds its dataset helpers.
+        "megatron-lm": ["six", "regex", "pyyaml", "pydantic", "pybind11"],
     },
     entry_points={
         "console_scripts": [

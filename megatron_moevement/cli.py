@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_moevement.constants import CKPT_STRATEGIES
+from megatron_moevement.harness.faults import FaultSpecError, check_faults_fired, validate_faults
 from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.model import TinyMoEConfig, check_layout
@@ -109,7 +110,12 @@ def _demo_policy(args: argparse.Namespace):
         baseline = baseline_config_for(args.strategy, args, "--strategy", DEMO_BASELINE_DEFAULTS)
     except MoEvementArgsError as exc:
         raise SystemExit(str(exc)) from None
-    window = 1 if baseline is not None else args.window_size or DEMO_WINDOW_SIZE
+    if args.window_size is not None and args.window_size < 1:
+        raise SystemExit(
+            f"--window-size {args.window_size} is invalid: a window holds at least one "
+            "iteration. Fix: pass an integer >= 1 (or leave it out for the default)."
+        )
+    window = 1 if baseline is not None else (args.window_size or DEMO_WINDOW_SIZE)
     return baseline, window
 
 
@@ -171,6 +177,11 @@ def _demo(args: argparse.Namespace) -> int:
             "the run ends (a kill before the first checkpoint persisted is recovered from the "
             "job's initial state)"
         )
+    fault = dict(rank=args.kill_rank, iteration=args.kill_iteration, phase=args.phase)
+    try:
+        validate_faults([fault], layout.world_size, args.iterations, model.num_microbatches)
+    except FaultSpecError as exc:
+        raise SystemExit(f"--phase/--kill-rank/--kill-iteration: {exc}") from None
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="moevement-demo-"))
     world = layout.world_size
     print(
@@ -185,7 +196,6 @@ def _demo(args: argparse.Namespace) -> int:
         log_level="WARNING",
     )
     run_worker_job(ref_spec, out / "fault_free", timeout=args.timeout)
-    fault = dict(rank=args.kill_rank, iteration=args.kill_iteration, phase=args.phase)
     if baseline is None:
         run = f"MoEvement run (W={window}, r=1, 1 spare)"
         fields = dict(window_size=window)
@@ -213,7 +223,14 @@ def _demo(args: argparse.Namespace) -> int:
         timeout_s=60,
         moevement=dict(fields, replication_factor=1, faults=[fault]),
     )
-    agent = run_elastic_job(spec, out / "recovered", timeout=args.timeout, spares=1)
+    agent = run_elastic_job(
+        spec, out / "recovered", timeout=args.timeout, spares=1, check_faults=False
+    )
+    try:  # a fault that never fired would make this a fault-free run claiming a recovery
+        check_faults_fired([fault], out / "recovered", agent.failures)
+    except AssertionError as exc:
+        print(f"  FAILED: {exc}", flush=True)
+        return 1
     for f in agent.failures:
         print(
             f"  agent: rank {f['rank']} (pid {f['pid']}) died with code {f['code']}; spare "

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates ./.venv (if missing) and installs megatron-moevement with its test extras into it.
+# Creates ./.venv (if missing) and installs megatron-moevement with its test extras and what
+# Megatron-LM's own pretrain_gpt.py imports (the tests run it) into it.
 # torch is pinned to 2.13.0 and installed first, on its own: a bare `torch` requirement would
 # pull several GB of CUDA wheels on a CPU machine. On machines without a local CPU wheel of
 # torch 2.13.0, set TORCH_INDEX_URL to PyTorch's CPU wheel index.
@@ -17,4 +18,4 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
     "${PIP[@]}" install "torch==2.13.0"
   fi
 fi
-"${PIP[@]}" install -e ".[test]" 2> >(grep -v "^WARNING: Location" >&2)
+"${PIP[@]}" install -e ".[test,megatron-lm]" 2> >(grep -v "^WARNING: Location" >&2)

@@ -24,6 +24,11 @@ from megatron_moevement import cli
         (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
         (["--layout", "pp2xzz2"], "pp2xzz2"),
         (["--layout", "single"], "at least 2 ranks"),
+        (["--phase", "sideways"], "phase='sideways' is unknown; valid: before, microbatch0"),
+        (["--phase", "microbatch4"], "phase='microbatch4' is unknown"),  # 4 microbatches: 0..3
+        (["--window-size", "0"], "--window-size 0 is invalid"),
+        (["--window-size", "-2"], "--window-size -2 is invalid"),
+        (["--kill-rank", "4"], "--kill-rank 4 is not a rank"),
     ],
 )
 def test_demo_rejects_bad_options_before_running(argv, match):

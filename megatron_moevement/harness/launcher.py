@@ -34,9 +34,15 @@ def run_worker_job(spec, output_dir: Path, timeout: float, spares: int = 0) -> l
         return job.check(timeout=timeout)
 
 
-def run_elastic_job(spec, output_dir: Path, timeout: float, spares: int) -> ElasticAgent:
+def run_elastic_job(
+    spec, output_dir: Path, timeout: float, spares: int, check_faults: bool = True
+) -> ElasticAgent:
     """Runs an elastic :class:`~megatron_moevement.harness.worker.WorkerSpec` (ranks + spares)
-    under an :class:`ElasticAgent`; returns the agent (its ``failures`` list what happened)."""
+    under an :class:`ElasticAgent`; returns the agent (its ``failures`` list what happened).
+
+    With ``check_faults`` (default), every fault the spec asks for must have fired and every
+    SIGKILL victim must have died of it, else ``AssertionError``: a run whose fault never
+    happened is a fault-free run, and must not pass as a recovery."""
     from megatron_moevement.harness.layout import ParallelLayout
 
     output_dir = Path(output_dir)
@@ -57,4 +63,9 @@ def run_elastic_job(spec, output_dir: Path, timeout: float, spares: int) -> Elas
         agent.run(timeout)
     finally:
         job.terminate()
+    faults = (spec.moevement or {}).get("faults", [])
+    if check_faults and faults:
+        from megatron_moevement.harness.faults import check_faults_fired
+
+        check_faults_fired(faults, output_dir, agent.failures)
     return agent

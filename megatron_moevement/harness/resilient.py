@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_moevement.harness.faults import validate_faults
 from megatron_moevement.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -62,6 +63,7 @@ def run_resilient(spec) -> None:
     config = MoEvementConfig.from_dict(fields)
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)
+    faults = validate_faults(faults, layout.world_size, spec.iterations, model_cfg.num_microbatches)
     ctx = ElasticContext.from_env(timeout_s=spec.timeout_s)
 
     def fault_hook(iteration: int, phase: str, driver) -> None:

@@ -21,15 +21,15 @@ logs that and exits with status 0. Training loops built on ``RecoveryDriver`` ge
 join: :func:`~megatron_moevement.harness.launcher.run_elastic_job` locally, the SLURM templates
 with ``program=module:...`` on a cluster.
 
-Megatron-LM's ``megatron.training`` needs CUDA; on a CPU-only machine use the library harness
-(``megatron_moevement.harness``) instead.
+Each rank runs the script through :mod:`megatron_moevement.megatron.pretrain`, so on a machine
+without CUDA Megatron-LM's training loop runs on CPU with gloo (``--distributed-backend gloo``,
+``--transformer-impl local``; see ``docs/megatron_integration.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import runpy
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -39,6 +39,7 @@ from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.launch.local import LocalJob
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
+from megatron_moevement.megatron.pretrain import run_script
 from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
 __all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_rank"]
@@ -232,10 +233,10 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
         )
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     saved_argv, saved_path = list(sys.argv), list(sys.path)
-    sys.argv = [script, *script_args]
-    sys.path.insert(0, str(Path(script).resolve().parent))
     try:
-        runpy.run_path(script, run_name="__main__")
+        # Megatron-LM's runner: the script's tree on sys.path and, without CUDA, the CPU
+        # redirections of runtime/cpu_compat.py (nothing is patched on a GPU).
+        run_script(script, list(script_args))
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
