@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument(
         "--phase",
         default="microbatch2",
-        help="before | microbatch<k> | after_step | after_snapshot",
+        help="where the victim dies: before | microbatch<k> | backward<k> | optimizer_step | "
+        "after_step | after_snapshot (k < the number of microbatches)",
     )
     demo.set_defaults(func=_demo, iterations=10, distributed_optimizer=True)
     args = parser.parse_args(argv)

@@ -13,8 +13,16 @@ import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-FIXED_PHASES = ("before", "after_step", "after_snapshot", "replay", "recovery_wait")
-"""Phases without a microbatch index (``microbatch<k>`` is the other form)."""
+FIXED_PHASES = (
+    "before",
+    "optimizer_step",
+    "after_step",
+    "after_snapshot",
+    "fetch",
+    "replay",
+    "recovery_wait",
+)
+"""Phases without a microbatch index (``microbatch<k>`` and ``backward<k>`` are the others)."""
 
 SIGNALS = ("SIGKILL", "SIGSTOP")
 
@@ -27,7 +35,10 @@ class FaultSpecError(ValueError):
 
 def valid_phases(num_microbatches: int) -> list[str]:
     """Every phase a fault may name in a job with ``num_microbatches`` per iteration."""
-    return ["before", *(f"microbatch{k}" for k in range(num_microbatches)), *FIXED_PHASES[1:]]
+    microbatches = [
+        f"{kind}{k}" for kind in ("microbatch", "backward") for k in range(num_microbatches)
+    ]
+    return ["before", *microbatches, *FIXED_PHASES[1:]]
 
 
 def validate_faults(
@@ -48,9 +59,13 @@ def validate_faults(
             raise FaultSpecError(f"{where}: unknown field(s) {sorted(unknown)}")
         for name, bound in (("rank", world_size), ("iteration", iterations)):
             value = fault.get(name)
+            if name == "iteration" and value == "*":
+                continue  # the first time the phase is reached
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < bound:
+                wildcard = ' or "*"' if name == "iteration" else ""
                 raise FaultSpecError(
                     f"{where}: {name}={value!r} is invalid; valid: an int in 0..{bound - 1}"
+                    f"{wildcard}"
                 )
         phase = fault.get("phase")
         if phase not in phases:

@@ -3,10 +3,16 @@
 Faults are injected by the victim process itself sending SIGKILL to its own pid at a precise
 point: ``{"rank": r, "iteration": i, "phase": p, "generation": g}`` with phase one of
 ``before`` (start of the iteration), ``microbatch<k>`` (mid-iteration, before microbatch k's
-forward), ``after_step`` (optimizer step done, snapshot not yet taken), ``after_snapshot``
-(snapshot copy and replication just launched, in flight), ``replay`` (during a recovery's
-replay, ranks in scope) or ``recovery_wait`` (while a rank outside the scope waits for the
-replay; ``iteration`` is then its last committed one). ``generation`` (default 0) selects which incarnation of the rank dies.
+forward; on a pipeline stage > 0 this is also where the upstream-log receive of the activations
+is), ``backward<k>`` (microbatch k's backward reached this stage's output: gradients are being
+computed and sent upstream), ``optimizer_step`` (gradients reduced, step not yet taken),
+``after_step`` (optimizer step done, snapshot not yet taken), ``after_snapshot`` (snapshot copy
+and replication just launched, in flight), ``fetch`` (a recovery's exchange of checkpoints and
+logs), ``replay`` (during a recovery's replay, ranks in scope) or ``recovery_wait`` (while a rank
+outside the scope waits for the replay; ``iteration`` is then its last committed one; for
+``fetch`` too). ``iteration`` may be ``"*"``: the first time the rank reaches the phase (e.g. the
+first replayed iteration, which depends on the window). ``generation`` (default 0) selects which
+incarnation of the rank dies. :mod:`megatron_moevement.harness.faults` validates the specs.
 ``"signal": "SIGSTOP"`` stops the victim instead of killing it (a hang that only the heartbeat
 can notice).
 
@@ -70,7 +76,7 @@ def run_resilient(spec) -> None:
         for f in faults:
             if (
                 f["rank"] == driver.ctx.rank
-                and f["iteration"] == iteration
+                and f["iteration"] in (iteration, "*")
                 and f["phase"] == phase
                 and f.get("generation", 0) == driver.ctx.generation
             ):
@@ -92,7 +98,7 @@ def run_resilient(spec) -> None:
         if rebuild_seed_offset and ctx.generation > 0:
             cfg = dataclasses.replace(model_cfg, seed=model_cfg.seed + rebuild_seed_offset)
         trainer = HarnessTrainer(cfg, layout)
-        trainer.microbatch_hook = lambda it, mb: fault_hook(it, f"microbatch{mb}", driver)
+        trainer.fault_point_hook = lambda it, point: fault_hook(it, point, driver)
         strategy = build_strategy(
             strategy_name, trainer.gpt_model, trainer.optimizer, config, baseline
         )

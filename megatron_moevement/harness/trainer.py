@@ -94,9 +94,11 @@ class HarnessTrainer:
         """Optional custom ``P2PCommunicator`` (e.g. MoEvement's logging one) for the schedule."""
         self.pg_collection = None
         """The ``ProcessGroupCollection`` that goes with a custom communicator."""
-        self.microbatch_hook: Callable[[int, int], None] | None = None
-        """Optional ``f(iteration, microbatch)`` called before each microbatch's forward (fault
-        injection in tests and demos)."""
+        self.fault_point_hook: Callable[[int, str], None] | None = None
+        """Optional ``f(iteration, point)`` for fault injection in tests and demos, called at
+        ``microbatch<k>`` (before microbatch k's forward), ``backward<k>`` (when microbatch k's
+        backward reaches this stage's output) and ``optimizer_step`` (gradients reduced, step not
+        yet taken)."""
         self.data = SyntheticTokenData(
             model_config.vocab_size,
             model_config.seq_length,
@@ -194,13 +196,17 @@ class HarnessTrainer:
         The data of the iteration is addressed by ``iteration``, so the same call can replay it.
         """
         cfg = self.model_config
-        if forward_step_func is None and self.microbatch_hook is not None:
+        hook = self.fault_point_hook
+        if forward_step_func is None and hook is not None:
             counter = iter(range(cfg.num_microbatches))
-            hook = self.microbatch_hook
 
             def forward_step_func(data_iterator, model):
-                hook(iteration, next(counter))
-                return _forward_step(data_iterator, model)
+                mb = next(counter)
+                hook(iteration, f"microbatch{mb}")
+                output, loss_func = _forward_step(data_iterator, model)
+                if output.requires_grad:
+                    output.register_hook(lambda grad: hook(iteration, f"backward{mb}"))
+                return output, loss_func
 
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
@@ -221,6 +227,8 @@ class HarnessTrainer:
             forward_only=False,
             **extra,
         )
+        if hook is not None:
+            hook(iteration, "optimizer_step")
         update_successful, grad_norm, _ = self.optimizer.step()
         loss = None
         if self.is_last_stage and losses:

@@ -120,7 +120,8 @@ class RecoveryProcedure:
         collectives: ``all_gather`` / ``barrier`` over the new process group.
         config: The job's ``MoEvementConfig``.
         durable_loader: The durable tier's loader, or ``None``.
-        fault_hook: ``f(iteration, phase, host)`` at the fault-injection points ``replay`` and
+        fault_hook: ``f(iteration, phase, host)`` at the fault-injection points ``fetch``,
+            ``replay`` and
             ``recovery_wait``.
         initial_state: ``f() -> first iteration`` that checks the rebuild reproduces the job's
             initial state (the initial-state tier); ``None``: that tier is unavailable.
@@ -289,6 +290,7 @@ class RecoveryProcedure:
         """Transfers what the plan needs: this rank's checkpoint to roll back to, the scalar
         log, and the upstream-log entries a scoped replay feeds on."""
         rank = self.rank
+        self.fault_hook(plan.scope.committed, "fetch", self)
         if plan.tier == INITIAL_STATE:
             self.first_iteration = self.initial_state()
         else:

@@ -17,8 +17,12 @@ def test_valid_phases_cover_every_point():
         "before",
         "microbatch0",
         "microbatch1",
+        "backward0",
+        "backward1",
+        "optimizer_step",
         "after_step",
         "after_snapshot",
+        "fetch",
         "replay",
         "recovery_wait",
     ]
@@ -48,6 +52,7 @@ def test_good_faults_pass():
     faults = [
         dict(rank=3, iteration=0, phase="microbatch3"),
         dict(rank=0, iteration=9, phase="recovery_wait", generation=1, signal="SIGSTOP"),
+        dict(rank=2, iteration="*", phase="replay", generation=1),
     ]
     assert validate_faults(faults, 4, 10, 4) == faults
 
