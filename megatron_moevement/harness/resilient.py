@@ -63,6 +63,8 @@ def run_resilient(spec) -> None:
     strategy_name = fields.pop("strategy", "moevement")
     baseline = fields.pop("baseline", None)
     durable_tier = fields.pop("durable_tier", None)
+    # Benchmark knob: record this rank's RSS and the strategy's host bytes every N iterations.
+    memory_every = int(fields.pop("memory_every", 0))
     # Test knob: rebuilds after a failure use another seed, i.e. a build() that does not
     # reproduce the job's initial weights (the initial-state tier must refuse it).
     rebuild_seed_offset = int(fields.pop("rebuild_seed_offset", 0))
@@ -116,9 +118,15 @@ def run_resilient(spec) -> None:
     driver.start()
     started = time.time()
     commits: list[tuple[int, float]] = []
+    memory: list[dict] = []
 
     def on_iteration(it: int, driver) -> None:
         commits.append((it, time.time()))
+        if memory_every and (it + 1) % memory_every == 0:
+            import psutil
+
+            host = driver.strategy.host_memory_bytes()
+            memory.append(dict(iteration=it, rss=psutil.Process().memory_info().rss, **host))
         if hasattr(durable, "after_iteration"):
             durable.after_iteration(it, driver)
 
@@ -135,6 +143,7 @@ def run_resilient(spec) -> None:
                 joined_as_spare=driver.joined_as_spare,
                 reports=[r.to_dict() for r in driver.reports],
                 timeline=dict(start=started, commits=commits),
+                memory=memory,
                 stats=driver.strategy.stats() if hasattr(driver.strategy, "stats") else {},
             ),
             indent=1,
