@@ -42,21 +42,48 @@ DEMO_BASELINE_DEFAULTS = dict(interval=4, expert_fraction=0.25)
 experts per checkpoint (MoC)."""
 
 
+def _number(kind: type, minimum: float, inclusive: bool = True):
+    """An argparse type: a ``kind`` >= ``minimum`` (> when not ``inclusive``), or an error that
+    says what is valid (0 and negatives are never silently replaced by a default)."""
+    bound = f">= {minimum}" if inclusive else f"> {minimum}"
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is invalid: not a number; use {what} {bound}"
+            ) from None
+        if value != value or (value < minimum if inclusive else value <= minimum):
+            raise argparse.ArgumentTypeError(f"{text} is invalid; use {what} {bound}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+NON_NEGATIVE_INT = _number(int, 0)
+POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", default="pp2xdp2xep2", help="e.g. single, ep2, pp2xdp2xep2")
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--iterations", type=POSITIVE_INT, default=10)
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
     parser.add_argument("--distributed-optimizer", action="store_true")
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--num-experts", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--num-layers", type=POSITIVE_INT, default=4)
+    parser.add_argument("--num-experts", type=POSITIVE_INT, default=4)
+    parser.add_argument("--hidden-size", type=POSITIVE_INT, default=64)
     parser.add_argument(
         "--output-dir",
         type=Path,
         default=None,
         help="keep logs and state dumps here (default: a temporary folder)",
     )
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    parser.add_argument(
+        "--timeout", type=POSITIVE_FLOAT, default=600.0, help="seconds before giving up"
+    )
 
 
 def _model_from_args(args: argparse.Namespace) -> TinyMoEConfig:
@@ -110,11 +137,6 @@ def _demo_policy(args: argparse.Namespace):
         baseline = baseline_config_for(args.strategy, args, "--strategy", DEMO_BASELINE_DEFAULTS)
     except MoEvementArgsError as exc:
         raise SystemExit(str(exc)) from None
-    if args.window_size is not None and args.window_size < 1:
-        raise SystemExit(
-            f"--window-size {args.window_size} is invalid: a window holds at least one "
-            "iteration. Fix: pass an integer >= 1 (or leave it out for the default)."
-        )
     window = 1 if baseline is not None else (args.window_size or DEMO_WINDOW_SIZE)
     return baseline, window
 
@@ -288,7 +310,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``moevement-train`` command line (subcommands ``train`` and ``demo``)."""
     parser = argparse.ArgumentParser(
         prog="moevement-train",
         description=__doc__,
@@ -308,13 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument(
         "--window-size",
-        type=int,
+        type=POSITIVE_INT,
         default=None,
         help=f"MoEvement window W (default: {DEMO_WINDOW_SIZE}; moevement only)",
     )
     add_baseline_args(demo, DEMO_BASELINE_DEFAULTS)
-    demo.add_argument("--kill-rank", type=int, default=1)
-    demo.add_argument("--kill-iteration", type=int, default=7)
+    demo.add_argument("--kill-rank", type=NON_NEGATIVE_INT, default=1)
+    demo.add_argument("--kill-iteration", type=NON_NEGATIVE_INT, default=7)
     demo.add_argument(
         "--phase",
         default="microbatch2",
@@ -322,7 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         "after_step | after_snapshot (k < the number of microbatches)",
     )
     demo.set_defaults(func=_demo, iterations=10, distributed_optimizer=True)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 
