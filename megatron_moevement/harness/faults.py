@@ -3,7 +3,10 @@ afterwards to have happened (a run asked to inject a fault that never fired must
 recovery).
 
 A fault is ``{"rank": r, "iteration": i, "phase": p, "generation": g, "signal": s}``; see
-:mod:`megatron_moevement.harness.resilient` for where each phase is.
+:mod:`megatron_moevement.harness.resilient` for where each phase is. With ``"corrupt": what``
+instead of a signal, the rank lives on and flips bytes, at random offsets, of one kind of its
+in-memory recovery state (:data:`CORRUPTIBLE`): the recovery must detect it and take the next
+tier, never replay from it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
+import torch
 
 FIXED_PHASES = (
     "before",
@@ -25,6 +30,10 @@ FIXED_PHASES = (
 """Phases without a microbatch index (``microbatch<k>`` and ``backward<k>`` are the others)."""
 
 SIGNALS = ("SIGKILL", "SIGSTOP")
+
+CORRUPTIBLE = ("local_slot", "replica", "upstream_log")
+"""What a ``corrupt`` fault damages: the rank's own newest persisted slot, every complete
+replica it keeps for its peers, or its newest upstream-log entry."""
 
 _MICROBATCH = re.compile(r"^microbatch(\d+)$")
 
@@ -54,7 +63,8 @@ def validate_faults(
     for n, fault in enumerate(faults):
         fault = dict(fault)
         where = f"fault {n} {fault}"
-        unknown = set(fault) - {"rank", "iteration", "phase", "generation", "signal"}
+        known = {"rank", "iteration", "phase", "generation", "signal", "corrupt", "with"}
+        unknown = set(fault) - known
         if unknown:
             raise FaultSpecError(f"{where}: unknown field(s) {sorted(unknown)}")
         for name, bound in (("rank", world_size), ("iteration", iterations)):
@@ -77,8 +87,74 @@ def validate_faults(
             raise FaultSpecError(
                 f"{where}: signal={fault['signal']!r} is unknown; valid: {', '.join(SIGNALS)}"
             )
+        others = fault.get("with", [])
+        if not isinstance(others, list) or any(
+            not isinstance(r, int) or not 0 <= r < world_size or r == fault["rank"] for r in others
+        ):
+            raise FaultSpecError(
+                f"{where}: with={others!r} is invalid; valid: a list of other ranks in "
+                f"0..{world_size - 1}"
+            )
+        if "corrupt" in fault and fault["corrupt"] not in CORRUPTIBLE:
+            raise FaultSpecError(
+                f"{where}: corrupt={fault['corrupt']!r} is unknown; valid: {', '.join(CORRUPTIBLE)}"
+            )
+        if "corrupt" in fault and "signal" in fault:
+            raise FaultSpecError(f"{where}: a fault either corrupts or signals, not both")
         out.append(fault)
     return out
+
+
+def flip_bytes(buffer, seed: int, count: int = 3) -> list[int]:
+    """Flips one bit in each of ``count`` random bytes of uint8 ``buffer``; returns the offsets."""
+    import random
+
+    rng = random.Random(seed)
+    offsets = sorted(rng.sample(range(buffer.numel()), min(count, buffer.numel())))
+    for off in offsets:
+        buffer[off] ^= 1 << rng.randrange(8)
+    return offsets
+
+
+def corrupt_state(strategy, what: str, seed: int) -> str:
+    """Damages one kind of ``strategy``'s in-memory recovery state (:data:`CORRUPTIBLE`).
+
+    Returns:
+        What was damaged, for the log.
+
+    Raises:
+        FaultSpecError: the rank holds nothing of that kind yet.
+    """
+    if what == "local_slot":
+        ckpt = strategy.persisted_checkpoint
+        if ckpt is None:
+            raise FaultSpecError("corrupt=local_slot: no persisted checkpoint yet")
+        slot = ckpt.slots[-1]
+        slot.wait()
+        used = max(r.offset + r.nbytes for r in slot.records.values())
+        offsets = flip_bytes(slot.buffer[:used], seed)
+        return f"own window {ckpt.window} slot {slot.slot} at bytes {offsets}"
+    if what == "replica":
+        strategy.replicator.drain()  # replicas in flight land first: all of them are damaged
+        damaged = []
+        for source, store in sorted(strategy.replicator.replicas.items()):
+            for window, slots in sorted(store.windows.items()):
+                if all(slots):
+                    slot = slots[0]
+                    used = max(r.offset + r.nbytes for r in slot.records.values())
+                    offsets = flip_bytes(slot.buffer[:used], seed)
+                    damaged.append(f"replica of rank {source} window {window} at bytes {offsets}")
+        if not damaged:
+            raise FaultSpecError("corrupt=replica: this rank holds no complete replica yet")
+        return "; ".join(damaged)
+    log = strategy.upstream_log
+    keys = [] if log is None else log.keys()
+    if not keys:
+        raise FaultSpecError("corrupt=upstream_log: this rank's upstream log is empty")
+    key = keys[-1]
+    tensor = log._entries[key].wait()
+    offsets = flip_bytes(tensor.reshape(-1).view(torch.uint8), seed)
+    return f"upstream log entry {key} at bytes {offsets}"
 
 
 def fired_faults(output_dir: Path) -> list[dict]:
@@ -103,15 +179,20 @@ def check_faults_fired(
     died = [f for f in failures]
     for fault in faults:
         key = {k: fault[k] for k in ("rank", "iteration", "phase")}
+        if "corrupt" in fault:
+            if not any(all(f.get(k) == v for k, v in key.items()) for f in fired):
+                raise AssertionError(f"corruption {key} ({fault['corrupt']}) never happened")
+            continue
         if not any(all(f.get(k) == v for k, v in key.items()) for f in fired):
             raise AssertionError(
                 f"fault {key} never fired: the run did not reach that point, so nothing was "
                 "recovered (check the phase and iteration against the job)"
             )
-        if fault.get("signal", "SIGKILL") == "SIGKILL" and not any(
-            f.get("rank") == fault["rank"] and f.get("code") == -9 for f in died
-        ):
-            raise AssertionError(
-                f"fault {key} fired but no death of rank {fault['rank']} by SIGKILL was seen "
-                f"(failures: {died})"
-            )
+        if fault.get("signal", "SIGKILL") != "SIGKILL":
+            continue
+        for victim in [fault["rank"], *fault.get("with", [])]:
+            if not any(f.get("rank") == victim and f.get("code") == -9 for f in died):
+                raise AssertionError(
+                    f"fault {key} fired but no death of rank {victim} by SIGKILL was seen "
+                    f"(failures: {died})"
+                )

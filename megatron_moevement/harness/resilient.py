@@ -14,7 +14,8 @@ outside the scope waits for the replay; ``iteration`` is then its last committed
 first replayed iteration, which depends on the window). ``generation`` (default 0) selects which
 incarnation of the rank dies. :mod:`megatron_moevement.harness.faults` validates the specs.
 ``"signal": "SIGSTOP"`` stops the victim instead of killing it (a hang that only the heartbeat
-can notice).
+can notice). ``"with": [ranks]`` kills those ranks at the same moment, wherever they are (a node
+failure: two victims that each waited for their own fault point could block each other).
 
 ``spec.moevement["durable_tier"] = "module:factory"`` installs a durable tier for the recovery
 driver's last fallback: ``factory(spec)`` returns a
@@ -39,7 +40,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_moevement.harness.faults import validate_faults
+from megatron_moevement.harness.faults import corrupt_state, validate_faults
+from megatron_moevement.recovery.protocol import StoreKeys
 from megatron_moevement.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -82,7 +84,21 @@ def run_resilient(spec) -> None:
                 and f["phase"] == phase
                 and f.get("generation", 0) == driver.ctx.generation
             ):
+                if "corrupt" in f:
+                    damaged = corrupt_state(driver.strategy, f["corrupt"], seed=iteration)
+                    logger.warning(
+                        "fault injection: rank %d corrupted %s", driver.ctx.rank, damaged
+                    )
+                    if spec.output_dir:
+                        with open(Path(spec.output_dir) / "faults.jsonl", "a") as log:
+                            log.write(json.dumps(dict(f, time=time.time(), damaged=damaged)) + "\n")
+                    continue
                 sig = getattr(signal, f.get("signal", "SIGKILL"))
+                for other in f.get("with", []):
+                    # A node failure: the co-victims die at the same moment, wherever they are.
+                    beat = json.loads(driver.ctx.store.get(StoreKeys.heartbeat(other)).decode())
+                    logger.warning("fault injection: %s rank %d too", sig.name, other)
+                    os.kill(beat["pid"], sig)
                 logger.warning(
                     "fault injection: %s rank %d at iteration %d (%s)",
                     sig.name,

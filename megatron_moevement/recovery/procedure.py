@@ -27,6 +27,11 @@ from megatron_moevement.recovery.exchange import (
     exchange_logs,
     exchange_scalar_log,
 )
+from megatron_moevement.recovery.integrity import (
+    corrupted_replicas,
+    intact_windows,
+    upstream_log_intact,
+)
 from megatron_moevement.recovery.live_state import restore_live_state
 from megatron_moevement.recovery.replay_comm import make_replay_communicator
 from megatron_moevement.recovery.scope import RankStatus
@@ -183,6 +188,9 @@ class RecoveryProcedure:
         else:
             own = strategy.persisted_checkpoint
             persisted = -1 if own is None else own.window
+        # Only what verifies counts (recovery/integrity.py): a corrupted log makes this rank a
+        # non-logging one (global rollback), a corrupted checkpoint or replica is not offered.
+        logs_intact = self.spare or upstream_log_intact(strategy.upstream_log, self.rank)
         status = RankStatus(
             self.rank,
             self.trainer.pp_rank,
@@ -190,13 +198,14 @@ class RecoveryProcedure:
             -1 if self.spare else st.committed,
             st.dirty and not self.spare,
             not self.spare,
-            strategy.upstream_log is not None,
+            strategy.upstream_log is not None and logs_intact,
             getattr(self.trainer, "tp_rank", 0),
         )
         mine = dict(
             status=asdict(status),
             persisted=persisted,
-            windows=[c.window for c in strategy.checkpoints],
+            windows=intact_windows(strategy.checkpoints, self.rank),
+            corrupted_replicas=corrupted_replicas(strategy.replicator, self.rank),
             windows_started=0 if self.spare else strategy.windows_started,
             has_log=not self.spare or st.received_log is not None,
         )
@@ -217,6 +226,12 @@ class RecoveryProcedure:
                 for r in range(self.world_size)
             ],
             has_scalar_log=[e["has_log"] for e in everyone],
+            corrupted_replicas=[
+                (holder, source)
+                for holder, e in enumerate(everyone)
+                for source, w in e["corrupted_replicas"]
+                if w == window
+            ],
             prefer_scoped=cfg.upstream_logging and cfg.recovery_scope == "auto",
             durable_dir_set=cfg.durable_dir is not None,
             durable_loader_installed=self.durable_loader is not None,

@@ -60,6 +60,9 @@ class Survey:
     """Per rank: the ranks that hold replicas of its checkpoints, in order of preference."""
     has_scalar_log: list[bool]
     """Per rank: it holds the optimizer-scalar log of the original run."""
+    corrupted_replicas: list[tuple[int, int]] = field(default_factory=list)
+    """``(holder, source)``: the replica of ``source``'s checkpoint of :attr:`window` that
+    ``holder`` keeps failed its checksums (it is not fetched from)."""
     prefer_scoped: bool = True
     """Scoped recovery is allowed (upstream logging on and ``recovery_scope="auto"``)."""
     durable_dir_set: bool = False
@@ -107,13 +110,17 @@ class RecoveryPlan:
         return bool(self.durable_ranks) and self.tier != DURABLE
 
 
-def _lost_ranks(survey: Survey, needs: list[bool]) -> list[int]:
-    """Ranks that need the window's checkpoint and have no surviving replica holder."""
+def _holders(survey: Survey, rank: int) -> list[int]:
+    """Surviving ranks with an intact replica of ``rank``'s checkpoint, in order of preference."""
+    bad = set(survey.corrupted_replicas)
     return [
-        r
-        for r in range(survey.world_size)
-        if needs[r] and not [p for p in survey.replica_peers[r] if p not in survey.failed]
+        p for p in survey.replica_peers[rank] if p not in survey.failed and (p, rank) not in bad
     ]
+
+
+def _lost_ranks(survey: Survey, needs: list[bool]) -> list[int]:
+    """Ranks that need the window's checkpoint and have no surviving, intact replica."""
+    return [r for r in range(survey.world_size) if needs[r] and not _holders(survey, r)]
 
 
 def _transfers(
@@ -122,8 +129,7 @@ def _transfers(
     fetch = {}
     for r in range(survey.world_size):
         if needs_ckpt[r] and r not in skip:
-            holders = [p for p in survey.replica_peers[r] if p not in survey.failed]
-            fetch[r] = holders[0]
+            fetch[r] = _holders(survey, r)[0]
     in_scope = set(scope.ranks)
     if scope.scoped:
         log_source = min(r for r in range(survey.world_size) if r not in in_scope)
@@ -142,11 +148,22 @@ def _why_lost(survey: Survey, lost: list[int]) -> str:
             "no sparse checkpoint is persisted on every surviving rank yet (failure in the "
             "first window)"
         )
-    return "; ".join(
-        f"rank {r}'s sparse checkpoint has no surviving replica (its peers "
-        f"{survey.replica_peers[r]} failed too)"
-        for r in lost
-    )
+    bad = set(survey.corrupted_replicas)
+
+    def why(r: int) -> str:
+        corrupted = sorted(h for h, s in bad if s == r)
+        if not corrupted:
+            return (
+                f"rank {r}'s sparse checkpoint has no surviving replica (its peers "
+                f"{survey.replica_peers[r]} failed too)"
+            )
+        return (
+            f"rank {r}'s sparse checkpoint has no surviving replica that verifies (its peers "
+            f"{survey.replica_peers[r]}: the replicas on {corrupted} are corrupted, the others "
+            "failed)"
+        )
+
+    return "; ".join(why(r) for r in lost)
 
 
 def plan_recovery(survey: Survey) -> RecoveryPlan:

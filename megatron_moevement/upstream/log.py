@@ -4,7 +4,10 @@
 the stage sent: activations downstream (:data:`ACTIVATION`) and input-gradients upstream
 (:data:`GRADIENT`). The logging communicator (:mod:`.communicator`) fills it. Copies are
 asynchronous on CUDA (pinned buffers, a dedicated stream and an event per entry, like the
-snapshot engine) and synchronous on CPU (a clone). The log is bounded: entries older than the
+snapshot engine) and synchronous on CPU (a clone). Each entry carries a CRC32 of its bytes,
+computed as soon as they are on the host (at once on CPU; on CUDA once its copy event has
+completed); :meth:`UpstreamLog.get` and :meth:`UpstreamLog.verify` check it, so a corrupted
+entry is named instead of replayed. The log is bounded: entries older than the
 persisted sparse checkpoint are freed (:meth:`UpstreamLog.discard_before`), and exceeding
 ``max_bytes`` raises a clear error rather than silently dropping what a recovery would need.
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.snapshot.checksum import checksum
 
 logger = get_logger(__name__)
 
@@ -32,19 +36,43 @@ GRADIENT = "gradient"
 
 
 class UpstreamLogError(RuntimeError):
-    """An upstream log entry is missing, or the log would exceed its memory bound."""
+    """An upstream log entry is missing or corrupted, or the log would exceed its memory bound."""
+
+
+def _crc(tensor: torch.Tensor) -> str:
+    return checksum(tensor.reshape(-1).view(torch.uint8))
 
 
 @dataclass
 class LogEntry:
     tensor: torch.Tensor
     event: object | None = None
+    crc: str | None = None
+    """CRC32 of the host bytes (``None`` until the copy has completed)."""
 
     def wait(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
+        if self.crc is None:
+            self.crc = _crc(self.tensor)
         return self.tensor
+
+    def seal_if_ready(self) -> None:
+        if self.crc is None and (self.event is None or self.event.query()):
+            self.wait()
+
+    def check(self, key: tuple[str, int, int]) -> torch.Tensor:
+        tensor = self.wait()
+        got = _crc(tensor)
+        if got != self.crc:
+            direction, iteration, microbatch = key
+            raise UpstreamLogError(
+                f"upstream log entry {direction} iteration {iteration} microbatch {microbatch} "
+                f"is corrupted (crc32 expected {self.crc}, got {got}); it cannot feed a scoped "
+                "replay — fall back to global rollback"
+            )
+        return tensor
 
 
 class UpstreamLog:
@@ -81,7 +109,10 @@ class UpstreamLog:
             entry = LogEntry(host, event)
         else:
             entry = LogEntry(tensor.detach().clone())
+            entry.wait()  # the checksum of the host copy, now
         with self._lock:
+            for pending in self._entries.values():
+                pending.seal_if_ready()
             old = self._entries.pop((direction, iteration, microbatch), None)
             if old is not None:
                 self.nbytes -= old.tensor.numel() * old.tensor.element_size()
@@ -97,7 +128,19 @@ class UpstreamLog:
                 f"spans iterations {self.span()}); scoped recovery cannot replay it — fall back "
                 "to global rollback"
             )
-        return entry.wait()
+        return entry.check((direction, iteration, microbatch))
+
+    def verify(self, since: int | None = None) -> None:
+        """Checks every entry (of iterations >= ``since``) against its checksum.
+
+        Raises:
+            UpstreamLogError: naming the first corrupted entry.
+        """
+        with self._lock:
+            items = sorted(self._entries.items())
+        for key, entry in items:
+            if since is None or key[1] >= since:
+                entry.check(key)
 
     def span(self) -> str:
         with self._lock:
