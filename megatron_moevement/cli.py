@@ -22,6 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.harness.faults import FaultSpecError, check_faults_fired, validate_faults
 from megatron_moevement.harness.launcher import run_worker_job
@@ -40,31 +41,6 @@ DEMO_WINDOW_SIZE = 3
 DEMO_BASELINE_DEFAULTS = dict(interval=4, expert_fraction=0.25)
 """The demo's baseline policy: a dense snapshot every 4 iterations (Gemini), a quarter of the
 experts per checkpoint (MoC)."""
-
-
-def _number(kind: type, minimum: float, inclusive: bool = True):
-    """An argparse type: a ``kind`` >= ``minimum`` (> when not ``inclusive``), or an error that
-    says what is valid (0 and negatives are never silently replaced by a default)."""
-    bound = f">= {minimum}" if inclusive else f"> {minimum}"
-    what = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is invalid: not a number; use {what} {bound}"
-            ) from None
-        if value != value or (value < minimum if inclusive else value <= minimum):
-            raise argparse.ArgumentTypeError(f"{text} is invalid; use {what} {bound}")
-        return value
-
-    return parse
-
-
-POSITIVE_INT = _number(int, 1)
-NON_NEGATIVE_INT = _number(int, 0)
-POSITIVE_FLOAT = _number(float, 0.0, inclusive=False)
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:

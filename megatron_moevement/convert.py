@@ -41,6 +41,7 @@ from typing import Any, Callable, Protocol
 
 from megatron.core import dist_checkpointing
 
+from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_FLOAT
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.backend import STATE_DICT_KEY, moevement_sharded_state_dict
 from megatron_moevement.durable.errors import DurableCheckpointError
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("output", help="directory for the dense torch_dist checkpoint")
     parser.add_argument(
         "--iteration",
-        type=int,
+        type=NON_NEGATIVE_INT,
         default=None,
         help="iteration to reconstruct (default: the last one saved)",
     )
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=DEFAULT_TIMEOUT_S,
         help="seconds before the conversion job is killed (default %(default)s)",
     )

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_moevement"
 
 # Lower layers never import higher ones. (docs/architecture.md draws the same table.)
 LAYERS = [
-    ("constants", "logging_utils", "config"),
+    ("constants", "logging_utils", "argtypes", "config"),
     ("runtime",),
     ("state", "schedule", "sim"),
     ("snapshot", "upstream"),

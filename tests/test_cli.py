@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from megatron_moevement import cli
+from megatron_moevement import argtypes, cli
 
 
 @pytest.mark.parametrize(
@@ -130,7 +130,7 @@ def test_every_numeric_option_is_in_the_table():
         for action in sub._actions
         if action.option_strings and action.type is not None
     }
-    checked = (cli.POSITIVE_INT, cli.NON_NEGATIVE_INT, cli.POSITIVE_FLOAT)
+    checked = (argtypes.POSITIVE_INT, argtypes.NON_NEGATIVE_INT, cli.POSITIVE_FLOAT)
     numeric = {option for option, kind in typed.items() if kind in checked}
     assert numeric == set(BAD_NUMBERS) | set(DEMO_BAD_NUMBERS)
     # No option takes a bare int/float (which would accept 0 and negatives); the --baseline-*

@@ -41,8 +41,8 @@ from pathlib import Path
 import torch
 
 from megatron_moevement.harness.faults import corrupt_state, validate_faults
-from megatron_moevement.recovery.protocol import StoreKeys
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.recovery.protocol import StoreKeys
 
 logger = get_logger(__name__)
 

@@ -45,6 +45,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_moevement.argtypes import POSITIVE_FLOAT
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.recovery.protocol import StoreKeys
 
@@ -338,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=7 * 24 * 3600.0,
         help="seconds before the coordinator ends the job (default: 7 days)",
     )

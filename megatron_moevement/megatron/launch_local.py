@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
 from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.launch.local import LocalJob
@@ -251,12 +252,14 @@ def _parser() -> argparse.ArgumentParser:
         description="Run a Megatron-LM pretrain script on local processes with MoEvement and "
         "spare processes.",
     )
-    parser.add_argument("--nprocs", type=int, required=True, help="training ranks")
-    parser.add_argument("--spares", type=int, default=0, help="spare processes (default: 0)")
+    parser.add_argument("--nprocs", type=POSITIVE_INT, required=True, help="training ranks")
+    parser.add_argument(
+        "--spares", type=NON_NEGATIVE_INT, default=0, help="spare processes (default: 0)"
+    )
     parser.add_argument("--log-dir", type=Path, default=None, help="per-process logs")
     parser.add_argument(
         "--timeout",
-        type=float,
+        type=POSITIVE_FLOAT,
         default=DEFAULT_TIMEOUT_S,
         help="seconds before every process is killed (default: 7 days)",
     )
@@ -270,7 +273,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--window-size", default=None, help="--moevement-window-size (moevement only; default auto)"
     )
-    parser.add_argument("--replication-factor", type=int, default=1)
+    parser.add_argument("--replication-factor", type=NON_NEGATIVE_INT, default=1)
     parser.add_argument("--host-memory-budget", default="none", help="e.g. 64GiB, or none")
     parser.add_argument(
         "--no-moevement",

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
 from megatron_moevement.logging_utils import configure_logging
 from megatron_moevement.profiler.run import profile_harness
 
@@ -18,11 +19,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--iterations",
-        type=int,
+        type=POSITIVE_INT,
         default=8,
         help="iterations per measurement (plain, instrumented, frozen)",
     )
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--warmup", type=NON_NEGATIVE_INT, default=3)
     parser.add_argument("--output", type=Path, default=Path("results/profile.json"))
     args = parser.parse_args(argv)
     configure_logging("WARNING")

@@ -24,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_INT
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.sim._validation import SimSpecError
 from megatron_moevement.sim.config import ETTR_MODELS, STRATEGY_NAMES, SimulationConfig
@@ -84,7 +85,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a SimulationConfig field (repeatable)",
     )
-    parser.add_argument("--seed", type=int, help="Monte-Carlo seed")
+    parser.add_argument("--seed", type=NON_NEGATIVE_INT, help="Monte-Carlo seed")
     parser.add_argument("--horizon", help="run length, e.g. 12h (default 12h)")
     parser.add_argument("--ettr-model", choices=ETTR_MODELS, help="analytic ETTR form")
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default="results/sim", help="output directory for JSON and PNG")
     run.add_argument("--monte-carlo", action="store_true", help="also run seeded Monte-Carlo")
-    run.add_argument("--trials", type=int, help="Monte-Carlo runs per point (default 200)")
+    run.add_argument("--trials", type=POSITIVE_INT, help="Monte-Carlo runs per point (default 200)")
     run.add_argument("--no-plot", action="store_true", help="skip the PNG")
     _add_common(run)
 
