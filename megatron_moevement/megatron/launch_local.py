@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -40,7 +41,7 @@ from megatron_moevement.constants import CKPT_STRATEGIES
 from megatron_moevement.launch.local import LocalJob
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
-from megatron_moevement.megatron.pretrain import run_script
+from megatron_moevement.megatron.pretrain import prepare
 from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
 __all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_rank"]
@@ -234,10 +235,13 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
         )
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     saved_argv, saved_path = list(sys.argv), list(sys.path)
+    sys.argv = [script, *script_args]
     try:
-        # Megatron-LM's runner: the script's tree on sys.path and, without CUDA, the CPU
-        # redirections of runtime/cpu_compat.py (nothing is patched on a GPU).
-        run_script(script, list(script_args))
+        # The script's tree first on sys.path and, for a Megatron-LM tree without CUDA, the CPU
+        # redirections of runtime/cpu_compat.py (nothing is patched on a GPU). Spawned children
+        # re-import this module, which re-applies them (megatron/pretrain.py).
+        prepare(Path(script).resolve().parent)
+        runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -22,11 +22,19 @@ TREE_ENV = "MOEVEMENT_MEGATRON_LM_DIR"
 """Environment variable holding the Megatron-LM tree of the running script."""
 
 
+def is_megatron_lm_tree(tree: str | os.PathLike) -> bool:
+    """True for a Megatron-LM checkout (it has ``megatron/training``)."""
+    return (Path(tree) / "megatron" / "training").is_dir()
+
+
 def prepare(tree: str | os.PathLike) -> None:
-    """Puts Megatron-LM's ``tree`` first on ``sys.path`` and applies the CPU redirections."""
+    """Puts the script's ``tree`` first on ``sys.path`` and, for a Megatron-LM tree, applies the
+    CPU redirections its training loop needs (a no-op with CUDA)."""
     tree = str(Path(tree).resolve())
     if tree not in sys.path:
         sys.path.insert(0, tree)
+    if not is_megatron_lm_tree(tree):
+        return  # another script: nothing of Megatron-LM's to redirect
     os.environ[TREE_ENV] = tree
     # Megatron builds its dataset helpers with `python3 -m pybind11` from PATH: make that the
     # interpreter running the script (the one with this package's dependencies).
