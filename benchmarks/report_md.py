@@ -82,22 +82,35 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
             mode,
             r["window_size"] if r["window_size"] is not None else "-",
             f"{r['median_iteration_s']:.3f}",
-            f"{r['ratio_to_none']:.3f}",
+            f"{r['ratio_to_none']:.3f}"
+            + (
+                f" ({r['ratio_spread'][0]:.3f}-{r['ratio_spread'][1]:.3f})"
+                if "ratio_spread" in r
+                else ""
+            ),
             f"{r['snapshot_bytes_per_iteration'] / 1e6:.2f}",
             _share(r),
         ]
         for mode, r in res.items()
     ]
+    load = data.get("load_average")
     text = (
         f"Layout {data['layout']}, model {data['model']}. Median iteration after warm-up; "
-        "bytes summed over ranks.\n\n"
+        "bytes summed over ranks."
+        + (
+            f" {data['rounds']} interleaved rounds; load average {load['before'][0]:.2f} before, "
+            f"{load['after'][0]:.2f} after, {data['cpu_count']} cores."
+            if load
+            else ""
+        )
+        + "\n\n"
     )
     text += _table(
         [
             "mode",
             "W",
             "median iteration (s)",
-            "x no checkpointing",
+            "x no checkpointing (spread over rounds)",
             "MB snapshotted / iteration",
             "expert share / iteration",
         ],

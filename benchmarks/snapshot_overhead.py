@@ -1,8 +1,9 @@
 """Snapshot overhead: no checkpointing vs dense in-memory snapshots vs MoEvement, side by side.
 
-Runs three jobs of the same model on the local CPU harness, one per mode, in one invocation, and
-reports the median iteration time of each (after warm-up), the ratios to no checkpointing, and the
-bytes snapshotted per iteration (summed over ranks). ``--baselines`` adds the Gemini-like (dense
+Runs the modes of the same model on the local CPU harness interleaved in ``--rounds`` rounds, and
+reports per mode the median over rounds of its median iteration time (after warm-up), the median
+and spread (min-max) of its per-round ratio to that round's no-checkpointing run, the load
+average it ran under, and the bytes snapshotted per iteration (summed over ranks). ``--baselines`` adds the Gemini-like (dense
 snapshot every ``--gemini-interval`` iterations) and MoC-like (non-expert state plus
 ``--moc-fraction`` of the experts every iteration) strategies. Results go to JSON.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -33,6 +35,9 @@ def main() -> None:
     )
     parser.add_argument("--layout", default="ep2")
     parser.add_argument("--iterations", type=int, default=36)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of every mode (median, spread)"
+    )
     parser.add_argument(
         "--warmup",
         type=int,
@@ -91,8 +96,12 @@ def main() -> None:
     baselines = dict(
         gemini=dict(interval=args.gemini_interval), moc=dict(expert_fraction=args.moc_fraction)
     )
+    load_before = os.getloadavg()
+    rounds: dict[str, list[dict]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory(prefix="moevement-bench-") as tmp:
-        for mode in modes:
+        # Modes interleaved in rounds (none, dense, moevement, ..., then again): machine drift
+        # and load hit every mode alike instead of going straight into one ratio.
+        for index, mode in [(i, m) for i in range(args.rounds) for m in modes]:
             moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
             if mode in baselines:
                 moe["baseline"] = baselines[mode]
@@ -106,39 +115,59 @@ def main() -> None:
                 iterations=args.iterations,
                 log_level="WARNING",
             )
-            out = Path(tmp) / mode
-            print(f"running {mode} ...", flush=True)
+            out = Path(tmp) / f"{mode}-{index}"
+            print(f"round {index + 1}/{args.rounds}: running {mode} ...", flush=True)
             run_worker_job(spec, out, timeout=1200)
             data = json.loads((out / "overhead.json").read_text())
             steady = data["iteration_times"][warmup:]
-            results[mode] = dict(
-                window_size=data["window_size"],
-                median_iteration_s=statistics.median(steady),
-                mean_iteration_s=statistics.fmean(steady),
-                snapshot_bytes_per_iteration=statistics.fmean(
-                    data["snapshot_bytes_per_iteration"][warmup:]
-                ),
-                expert_snapshot_bytes_per_iteration=statistics.fmean(
-                    data["expert_snapshot_bytes_per_iteration"][warmup:]
-                ),
-                expert_full_state_bytes=data["expert_full_state_bytes"],
-                compute_weight_bytes=data["compute_weight_bytes"],
-                iteration_times=data["iteration_times"],
+            rounds[mode].append(
+                dict(
+                    window_size=data["window_size"],
+                    median_iteration_s=statistics.median(steady),
+                    mean_iteration_s=statistics.fmean(steady),
+                    snapshot_bytes_per_iteration=statistics.fmean(
+                        data["snapshot_bytes_per_iteration"][warmup:]
+                    ),
+                    expert_snapshot_bytes_per_iteration=statistics.fmean(
+                        data["expert_snapshot_bytes_per_iteration"][warmup:]
+                    ),
+                    expert_full_state_bytes=data["expert_full_state_bytes"],
+                    compute_weight_bytes=data["compute_weight_bytes"],
+                    iteration_times=data["iteration_times"],
+                )
             )
-    base = results["none"]["median_iteration_s"]
+    for mode in modes:
+        per_round = rounds[mode]
+        medians = [r["median_iteration_s"] for r in per_round]
+        # The ratio of each round to that round's no-checkpointing run, then their median.
+        ratios = [
+            r["median_iteration_s"] / n["median_iteration_s"]
+            for r, n in zip(per_round, rounds["none"])
+        ]
+        results[mode] = dict(
+            per_round[0],
+            median_iteration_s=statistics.median(medians),
+            round_medians_s=medians,
+            ratio_to_none=statistics.median(ratios),
+            ratio_per_round=ratios,
+            ratio_spread=(min(ratios), max(ratios)),
+            iteration_times=[r["iteration_times"] for r in per_round],
+        )
     for mode in modes:
         r = results[mode]
-        r["ratio_to_none"] = r["median_iteration_s"] / base
         # Share of the experts' full state snapshotted per iteration: 1/W for MoEvement's sparse
         # windows (also with grouped-GEMM experts, whose per-expert slices keep the sparsity).
         full = r["expert_full_state_bytes"]
         r["expert_share_per_iteration"] = (
             r["expert_snapshot_bytes_per_iteration"] / full if full else None
         )
-    print(f"\nlayout {layout}, model {model}")
+    print(
+        f"\nlayout {layout}, model {model}; {args.rounds} interleaved round(s), load average "
+        f"{load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after ({os.cpu_count()} cores)"
+    )
     print(
         f"{'mode':<10} {'W':>4} {'median it (s)':>14} {'x no-ckpt':>10} {'MB/iteration':>13} "
-        f"{'expert share':>13} {'1/W':>6}"
+        f"{'expert share':>13} {'1/W':>6} {'spread (min-max x)':>19}"
     )
     for mode in modes:
         r = results[mode]
@@ -148,13 +177,24 @@ def main() -> None:
         print(
             f"{mode:<10} {w!s:>4} {r['median_iteration_s']:>14.4f} {r['ratio_to_none']:>10.3f} "
             f"{r['snapshot_bytes_per_iteration'] / 1e6:>13.2f} "
-            f"{'-' if share is None else f'{share:.3f}':>13} {inv_w:>6}"
+            f"{'-' if share is None else f'{share:.3f}':>13} {inv_w:>6} "
+            f"{r['ratio_spread'][0]:>9.3f}-{r['ratio_spread'][1]:.3f}"
         )
     compute = results["moevement"]["compute_weight_bytes"]
     print(
         f"compute weights (all ranks, as stored: FP8 ones as data + scales): {compute / 1e6:.2f} MB"
     )
-    write_results(args.output, dict(layout=str(layout), model=model, results=results))
+    write_results(
+        args.output,
+        dict(
+            layout=str(layout),
+            model=model,
+            rounds=args.rounds,
+            load_average=dict(before=load_before, after=os.getloadavg()),
+            cpu_count=os.cpu_count(),
+            results=results,
+        ),
+    )
 
 
 if __name__ == "__main__":
