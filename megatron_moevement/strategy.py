@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.periodic import attach_durable
@@ -279,6 +280,7 @@ class MoEvementStrategy:
         return int(t.item())
 
     # ------------------------------------------------------------------ per iteration
+    @record_function("moevement.after_optimizer_step")
     def after_optimizer_step(self, iteration: int) -> None:
         """Records this iteration and captures its slot; call once per iteration right after
         the step."""

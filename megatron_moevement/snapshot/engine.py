@@ -27,6 +27,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
+from torch.profiler import record_function
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.buffers import HostBufferPool, allocate_host_buffer
@@ -93,10 +94,11 @@ class _Copier:
     @staticmethod
     def _copy_host(slot: SlotSnapshot, pairs) -> None:
         try:
-            for rec, src in pairs:
-                slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
-                    src.reshape(-1).view(torch.uint8)
-                )
+            with record_function("moevement.snapshot.copy"):
+                for rec, src in pairs:
+                    slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
+                        src.reshape(-1).view(torch.uint8)
+                    )
             _Copier._seal(slot)
         except BaseException as exc:  # surfaced by SlotSnapshot.wait()
             slot.error = exc
@@ -123,6 +125,7 @@ class _Copier:
             slot.ready.set()
 
     @staticmethod
+    @record_function("moevement.snapshot.checksum")
     def _seal(slot: SlotSnapshot) -> None:
         for key, rec in list(slot.records.items()):
             digest = checksum(slot.buffer[rec.offset : rec.offset + rec.nbytes], slot.algorithm)
@@ -130,6 +133,7 @@ class _Copier:
                 rec.key, rec.dtype, rec.shape, rec.offset, rec.nbytes, digest
             )
 
+    @record_function("moevement.snapshot.wait_for_copies")
     def wait_for_copies(self) -> None:
         """Called before the optimizer step mutates the state being copied."""
         if self.use_cuda:
@@ -196,6 +200,7 @@ class SnapshotEngine:
             owner_rank=self.rank,
         )
 
+    @record_function("moevement.snapshot.capture")
     def capture(
         self,
         ckpt: SparseCheckpoint,

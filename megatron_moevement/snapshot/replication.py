@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from torch.profiler import record_function
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.buffers import HostBufferPool
@@ -162,6 +163,7 @@ class PeerReplicator:
             self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
 
+    @record_function("moevement.replication.exchange")
     def _exchange(self, ckpt: SparseCheckpoint, slot: SlotSnapshot) -> None:
         import torch.distributed as dist
 

@@ -195,7 +195,7 @@ def test_corruption_inside_a_job_is_survived_bitwise(fault_free_pp2xdp2xep2, tmp
     assert "corrupted" in logs
 
 
-@pytest.mark.multiproc
+@pytest.mark.slow
 def test_corrupted_replica_of_the_lost_rank_stops_with_a_clear_error(tmp_path):
     """Every survivor's replicas corrupted: rank 1's checkpoint has no intact copy left (r=1);
     the scalar log before the checkpoint is gone, so the initial state cannot serve either, and

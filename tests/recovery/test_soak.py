@@ -8,7 +8,7 @@ faults must really have fired (:func:`run_elastic_job` checks it).
 
 ``-m soak`` runs 100 cases and writes a table (case -> configuration, faults, scope, tier, time,
 bitwise) to ``results/soak.json`` (``MOEVEMENT_SOAK_RESULTS`` overrides the path). The default
-suite runs a handful of the same cases.
+suite runs one of the same cases.
 """
 
 import json
@@ -187,7 +187,7 @@ def test_soak_cases_are_drawn_across_configurations():
     assert any(p.startswith("backward") for p in phases)
 
 
-@pytest.mark.parametrize("seed", [3, 7])
+@pytest.mark.parametrize("seed", [7])  # a node failure (two victims at once), fp16
 def test_soak_sample(references, tmp_path, seed):
     run_case(seed, references, tmp_path, record=False)
 

@@ -54,3 +54,21 @@ def test_asynchronous_capture_copies_on_the_copy_thread():
     assert slot.ready.is_set() and all(rec.checksum for rec in slot.records.values())
     slot.verify()
     engine.shutdown()
+
+
+def test_snapshot_stages_are_named_in_a_profiler_trace():
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _engine(asynchronous=False)
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=0, window=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.capture(ckpt, 0, 0)
+        engine.wait_for_copies()
+    names = {e.name for e in prof.events()}
+    assert {
+        "moevement.snapshot.capture",
+        "moevement.snapshot.copy",
+        "moevement.snapshot.checksum",
+        "moevement.snapshot.wait_for_copies",
+    } <= names
+    engine.shutdown()
