@@ -19,7 +19,7 @@ def test_defaults_match_the_paper():
     assert cfg.reorder_fraction == 0.25
     assert cfg.replication_factor == 1
     assert cfg.upstream_logging is True
-    assert cfg.checksum == "crc32"
+    assert cfg.checksum == "crc32c"
     assert cfg.snapshot_async is True
     assert cfg.durable_dir is None and cfg.durable_interval is None
 

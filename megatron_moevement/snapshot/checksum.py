@@ -4,7 +4,7 @@ Snapshots must restore *bit-exactly*, so every tensor is stored as its raw bytes
 (``tensor.view(torch.uint8)``) with its dtype name and shape, and a checksum of those bytes.
 No arithmetic conversion ever touches the values: NaN payloads, infinities, negative zero and
 the special encodings of the float8 formats survive unchanged. :func:`checksum` hashes raw
-bytes (``crc32`` or ``sha256``); a mismatch is a :class:`SnapshotChecksumError` naming the
+bytes (``crc32c``, the default, ``crc32`` or ``sha256``); a mismatch is a :class:`SnapshotChecksumError` naming the
 tensor and shard, the expected and actual checksum, and the fallback (peer replica, then the
 next storage tier).
 """
@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 
 import torch
 
-from megatron_moevement.constants import CHECKSUM_ALGORITHMS
+from megatron_moevement.constants import CHECKSUM_ALGORITHMS, DEFAULT_CHECKSUM
 
 _FALLBACK_ADVICE = (
     "Do not load this copy: restore the shard from a peer replica, or from the next storage "
@@ -109,16 +109,25 @@ def _host_buffer(data: Any) -> Any:
 
 
 def checksum(
-    buf: Union[bytes, bytearray, memoryview, torch.Tensor], algorithm: str = "crc32"
+    buf: Union[bytes, bytearray, memoryview, torch.Tensor], algorithm: str = DEFAULT_CHECKSUM
 ) -> str:
     """Checksum of raw bytes as a lowercase hex string.
 
     Args:
         buf: Bytes, or a tensor (its raw bytes are hashed, whatever the dtype; device tensors
             are copied to the host first).
-        algorithm: ``"crc32"`` (8 hex digits) or ``"sha256"`` (64 hex digits).
+        algorithm: ``"crc32c"`` or ``"crc32"`` (8 hex digits), or ``"sha256"`` (64 hex digits).
     """
     data = _host_buffer(buf)
+    if algorithm == "crc32c":
+        try:
+            import google_crc32c
+        except ImportError:
+            raise SerializationError(
+                "checksum 'crc32c' needs the google-crc32c package. Fix: pip install "
+                "google-crc32c, or set MoEvementConfig.checksum='crc32'."
+            ) from None
+        return f"{google_crc32c.value(data) & 0xFFFFFFFF:08x}"
     if algorithm == "crc32":
         return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
     if algorithm == "sha256":

@@ -29,6 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.profiler import record_function
 
+from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.buffers import HostBufferPool, allocate_host_buffer
 from megatron_moevement.snapshot.checksum import checksum, dtype_name
@@ -173,7 +174,7 @@ class SnapshotEngine:
         registry,
         plan,
         rank: int,
-        algorithm: str = "crc32",
+        algorithm: str = DEFAULT_CHECKSUM,
         pool: HostBufferPool | None = None,
         asynchronous: bool = True,
     ) -> None:

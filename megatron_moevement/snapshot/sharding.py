@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
 
 logger = get_logger(__name__)
@@ -170,7 +171,7 @@ class ReplicaMismatchError(RuntimeError):
 
 
 def verify_replicas_identical(
-    registry, sharding: ShardingContext, algorithm: str = "crc32"
+    registry, sharding: ShardingContext, algorithm: str = DEFAULT_CHECKSUM
 ) -> None:
     """Raises :class:`ReplicaMismatchError` unless every replicated operator has the same compute
     weights on all of its data-parallel replicas (collective over the DP and expert-DP groups)."""

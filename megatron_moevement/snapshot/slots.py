@@ -15,6 +15,7 @@ from typing import Iterable
 
 import torch
 
+from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.snapshot.checksum import SnapshotChecksumError, checksum, dtype_from_name
 
 _ALIGN = 64
@@ -69,7 +70,7 @@ class SlotSnapshot:
     """Operators captured with compute weights only (by this rank)."""
     records: dict[str, TensorRecord] = field(default_factory=dict)
     buffer: torch.Tensor | None = field(default=None, repr=False)
-    algorithm: str = "crc32"
+    algorithm: str = DEFAULT_CHECKSUM
     owner_rank: int = -1
     """Global rank that captured the slot (differs from the holder for a peer replica)."""
     window_start: int = -1

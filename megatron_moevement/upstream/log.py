@@ -4,7 +4,7 @@
 the stage sent: activations downstream (:data:`ACTIVATION`) and input-gradients upstream
 (:data:`GRADIENT`). The logging communicator (:mod:`.communicator`) fills it. Copies are
 asynchronous on CUDA (pinned buffers, a dedicated stream and an event per entry, like the
-snapshot engine) and synchronous on CPU (a clone). Each entry carries a CRC32 of its bytes,
+snapshot engine) and synchronous on CPU (a clone). Each entry carries a checksum (CRC32C) of its bytes,
 computed as soon as they are on the host (at once on CPU; on CUDA once its copy event has
 completed); :meth:`UpstreamLog.get` and :meth:`UpstreamLog.verify` check it, so a corrupted
 entry is named instead of replayed. The log is bounded: entries older than the
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.checksum import checksum
 
@@ -40,7 +41,7 @@ class UpstreamLogError(RuntimeError):
 
 
 def _crc(tensor: torch.Tensor) -> str:
-    return checksum(tensor.reshape(-1).view(torch.uint8))
+    return checksum(tensor.reshape(-1).view(torch.uint8), DEFAULT_CHECKSUM)
 
 
 @dataclass
@@ -69,7 +70,7 @@ class LogEntry:
             direction, iteration, microbatch = key
             raise UpstreamLogError(
                 f"upstream log entry {direction} iteration {iteration} microbatch {microbatch} "
-                f"is corrupted (crc32 expected {self.crc}, got {got}); it cannot feed a scoped "
+                f"is corrupted (checksum expected {self.crc}, got {got}); it cannot feed a scoped "
                 "replay — fall back to global rollback"
             )
         return tensor

@@ -78,7 +78,7 @@ def test_float8_dtypes_present():
 
 
 @pytest.mark.parametrize("dtype", FLOAT8_DTYPES, ids=str)
-@pytest.mark.parametrize("algorithm", ["crc32", "sha256"])
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32", "sha256"])
 def test_every_float8_bit_pattern_round_trips(dtype, algorithm):
     param = torch.nn.Parameter(all_byte_patterns(dtype), requires_grad=False)
     ptr = param.data_ptr()
@@ -106,6 +106,8 @@ def test_fp32_special_values_round_trip():
 
 def test_checksum_known_values():
     assert checksum(b"hello", "crc32") == "3610a686"
+    assert checksum(b"hello", "crc32c") == "9a71bb4c"  # CRC32C (Castagnoli) of b"hello"
+    assert checksum(b"hello") == checksum(b"hello", "crc32c")  # the default
     assert checksum(b"hello", "sha256") == (
         "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
     )
