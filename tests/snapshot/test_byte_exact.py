@@ -111,6 +111,6 @@ def test_checksum_known_values():
     assert checksum(b"hello", "sha256") == (
         "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"
     )
-    assert checksum(torch.tensor(list(b"hello"), dtype=torch.uint8)) == "3610a686"
+    assert checksum(torch.tensor(list(b"hello"), dtype=torch.uint8), "crc32") == "3610a686"
     with pytest.raises(SerializationError, match="crc32"):
         checksum(b"x", "md5")
