@@ -281,7 +281,7 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
     print(
         f"  bitwise equal: all {compared} tensors (params, FP32 main params, optimizer "
-        f"moments, steps) on {world} ranks. Outputs in {out}"
+        f"moments, steps, buffers, RNG states) on {world} ranks. Outputs in {out}"
     )
     return 0
 
