@@ -188,7 +188,7 @@ def test_soak_cases_are_drawn_across_configurations():
 
 
 # A node failure (two victims at once) with fp16, a second death during the fetch on DP2 x EP2,
-# and a kill in the backward pass with dropout.
+# and a kill at the start of the last iteration with dropout.
 @pytest.mark.parametrize("seed", [7, 14, 5])
 def test_soak_sample(references, tmp_path, seed):
     run_case(seed, references, tmp_path, record=False)
