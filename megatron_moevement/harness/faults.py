@@ -116,6 +116,20 @@ def flip_bytes(buffer, seed: int, count: int = 3) -> list[int]:
     return offsets
 
 
+def flip_record_bytes(buffer, records: Mapping[str, Any], seed: int) -> str:
+    """Flips bytes of one record's tensor data in ``buffer`` (a slot's, or a file's bytes with
+    the slot layout), never the alignment padding between records, which no checksum covers.
+
+    Returns:
+        The record and offsets damaged, for the log.
+    """
+    import random
+
+    rec = random.Random(seed).choice(sorted(records.values(), key=lambda r: r.key))
+    offsets = flip_bytes(buffer[rec.offset : rec.offset + rec.nbytes], seed)
+    return f"{rec.key} at bytes {offsets}"
+
+
 def corrupt_state(strategy, what: str, seed: int) -> str:
     """Damages one kind of ``strategy``'s in-memory recovery state (:data:`CORRUPTIBLE`).
 
@@ -131,9 +145,8 @@ def corrupt_state(strategy, what: str, seed: int) -> str:
             raise FaultSpecError("corrupt=local_slot: no persisted checkpoint yet")
         slot = ckpt.slots[-1]
         slot.wait()
-        used = max(r.offset + r.nbytes for r in slot.records.values())
-        offsets = flip_bytes(slot.buffer[:used], seed)
-        return f"own window {ckpt.window} slot {slot.slot} at bytes {offsets}"
+        damaged = flip_record_bytes(slot.buffer, slot.records, seed)
+        return f"own window {ckpt.window} slot {slot.slot}: {damaged}"
     if what == "replica":
         strategy.replicator.drain()  # replicas in flight land first: all of them are damaged
         damaged = []
@@ -141,9 +154,8 @@ def corrupt_state(strategy, what: str, seed: int) -> str:
             for window, slots in sorted(store.windows.items()):
                 if all(slots):
                     slot = slots[0]
-                    used = max(r.offset + r.nbytes for r in slot.records.values())
-                    offsets = flip_bytes(slot.buffer[:used], seed)
-                    damaged.append(f"replica of rank {source} window {window} at bytes {offsets}")
+                    where = flip_record_bytes(slot.buffer, slot.records, seed)
+                    damaged.append(f"replica of rank {source} window {window}: {where}")
         if not damaged:
             raise FaultSpecError("corrupt=replica: this rank holds no complete replica yet")
         return "; ".join(damaged)

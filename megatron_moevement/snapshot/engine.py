@@ -230,27 +230,24 @@ class SnapshotEngine:
         current_and_later = [n for s in slices[slot_index:] for n in s]
         compute_ops = [n for n in current_and_later if self.plan.captures_compute(n)]
 
-        live: list[tuple[str, torch.Tensor]] = []
-        parts: dict[str, int] = dict.fromkeys(
-            ("expert_full", "non_expert_full", "compute", "rank"), 0
-        )
-
-        def add(part: str, tensors: list[tuple[str, torch.Tensor]]) -> None:
-            live.extend(tensors)
-            parts[part] += sum(t.numel() * t.element_size() for _, t in tensors)
-
+        # (part, key, tensor): the part says what the bytes hold, for the per-part byte counts.
+        live: list[tuple[str, str, torch.Tensor]] = []
         for name in full_ops:
             op = self.registry[name]
             part = "expert_full" if op.kind == "expert" else "non_expert_full"
-            add(part, operator_tensors(op, ("main", "optim")))
+            live.extend((part, k, t) for k, t in operator_tensors(op, ("main", "optim")))
         for name in compute_ops:
-            add("compute", operator_tensors(self.registry[name], ("compute",)))
-        add("rank", sorted((rank_state or {}).items()))
+            live.extend(
+                ("compute", k, t) for k, t in operator_tensors(self.registry[name], ("compute",))
+            )
+        live.extend(("rank", k, t) for k, t in sorted((rank_state or {}).items()))
 
+        parts = dict.fromkeys(("expert_full", "non_expert_full", "compute", "rank"), 0)
         records: list[TensorRecord] = []
         offset = 0
-        for key, tensor in live:
+        for part, key, tensor in live:
             nbytes = tensor.numel() * tensor.element_size()
+            parts[part] += nbytes
             records.append(
                 TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes)
             )
@@ -272,7 +269,7 @@ class SnapshotEngine:
         ckpt.slots[slot_index] = slot
         self.bytes_captured_last = sum(r.nbytes for r in records)
         self.bytes_captured_last_by_part = parts
-        self._copier.submit(slot, [(r, t) for r, (_, t) in zip(records, live)])
+        self._copier.submit(slot, [(r, t) for r, (_, _, t) in zip(records, live)])
         return slot
 
     def wait_for_copies(self) -> None:

@@ -40,32 +40,32 @@ class UpstreamLogError(RuntimeError):
     """An upstream log entry is missing or corrupted, or the log would exceed its memory bound."""
 
 
-def _crc(tensor: torch.Tensor) -> str:
-    return checksum(tensor.reshape(-1).view(torch.uint8), DEFAULT_CHECKSUM)
-
-
 @dataclass
 class LogEntry:
     tensor: torch.Tensor
     event: object | None = None
     crc: str | None = None
-    """CRC32 of the host bytes (``None`` until the copy has completed)."""
+    """Checksum of the host bytes (``None`` until the copy has completed)."""
 
     def wait(self) -> torch.Tensor:
         if self.event is not None:
             self.event.synchronize()
             self.event = None
         if self.crc is None:
-            self.crc = _crc(self.tensor)
+            self.crc = checksum(self.tensor, DEFAULT_CHECKSUM)
         return self.tensor
 
-    def seal_if_ready(self) -> None:
+    def seal_if_ready(self) -> bool:
+        """Seals the entry if its copy has completed; returns whether it is sealed."""
         if self.crc is None and (self.event is None or self.event.query()):
             self.wait()
+        return self.crc is not None
 
     def check(self, key: tuple[str, int, int]) -> torch.Tensor:
-        tensor = self.wait()
-        got = _crc(tensor)
+        if self.crc is None:
+            return self.wait()  # sealed just now, from the bytes it is about to return
+        tensor = self.tensor
+        got = checksum(tensor, DEFAULT_CHECKSUM)
         if got != self.crc:
             direction, iteration, microbatch = key
             raise UpstreamLogError(
@@ -86,6 +86,8 @@ class UpstreamLog:
     def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes = max_bytes
         self._entries: dict[tuple[str, int, int], LogEntry] = {}
+        self._unsealed: list[LogEntry] = []
+        """Device copies still without a checksum (CUDA only; host copies are sealed at once)."""
         self._lock = threading.Lock()
         self.nbytes = 0
         self._stream = torch.cuda.Stream() if torch.cuda.is_available() else None
@@ -112,8 +114,9 @@ class UpstreamLog:
             entry = LogEntry(tensor.detach().clone())
             entry.wait()  # the checksum of the host copy, now
         with self._lock:
-            for pending in self._entries.values():
-                pending.seal_if_ready()
+            self._unsealed = [e for e in self._unsealed if not e.seal_if_ready()]
+            if entry.crc is None:
+                self._unsealed.append(entry)
             old = self._entries.pop((direction, iteration, microbatch), None)
             if old is not None:
                 self.nbytes -= old.tensor.numel() * old.tensor.element_size()

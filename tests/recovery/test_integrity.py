@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from megatron_moevement.config import MoEvementConfig
-from megatron_moevement.harness.faults import flip_bytes
+from megatron_moevement.harness.faults import flip_bytes, flip_record_bytes
 from megatron_moevement.harness.launcher import run_elastic_job
 from megatron_moevement.harness.worker import WorkerSpec
 from megatron_moevement.recovery.errors import RecoveryError
@@ -67,20 +67,12 @@ def _checkpoint(window=0):
     return ckpt
 
 
-def _flip_data(buffer, records, seed):
-    """Flips random bytes that hold tensor data (not the alignment padding between records)."""
-    import random
-
-    rec = random.Random(seed).choice(sorted(records.values(), key=lambda r: r.key))
-    return flip_bytes(buffer[rec.offset : rec.offset + rec.nbytes], seed)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_corrupted_local_slot_is_not_offered(seed, caplog):
     good, bad = _checkpoint(0), _checkpoint(1)
     assert intact_windows([good, bad], rank=3) == [0, 1]
     slot = bad.slots[seed % 2]
-    _flip_data(slot.buffer, slot.records, seed)
+    flip_record_bytes(slot.buffer, slot.records, seed)
     with caplog.at_level(logging.ERROR):
         assert intact_windows([good, bad], rank=3) == [0]
     assert "local sparse checkpoint of rank 3 (window 1)" in caplog.text
@@ -92,7 +84,7 @@ def test_corrupted_replica_is_reported(seed, caplog):
     store = SimpleNamespace(windows={2: list(ckpt.slots), 3: [ckpt.slots[0], None]})
     replicator = SimpleNamespace(replicas={5: store})
     assert corrupted_replicas(replicator, rank=4) == []
-    _flip_data(ckpt.slots[1].buffer, ckpt.slots[1].records, seed)
+    flip_record_bytes(ckpt.slots[1].buffer, ckpt.slots[1].records, seed)
     with caplog.at_level(logging.ERROR):
         assert corrupted_replicas(replicator, rank=4) == [(5, 2)]  # (window 3 is in flight)
     assert "peer replica of rank 5 (window 2) held by rank 4" in caplog.text
@@ -129,7 +121,7 @@ def test_corrupted_durable_file_is_named(seed, tmp_path):
     payloads = _write_checkpoint(tmp_path)
     path = files.rank_dir(tmp_path, 1) / f"slot00{seed % 2}.bin"
     raw = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
-    _flip_data(raw, payloads[1].checkpoint.slots[seed % 2].records, seed)
+    flip_record_bytes(raw, payloads[1].checkpoint.slots[seed % 2].records, seed)
     path.write_bytes(bytes(raw.numpy()))
     read_rank(tmp_path, 0, 2)
     with pytest.raises(DurableCheckpointError, match=f"slot00{seed % 2}.bin.*rank 1"):
