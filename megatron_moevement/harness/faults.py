@@ -169,9 +169,22 @@ def corrupt_state(strategy, what: str, seed: int) -> str:
     return f"upstream log entry {key} at bytes {offsets}"
 
 
+FIRED_LOG = "faults.jsonl"
+"""Where victims record a fault just before it happens (in the job's output folder)."""
+
+
+def record_fired(output_dir: str | Path | None, fault: Mapping[str, Any], **extra: Any) -> None:
+    """Appends ``fault`` (with the time and ``extra``) to the job's record of fired faults."""
+    if output_dir:
+        import time
+
+        with open(Path(output_dir) / FIRED_LOG, "a") as log:
+            log.write(json.dumps(dict(fault, time=time.time(), **extra)) + "\n")
+
+
 def fired_faults(output_dir: Path) -> list[dict]:
     """The faults the victims recorded just before signalling themselves."""
-    path = Path(output_dir) / "faults.jsonl"
+    path = Path(output_dir) / FIRED_LOG
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_moevement.harness.faults import corrupt_state, validate_faults
+from megatron_moevement.harness.faults import corrupt_state, record_fired, validate_faults
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.recovery.protocol import StoreKeys
 
@@ -76,8 +76,10 @@ def run_resilient(spec) -> None:
     faults = validate_faults(faults, layout.world_size, spec.iterations, model_cfg.num_microbatches)
     ctx = ElasticContext.from_env(timeout_s=spec.timeout_s)
 
+    corrupted: set[int] = set()  # corrupt faults fire once (the rank lives on)
+
     def fault_hook(iteration: int, phase: str, driver) -> None:
-        for f in faults:
+        for index, f in enumerate(faults):
             if (
                 f["rank"] == driver.ctx.rank
                 and f["iteration"] in (iteration, "*")
@@ -85,13 +87,14 @@ def run_resilient(spec) -> None:
                 and f.get("generation", 0) == driver.ctx.generation
             ):
                 if "corrupt" in f:
+                    if index in corrupted:
+                        continue
+                    corrupted.add(index)
                     damaged = corrupt_state(driver.strategy, f["corrupt"], seed=iteration)
                     logger.warning(
                         "fault injection: rank %d corrupted %s", driver.ctx.rank, damaged
                     )
-                    if spec.output_dir:
-                        with open(Path(spec.output_dir) / "faults.jsonl", "a") as log:
-                            log.write(json.dumps(dict(f, time=time.time(), damaged=damaged)) + "\n")
+                    record_fired(spec.output_dir, f, damaged=damaged)
                     continue
                 sig = getattr(signal, f.get("signal", "SIGKILL"))
                 for other in f.get("with", []):
@@ -106,9 +109,7 @@ def run_resilient(spec) -> None:
                     iteration,
                     phase,
                 )
-                if spec.output_dir:
-                    with open(Path(spec.output_dir) / "faults.jsonl", "a") as log:
-                        log.write(json.dumps(dict(f, time=time.time())) + "\n")
+                record_fired(spec.output_dir, f)
                 os.kill(os.getpid(), sig)
 
     def build():

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List
 
+from megatron_moevement.harness.faults import fired_faults
+
 __all__ = ["RealRun", "load_real_run"]
 
 
@@ -87,10 +89,8 @@ def load_real_run(output_dir: Path, world_size: int, iterations: int, warmup: in
     ]
     start = _commit_time(files, warmup - 1)
     end = _commit_time(files, iterations - 1)
-    faults_path = output_dir / "faults.jsonl"
-    faults = []
-    if faults_path.exists():
-        faults = [json.loads(line) for line in faults_path.read_text().splitlines() if line]
+    # Failures only: a corruption fault is recorded too, but its rank lives on.
+    faults = [f for f in fired_faults(output_dir) if "corrupt" not in f]
     commits = sorted({t for d in files for _, t in d["timeline"]["commits"]})
     lost_partial = []
     for f in faults:
