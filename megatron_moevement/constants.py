@@ -38,3 +38,11 @@ FULL_STATE_BYTES_PER_PARAM = 12
 """Bytes per parameter of an operator's full state as the schedule sizes it: FP32 main
 parameter (4) and two FP32 Adam moments (8). A rank-independent size, so that every replica of
 a stage cuts the same slices whatever its optimizer shard holds."""
+
+
+ELASTIC_ENV = "MOEVEMENT_ELASTIC"
+"""Set to ``1`` by the agents (local ``ElasticAgent``, SLURM task agents) whose job store and
+coordinator let a worker take over a failed rank and recover in memory."""
+REPORT_DIR_ENV = "MOEVEMENT_REPORT_DIR"
+"""Folder where each rank of a Megatron-LM job appends its recovery reports
+(``recovery_rank<R>.jsonl``)."""

@@ -59,6 +59,7 @@ class LocalJob:
     env: dict[str, str] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list, init=False)
     port: int = field(default=0, init=False)
+    _base_env: dict = field(default_factory=dict, init=False, repr=False)
 
     def start(self) -> "LocalJob":
         if self.procs:
@@ -76,28 +77,42 @@ class LocalJob:
         base.update(self.env)
         if self.log_dir is not None:
             Path(self.log_dir).mkdir(parents=True, exist_ok=True)
+        self._base_env = base
         for i in range(self.nprocs):
-            env = dict(base, LOCAL_PROC_ID=str(i))
-            if i < self.nprocs - self.spares:
-                env["RANK"] = str(i)
-            else:
-                env.pop("RANK", None)
-                env["MOEVEMENT_SPARE"] = "1"
-            out = None
-            if self.log_dir is not None:
-                out = open(Path(self.log_dir) / f"proc{i}.log", "wb")
-            proc = subprocess.Popen(
-                [sys.executable, "-m", self.module, *self.args],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out is not None else None,
-                start_new_session=True,
-            )
-            if out is not None:
-                out.close()
-            self.procs.append(proc)
+            self._spawn(i, spare=i >= self.nprocs - self.spares)
         logger.debug("started %d processes: pids %s", self.nprocs, self.pids)
         return self
+
+    def _spawn(self, i: int, spare: bool) -> subprocess.Popen:
+        env = dict(self._base_env, LOCAL_PROC_ID=str(i))
+        if not spare:
+            env["RANK"] = str(i)
+        else:
+            env.pop("RANK", None)
+            env["MOEVEMENT_SPARE"] = "1"
+        out = None
+        if self.log_dir is not None:
+            out = open(Path(self.log_dir) / f"proc{i}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None,
+            start_new_session=True,
+        )
+        if out is not None:
+            out.close()
+        self.procs.append(proc)
+        return proc
+
+    def start_spare(self) -> int:
+        """Starts one more spare process (refilling the spare pool); returns its index."""
+        if not self.procs:
+            raise RuntimeError("LocalJob not started")
+        index = len(self.procs)
+        proc = self._spawn(index, spare=True)
+        logger.info("started spare process %d (pid %d)", index, proc.pid)
+        return index
 
     @property
     def pids(self) -> list[int]:
@@ -184,6 +199,9 @@ class _LocalProcessTable:
     def kill(self, proc: int) -> None:
         self.job.kill(proc, signal.SIGKILL)  # by pid; also ends a stopped process
 
+    def start_spare(self) -> int:
+        return self.job.start_spare()
+
     def log_hint(self, procs: list[int] | None = None) -> str:
         return self.job._log_hint(procs)
 
@@ -197,13 +215,17 @@ class ElasticAgent:
     Store keys: see :class:`~megatron_moevement.recovery.driver.JobCoordinator`.
     """
 
-    def __init__(self, job: LocalJob, batch_window_s: float = 0.5) -> None:
+    def __init__(
+        self, job: LocalJob, batch_window_s: float = 0.5, refill_spares: bool = False
+    ) -> None:
         import datetime
 
         import torch.distributed as dist
 
         self.job = job
         self.batch_window_s = batch_window_s
+        self.refill_spares = refill_spares
+        """Start a new spare process whenever one takes over a failed rank."""
         job.port = free_port()
         self.store = dist.TCPStore(
             "127.0.0.1",
@@ -227,7 +249,11 @@ class ElasticAgent:
             raise RuntimeError("internal: LocalJob must reuse the agent's port")
         world = job.nprocs - job.spares
         self.coordinator = JobCoordinator(
-            self.store, world, range(world, job.nprocs), self.batch_window_s
+            self.store,
+            world,
+            range(world, job.nprocs),
+            self.batch_window_s,
+            refill_spares=self.refill_spares,
         )
         return self
 

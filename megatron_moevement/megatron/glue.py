@@ -46,6 +46,7 @@ failure a Megatron-LM job restarts and :func:`recover_or_load` restores from the
 from __future__ import annotations
 
 import argparse
+import functools
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
@@ -53,6 +54,7 @@ from typing import Any, Callable, Optional, Tuple
 from megatron_moevement.baselines.config import BaselineConfig
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.megatron import inloop
 from megatron_moevement.megatron.args import (
     add_moevement_args,
     baseline_config_from_args,
@@ -442,19 +444,26 @@ def wrap_forward_backward_func(
         their config turns upstream logging off, so they have no ``p2p_communicator``), else the
         wrapper.
     """
-    if strategy is None or getattr(strategy, "p2p_communicator", None) is None:
+    session = inloop.current_session()
+    faults = session is not None and bool(session.faults)
+    if strategy is None or (getattr(strategy, "p2p_communicator", None) is None and not faults):
         return forward_backward_func
 
     def forward_backward_with_upstream_logging(*fb_args: Any, **fb_kwargs: Any) -> Any:
         if fb_kwargs.get("forward_only"):
             return forward_backward_func(*fb_args, **fb_kwargs)  # nothing recovery replays
+        if faults:
+            _with_fault_points(session, fb_kwargs, getattr(args, "curr_iteration", -1))
+        if getattr(strategy, "p2p_communicator", None) is None:
+            return forward_backward_func(*fb_args, **fb_kwargs)
         for name in ("p2p_communicator", "pg_collection"):
             if fb_kwargs.get(name) is not None:
                 raise MoEvementIntegrationError(
                     f"forward_backward_func got its own {name}; MoEvement's upstream logging "
                     "needs to supply it. Fix: drop it, or pass --no-moevement-upstream-logging."
                 )
-        communicator = strategy.p2p_communicator
+        # The strategy's logging communicator, or a replay's (fed by the neighbours' logs).
+        communicator = inloop.p2p_communicator_for(strategy)
         iteration = getattr(args, "curr_iteration", None)
         if not isinstance(iteration, numbers.Integral) or isinstance(iteration, bool):
             raise MoEvementIntegrationError(
@@ -471,12 +480,31 @@ def wrap_forward_backward_func(
     return forward_backward_with_upstream_logging
 
 
-def after_optimizer_step(strategy: Any, iteration: int) -> None:
+def _with_fault_points(session: Any, fb_kwargs: dict, iteration: Any) -> None:
+    """Fault injection (``MOEVEMENT_FAULT_INJECTION``): ``before`` the iteration and
+    ``microbatch<k>`` before microbatch k's forward step."""
+    forward_step_func = fb_kwargs["forward_step_func"]
+    counter = iter(range(1 << 30))
+    session.fault_point(iteration, "before")
+
+    def forward_step_with_fault_points(*a: Any, **kw: Any) -> Any:
+        session.fault_point(iteration, f"microbatch{next(counter)}")
+        return forward_step_func(*a, **kw)
+
+    fb_kwargs["forward_step_func"] = forward_step_with_fault_points
+
+
+def after_optimizer_step(
+    strategy: Any, iteration: int, num_floating_point_operations_so_far: Optional[float] = None
+) -> None:
     """Captures this iteration's sparse-checkpoint slot (no-op without a strategy).
 
     Call it once per training iteration, after ``train_step`` returned (its optimizer step has
     run), with Megatron's 0-based ``iteration`` counter *before* it is incremented, i.e. the
-    number of iterations completed before this one.
+    number of iterations completed before this one. In an elastic session
+    (:mod:`megatron_moevement.megatron.inloop`) it also records Megatron's counters after this
+    iteration (``num_floating_point_operations_so_far``: ``train()``'s count before it), which an
+    in-memory recovery restores.
 
     Raises:
         ValueError: ``iteration`` is not an integer >= 0.
@@ -488,7 +516,15 @@ def after_optimizer_step(strategy: Any, iteration: int) -> None:
             f"after_optimizer_step got iteration={iteration!r}. Fix: pass Megatron's integer "
             "iteration counter (>= 0) before it is incremented."
         )
+    session = inloop.current_session()
+    if session is not None:
+        from megatron.training import get_args
+
+        session.after_step(int(iteration), get_args(), num_floating_point_operations_so_far or 0)
+        session.fault_point(int(iteration), "after_step")
     strategy.after_optimizer_step(int(iteration))
+    if session is not None:
+        session.fault_point(int(iteration), "after_snapshot")
 
 
 def _load_target(load_args: Tuple[Any, ...], load_kwargs: dict) -> Tuple[Any, Any]:
@@ -534,6 +570,21 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
         _check_default_args(args)
         return load_fn(*load_args, **load_kwargs)
     tiers = []
+    session = inloop.current_session()
+    if session is not None and session.pending is not None:
+        # In-memory recovery (phase A, in pretrain() once the strategy exists) comes first;
+        # Megatron's checkpoint stays the fallback, loaded only if no in-memory tier can serve.
+        session.load_fallback = lambda: load_fn(*load_args, **load_kwargs)
+        _state.last_restore = RestoreReport(
+            "in-memory",
+            None,
+            "in-memory recovery from peer replicas (generation "
+            f"{session.ctx.generation}); Megatron's --load is the fallback",
+            (("in-memory", "pending"), ("durable", "deferred: --load is the fallback")),
+        )
+        model, optimizer = _load_target(load_args, load_kwargs)
+        maybe_build_strategy(args, model, optimizer)
+        return 0, 0
     previous = _state.active
     if previous is not None:
         persisted = getattr(previous, "persisted_checkpoint", None)
@@ -588,6 +639,72 @@ def recover_or_load(args: Any, load_fn: Callable[..., Any], *load_args: Any, **l
     _state.last_restore = RestoreReport("megatron_checkpoint", iteration, detail, tuple(tiers))
     logger.info("MoEvement: %s", detail)
     return result
+
+
+def wrap_pretrain(pretrain: Callable[..., Any]) -> Callable[..., Any]:
+    """Megatron-LM's ``pretrain`` under MoEvement's restart engine: in an elastic session (the
+    local launcher's or the SLURM agents' ranks) a failed collective makes ``pretrain()`` run
+    again in the next process-group generation and recover in memory
+    (:mod:`megatron_moevement.megatron.inloop`); otherwise ``pretrain`` itself runs."""
+
+    @functools.wraps(pretrain)
+    def pretrain_with_in_memory_recovery(*args: Any, **kwargs: Any) -> Any:
+        return inloop.run_pretrain(pretrain, *args, **kwargs)
+
+    return pretrain_with_in_memory_recovery
+
+
+def recover_after_restart(args: Any, strategy: Any, opt_param_scheduler: Any) -> None:
+    """Phase A of an in-memory recovery, once ``pretrain()`` rebuilt the model, optimizer and
+    strategy (no-op outside an elastic session or without a strategy): plans, fetches, restores
+    the ranks outside the scope and sets Megatron's counters to where each rank resumes. At the
+    job's start it records that start (counters, initial weights)."""
+    session = inloop.current_session()
+    if session is None or strategy is None:
+        return
+    if not hasattr(strategy, "rollback_and_replay"):
+        raise MoEvementIntegrationError(
+            f"--ckpt-strategy {requested_strategy(args)} cannot recover in memory inside "
+            "Megatron-LM's loop (only moevement can). Fix: use --ckpt-strategy moevement, or "
+            "launch without spares/elastic agent."
+        )
+    session.begin(args, strategy, opt_param_scheduler)
+
+
+def replay_after_restart(
+    iteration: int,
+    forward_step_func: Callable[..., Any],
+    train_data_iterator: Any,
+    model: Any,
+    optimizer: Any,
+    opt_param_scheduler: Any,
+    forward_backward_func: Callable[..., Any],
+) -> int:
+    """Phase B of an in-memory recovery, from ``train()`` before its loop: the ranks in scope
+    replay to the committed iteration, every rank meets the others; returns the iteration count
+    ``train()`` continues from (``iteration`` itself when nothing is pending)."""
+    session = inloop.current_session()
+    if session is None or session.replay is None:
+        return iteration
+    from megatron.training import get_args
+
+    args = get_args()
+    step = inloop.megatron_iteration(
+        args,
+        forward_step_func,
+        train_data_iterator,
+        model if isinstance(model, list) else [model],
+        optimizer,
+        opt_param_scheduler,
+        forward_backward_func,
+    )
+    return session.finish_replay(iteration, args, step)
+
+
+def forget_strategy() -> None:
+    """Drops the module's reference to the active strategy (the restart engine keeps its own)."""
+    _state.active = None
+    _state.built_for = None
 
 
 def shutdown(strategy: Any) -> None:

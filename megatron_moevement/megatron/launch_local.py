@@ -15,11 +15,16 @@ so ``--window-size`` is MoEvement's only.
 
 (``scripts/launch_local.sh`` wraps this.) Each rank gets ``RANK``, ``LOCAL_RANK``,
 ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. Spare processes get
-``MOEVEMENT_SPARE=1`` and no rank. Megatron-LM's training loop cannot take over a rank of a
-running job (it hosts no :class:`~megatron_moevement.recovery.driver.RecoveryDriver`), so a spare process
-logs that and exits with status 0. Training loops built on ``RecoveryDriver`` get spares that do
-join: :func:`~megatron_moevement.harness.launcher.run_elastic_job` locally, the SLURM templates
-with ``program=module:...`` on a cluster.
+``MOEVEMENT_SPARE=1`` and no rank.
+
+With ``--ckpt-strategy moevement`` the job runs under an
+:class:`~megatron_moevement.launch.local.ElasticAgent`: the launcher hosts the job's store and
+coordinator, every rank joins it through :func:`megatron_moevement.megatron.inloop.start_session`,
+and when a rank dies the survivors keep running: a spare takes its rank and the job recovers in
+memory inside Megatron-LM's loop (:mod:`megatron_moevement.megatron.inloop`). A used spare is
+replaced by a new spare process (``--no-refill-spares`` turns that off). Each rank's recovery
+reports go to ``<log-dir>/recovery_rank<R>.jsonl``. The baselines and ``--no-moevement`` run
+as a plain job, whose first failure ends it.
 
 Each rank runs the script through :mod:`megatron_moevement.megatron.pretrain`, so on a machine
 without CUDA Megatron-LM's training loop runs on CPU with gloo (``--distributed-backend gloo``,
@@ -37,8 +42,8 @@ from typing import List, Optional, Sequence
 
 from megatron_moevement.argtypes import NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT
 from megatron_moevement.config import MoEvementConfig, MoEvementConfigError
-from megatron_moevement.constants import CKPT_STRATEGIES
-from megatron_moevement.launch.local import LocalJob
+from megatron_moevement.constants import CKPT_STRATEGIES, ELASTIC_ENV, REPORT_DIR_ENV
+from megatron_moevement.launch.local import ElasticAgent, LocalJob, exit_after_success
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
 from megatron_moevement.megatron.pretrain import prepare
@@ -215,19 +220,31 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
 
     Sets ``LOCAL_RANK`` from ``RANK`` (one node) when the launcher did not, puts the script's
     folder first on ``sys.path`` (Megatron-LM's scripts import their neighbours) and restores
-    ``sys.argv``/``sys.path`` afterwards. A spare process (``MOEVEMENT_SPARE=1``) does not run the
-    script (Megatron-LM's loop cannot take over a rank mid-job): it logs that and returns 0.
+    ``sys.argv``/``sys.path`` afterwards. Under an elastic agent (``MOEVEMENT_ELASTIC=1``) the
+    rank first joins the job's elastic session (a spare waits there until it takes a failed
+    rank, or leaves with status 0 when the job ends without it). Without one, a spare process
+    has nothing to take over: it logs that and returns 0.
 
     Returns:
         The process exit status (0, or the script's ``SystemExit`` code).
     """
-    if os.environ.get("MOEVEMENT_SPARE") == "1":
+    elastic = os.environ.get(ELASTIC_ENV) == "1"
+    if os.environ.get("MOEVEMENT_SPARE") == "1" and not elastic:
         logger.warning(
-            "spare process %d: Megatron-LM's training loop cannot take over a rank of a running "
-            "job, so this spare is not used (spares join jobs whose loop runs a RecoveryDriver)",
+            "spare process %d: this job has no elastic agent (it runs a baseline or "
+            "--no-moevement), so no spare is used",
             os.getpid(),
         )
         return 0
+    # The script's tree first on sys.path and, for a Megatron-LM tree without CUDA, the CPU
+    # redirections of runtime/cpu_compat.py (nothing is patched on a GPU), before anything imports
+    # megatron (the elastic session does). Spawned children re-import this module, which
+    # re-applies them (megatron/pretrain.py).
+    prepare(Path(script).resolve().parent)
+    if elastic:
+        from megatron_moevement.megatron.inloop import start_session
+
+        start_session()  # a spare returns from here with the rank it takes
     if "RANK" not in os.environ:
         raise RuntimeError(
             "RANK is not set. Fix: start ranks through "
@@ -237,10 +254,6 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
     saved_argv, saved_path = list(sys.argv), list(sys.path)
     sys.argv = [script, *script_args]
     try:
-        # The script's tree first on sys.path and, for a Megatron-LM tree without CUDA, the CPU
-        # redirections of runtime/cpu_compat.py (nothing is patched on a GPU). Spawned children
-        # re-import this module, which re-applies them (megatron/pretrain.py).
-        prepare(Path(script).resolve().parent)
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
@@ -280,6 +293,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--replication-factor", type=NON_NEGATIVE_INT, default=1)
     parser.add_argument("--host-memory-budget", default="none", help="e.g. 64GiB, or none")
     parser.add_argument(
+        "--no-refill-spares",
+        dest="refill_spares",
+        action="store_false",
+        help="do not start a new spare process when one takes over a failed rank",
+    )
+    parser.add_argument(
         "--no-moevement",
         dest="moevement",
         action="store_false",
@@ -298,7 +317,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise SystemExit(f"usage: {RANK_COMMAND} SCRIPT [ARGS...]")
         if os.environ.get("MOEVEMENT_SPARE") == "1":
             configure_logging()  # a rank's training script configures logging itself
-        return run_rank(argv[1], argv[2:])
+        code = run_rank(argv[1], argv[2:])
+        if code == 0 and os.environ.get(ELASTIC_ENV) == "1":
+            # The coordinator reads every exit status: no teardown abort may turn 0 into SIGABRT.
+            exit_after_success()
+        return code
     configure_logging()
     parser = _parser()
     args = parser.parse_args(argv)
@@ -325,14 +348,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.script,
         f", logs in {args.log_dir}" if args.log_dir else "",
     )
-    with job:
+    elastic = args.moevement and args.ckpt_strategy == "moevement"
+    try:
+        if not elastic:
+            with job:
+                job.check(timeout=args.timeout)
+            return 0
+        if args.log_dir is not None:
+            job.env = dict(job.env, **{REPORT_DIR_ENV: str(args.log_dir.resolve())})
+        agent = ElasticAgent(job, refill_spares=args.refill_spares)
         try:
-            job.check(timeout=args.timeout)
-        except (JobFailed, JobTimeout) as exc:
-            logger.error("%s", exc)
-            return 1
+            agent.start()
+            agent.run(timeout=args.timeout)
+        finally:
+            job.terminate()  # every process it started, by pid (spares left waiting too)
+        for failure in agent.failures:
+            logger.warning(
+                "rank %d (pid %s) failed in generation %d; spare process %d took it%s",
+                failure["rank"],
+                failure["pid"],
+                failure["generation"],
+                failure["spare"],
+                f", spare process {failure['refill']} started" if "refill" in failure else "",
+            )
+    except (JobFailed, JobTimeout) as exc:
+        logger.error("%s", exc)
+        return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

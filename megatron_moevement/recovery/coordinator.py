@@ -67,8 +67,10 @@ class JobCoordinator:
         batch_window_s: After a first failure, how long to wait for simultaneous ones, so that
             they are recovered in one generation.
         elastic: Whether the workers can take over a rank of a running job (they run a
-            :class:`RecoveryDriver`). If not (e.g. Megatron-LM's ``pretrain_gpt.py``), a failure
-            ends the job at once: every rank is killed by pid and ``job/failed`` says why.
+            :class:`RecoveryDriver` or Megatron-LM's loop in an elastic session). If not, a
+            failure ends the job at once: every rank is killed by pid and ``job/failed`` says why.
+        refill_spares: Whenever a spare takes over a rank, start a new one
+            (``table.start_spare()``), so that the job survives more failures than it had spares.
     """
 
     BEAT_CHECK_S = 0.1
@@ -81,11 +83,13 @@ class JobCoordinator:
         spares: Iterable[int],
         batch_window_s: float = 0.5,
         elastic: bool = True,
+        refill_spares: bool = False,
     ) -> None:
         self.store = store
         self.world_size = world_size
         self.batch_window_s = batch_window_s
         self.elastic = elastic
+        self.refill_spares = refill_spares
         self.generation = 0
         self.rank_to_proc: dict[int, int] = {r: r for r in range(world_size)}
         self.free_spares: list[int] = list(spares)
@@ -187,6 +191,10 @@ class JobCoordinator:
                 cause="exit" if silenced is None else "heartbeat",
             )
             entry.update(silenced or {})
+            if self.refill_spares and hasattr(table, "start_spare"):
+                # The spare pool stays full: the new spare waits for the next failure.
+                entry["refill"] = table.start_spare()
+                self.free_spares.append(entry["refill"])
             self.failures.append(entry)
             self.rank_to_proc[rank] = spare
             if rank in self._beats:  # the replacement's first beat changes it: time from now

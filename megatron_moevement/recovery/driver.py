@@ -86,6 +86,10 @@ __all__ = [
     "RecoveryDriver",
     "RecoveryReport",
     "Trainer",
+    "check_initial_state",
+    "note_failure",
+    "record_initial_state",
+    "teardown_groups",
 ]
 
 
@@ -95,7 +99,7 @@ class Trainer(Protocol):
 
     ``build()`` returns one (with its strategy) on the current process group; it is rebuilt
     after every failure. ``HarnessTrainer`` (:mod:`megatron_moevement.harness.trainer`) and the
-    Megatron-LM trainer (:mod:`megatron_moevement.megatron.trainer`) implement it.
+    Megatron-LM adapter (:class:`megatron_moevement.megatron.inloop.MegatronLMTrainer`) implement it.
     """
 
     optimizer: Any
@@ -164,6 +168,35 @@ class _Fault:
     """``time.perf_counter()`` when it noticed."""
     old: Any = None
     """The strategy of the failed generation (host state to adopt), if this rank had state."""
+
+
+def teardown_groups(ctx: ElasticContext, strategy) -> None:
+    """Destroys every process group *and every reference to one*, so that the gloo/NCCL
+    connections really close: that is what makes peers blocked on this rank fail fast. The
+    strategy (if any) is abandoned; its host memory stays readable."""
+    from megatron.core import parallel_state
+
+    ctx.mark_torn_down()
+    if strategy is not None:
+        strategy.abandon()
+    if dist.is_initialized():
+        ctx.abort_collectives()
+        try:
+            dist.destroy_process_group()
+        except Exception as exc:  # pragma: no cover - best effort on a broken group
+            logger.debug("destroy_process_group failed: %s", exc)
+    parallel_state.destroy_model_parallel()
+
+
+def note_failure(state: RankRecoveryState, old) -> Any:
+    """What a rank keeps of the failed generation: a copy of its live state (unless the failure
+    interrupted its optimizer step: then it is *dirty* and must roll back) and the strategy
+    whose host state the rebuilt one adopts. Returns that strategy (None without state)."""
+    if old is not None and state.has_state and state.live_backup is None:
+        state.dirty = old.step_in_progress
+        if not state.dirty:
+            state.live_backup = capture_live_state(old.registry, old.buffers_after_step)
+    return old if state.has_state else None
 
 
 class RecoveryDriver:
@@ -272,13 +305,7 @@ class RecoveryDriver:
             self.ctx.generation,
             failure,
         )
-        old = self.strategy
-        st = self.state
-        if old is not None and st.has_state and st.live_backup is None:
-            st.dirty = old.step_in_progress
-            if not st.dirty:
-                st.live_backup = capture_live_state(old.registry, old.buffers_after_step)
-        fault.old = old if st.has_state else None
+        fault.old = note_failure(self.state, self.strategy)
         while True:
             self._teardown()
             info = self.ctx.wait_for_generation(self.ctx.generation)
@@ -299,20 +326,7 @@ class RecoveryDriver:
             )
 
     def _teardown(self) -> None:
-        """Destroys every process group *and every reference to one*, so that the gloo/NCCL
-        connections really close: that is what makes peers blocked on this rank fail fast."""
-        from megatron.core import parallel_state
-
-        self.ctx.mark_torn_down()
-        if self.strategy is not None:
-            self.strategy.abandon()
-        if dist.is_initialized():
-            self.ctx.abort_collectives()
-            try:
-                dist.destroy_process_group()
-            except Exception as exc:  # pragma: no cover - best effort on a broken group
-                logger.debug("destroy_process_group failed: %s", exc)
-        parallel_state.destroy_model_parallel()
+        teardown_groups(self.ctx, self.strategy)
         self.trainer = None
         gc.collect()
 
@@ -352,49 +366,56 @@ class RecoveryDriver:
         self.reports.append(report)
         return report
 
-    # ------------------------------------------------------------------ phases
     # ------------------------------------------------------------------ checks
     def _record_initial_state(self) -> None:
-        """Records where this rank's training starts (first iteration, weight fingerprint) in
-        the store, for the initial-state tier: a failure before the first sparse checkpoint
-        persisted is recovered by rebuilding every rank and replaying from there."""
-        record = {
-            "first_iteration": self.state.committed + 1,
-            "fingerprint": state_fingerprint(self.strategy.registry),
-        }
-        self.ctx.store.set(StoreKeys.initial_state(self.ctx.rank), json.dumps(record))
+        record_initial_state(self.ctx, self.strategy, self.state.committed + 1)
 
     def _check_initial_state(self) -> int:
-        """Checks on every rank that the fresh build reproduces the recorded initial state;
-        returns the first iteration to replay. Raises :class:`RecoveryError` otherwise."""
-        key = StoreKeys.initial_state(self.ctx.rank)
-        record = _get_json(self.ctx.store, key) if _has(self.ctx.store, key) else None
-        problem = ""
-        if record is None:
-            problem = "no initial state was recorded for it (the driver did not start it)"
-        elif state_fingerprint(self.strategy.registry) != record["fingerprint"]:
-            problem = (
-                "its rebuilt model does not reproduce the weights the job started from (build() "
-                "is not seeded identically, or the job started from a loaded checkpoint)"
-            )
-        first = -1 if record is None else int(record["first_iteration"])
-        answers = self.collectives.all_gather((bool(problem), first))
-        bad = [r for r, (flag, _) in enumerate(answers) if flag]
-        low = min(f for _, f in answers)
-        high = max(f for _, f in answers)
-        if bad or low != high:
-            detail = f"rank {self.ctx.rank}: {problem}" if problem else f"ranks {bad} failed it"
-            raise RecoveryError(
-                "no sparse checkpoint has persisted yet (failure in the first window), so "
-                "recovery must replay from the job's initial state, but the rebuild cannot "
-                f"provide it ({detail}; first iterations {low}..{high}). Fix: seed build() so "
-                "that it reproduces the initial weights, or configure the durable tier "
-                "(MoEvementConfig.durable_dir); restart the job from the durable tier."
-            )
-        logger.warning(
-            "rank %d: no sparse checkpoint persisted yet; initial-state tier: replay from "
-            "iteration %d",
-            self.ctx.rank,
-            low,
+        return check_initial_state(self.ctx, self.strategy, self.collectives)
+
+
+def record_initial_state(ctx: ElasticContext, strategy, first_iteration: int) -> None:
+    """Records where this rank's training starts (first iteration, weight fingerprint) in the
+    job's store, for the initial-state tier: a failure before the first sparse checkpoint
+    persisted is recovered by rebuilding every rank and replaying from there."""
+    record = {
+        "first_iteration": int(first_iteration),
+        "fingerprint": state_fingerprint(strategy.registry),
+    }
+    ctx.store.set(StoreKeys.initial_state(ctx.rank), json.dumps(record))
+
+
+def check_initial_state(ctx: ElasticContext, strategy, collectives: Collectives) -> int:
+    """Checks on every rank that the fresh build reproduces the recorded initial state; returns
+    the first iteration to replay. Raises :class:`RecoveryError` otherwise."""
+    key = StoreKeys.initial_state(ctx.rank)
+    record = _get_json(ctx.store, key) if _has(ctx.store, key) else None
+    problem = ""
+    if record is None:
+        problem = "no initial state was recorded for it (the driver did not start it)"
+    elif state_fingerprint(strategy.registry) != record["fingerprint"]:
+        problem = (
+            "its rebuilt model does not reproduce the weights the job started from (build() "
+            "is not seeded identically, or the job started from a loaded checkpoint)"
         )
-        return low
+    first = -1 if record is None else int(record["first_iteration"])
+    answers = collectives.all_gather((bool(problem), first))
+    bad = [r for r, (flag, _) in enumerate(answers) if flag]
+    low = min(f for _, f in answers)
+    high = max(f for _, f in answers)
+    if bad or low != high:
+        detail = f"rank {ctx.rank}: {problem}" if problem else f"ranks {bad} failed it"
+        raise RecoveryError(
+            "no sparse checkpoint has persisted yet (failure in the first window), so "
+            "recovery must replay from the job's initial state, but the rebuild cannot "
+            f"provide it ({detail}; first iterations {low}..{high}). Fix: seed build() so "
+            "that it reproduces the initial weights, or configure the durable tier "
+            "(MoEvementConfig.durable_dir); restart the job from the durable tier."
+        )
+    logger.warning(
+        "rank %d: no sparse checkpoint persisted yet; initial-state tier: replay from "
+        "iteration %d",
+        ctx.rank,
+        low,
+    )
+    return low
