@@ -679,13 +679,19 @@ def replay_after_restart(
     optimizer: Any,
     opt_param_scheduler: Any,
     forward_backward_func: Callable[..., Any],
-) -> int:
+) -> Tuple[int, bool]:
     """Phase B of an in-memory recovery, from ``train()`` before its loop: the ranks in scope
-    replay to the committed iteration, every rank meets the others; returns the iteration count
-    ``train()`` continues from (``iteration`` itself when nothing is pending)."""
+    replay to the committed iteration, every rank meets the others.
+
+    Returns:
+        ``(iteration count train() continues from, whether it resumes after a recovery)``:
+        ``(iteration, False)`` when nothing is pending. After a recovery ``train()`` must not
+        treat its first iteration as the run's first (Megatron logs that one without resetting
+        its accumulators), so that its log lines continue the fault-free run's.
+    """
     session = inloop.current_session()
     if session is None or session.replay is None:
-        return iteration
+        return iteration, False
     from megatron.training import get_args
 
     args = get_args()
@@ -698,7 +704,7 @@ def replay_after_restart(
         opt_param_scheduler,
         forward_backward_func,
     )
-    return session.finish_replay(iteration, args, step)
+    return session.finish_replay(iteration, args, step), True
 
 
 def forget_strategy() -> None:
