@@ -21,8 +21,8 @@ spare process:
   rank finished (``job/done``), 1 otherwise (``job/failed``).
 
 With ``--no-elastic`` (workers that cannot take over a rank of a running job, such as Megatron-LM's
-``pretrain_gpt.py``, whose training loop hosts no
-:class:`~megatron_moevement.recovery.driver.RecoveryDriver`), spare tasks start no worker and the
+``pretrain_gpt.py`` with a baseline strategy; with ``--ckpt-strategy moevement`` it recovers in
+memory, :mod:`megatron_moevement.megatron.inloop`), spare tasks start no worker and the
 coordinator ends the job on the first failure, killing every worker by pid, instead of leaving
 the survivors blocked until their collective timeout.
 

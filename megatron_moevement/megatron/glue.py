@@ -46,6 +46,7 @@ failure a Megatron-LM job restarts and :func:`recover_or_load` restores from the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import numbers
 from dataclasses import dataclass
@@ -273,6 +274,24 @@ def _check_supported(args: Any) -> None:
         )
 
 
+def _scope_for_megatron_lm(args: Any, config: MoEvementConfig, name: str) -> MoEvementConfig:
+    """Tied input and output embeddings with pipeline parallelism (Megatron-LM's default without
+    ``--untie-embeddings-and-output-weights``): their gradients are all-reduced between the first
+    and the last stage inside every iteration, so one stage cannot replay without the other and
+    recovery must be global."""
+    tied = not getattr(args, "untie_embeddings_and_output_weights", True)
+    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    if name != "moevement" or not tied or pp == 1 or config.recovery_scope != "auto":
+        return config
+    logger.warning(
+        "MoEvement: the input and output embeddings are tied across pipeline stages, so a "
+        "failed stage cannot replay alone (their gradients are all-reduced between the first and "
+        "last stage every iteration): recovery is global. Pass "
+        "--untie-embeddings-and-output-weights for scoped recovery."
+    )
+    return dataclasses.replace(config, recovery_scope="global")
+
+
 def _build_strategy(gpt_model: Any, optimizer: Any, config: MoEvementConfig) -> Any:
     """Builds a :class:`~megatron_moevement.strategy.MoEvementStrategy` (tests replace this)."""
     from megatron_moevement.baselines import build_strategy
@@ -344,6 +363,7 @@ def maybe_build_strategy(
         )
         return None
     _check_supported(args)
+    config = _scope_for_megatron_lm(args, config, name)
     gpt_model = unwrap_gpt_model(model)
     if _state.active is not None and _state.built_for == (id(gpt_model), id(optimizer)):
         return _state.active  # built by recover_or_load for this very model and optimizer
@@ -372,8 +392,8 @@ def maybe_build_strategy(
     spares = spare_hosts_from_args(args)
     if spares:
         logger.info(
-            "%d spare node(s) reserved: %s (Megatron-LM's training loop cannot take over a rank "
-            "of a running job: a failure ends the job, see docs/megatron_integration.md)",
+            "%d spare node(s) reserved: %s (with --ckpt-strategy moevement under the elastic "
+            "agents a spare takes over a failed rank; see docs/megatron_integration.md)",
             len(spares),
             ",".join(spares),
         )

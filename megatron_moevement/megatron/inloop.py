@@ -229,6 +229,8 @@ class InLoopSession:
     scheduler: Any = None
     replay: Optional[_PendingReplay] = None
     fired: set = field(default_factory=set)
+    job_start: int = 0
+    """The iteration this ``pretrain()`` run started from (0, or the one loaded from --load)."""
     load_fallback: Optional[Callable[[], Any]] = None
     """Megatron's ``load_checkpoint`` of this ``pretrain()`` call (``--load``), deferred while an
     in-memory recovery is pending: the last tier."""
@@ -297,10 +299,17 @@ class InLoopSession:
         """Megatron's counters after each of ``counts`` iterations, from whichever rank has
         them (they are the same on every rank; a replacement has none)."""
         mine = {c: self.counters[c] for c in counts if c in self.counters}
+        start = min(self.counters) if self.counters else None
         found: dict = {}
-        for theirs in collectives.all_gather(mine):
+        starts = []
+        for theirs, their_start in collectives.all_gather((mine, start)):
             for c, value in theirs.items():
                 found.setdefault(int(c), value)
+            if their_start is not None:
+                starts.append(their_start)
+        # Megatron keeps the iteration the job started from in args.iteration (train() counts in
+        # a local), and saves it with the arguments.
+        self.job_start = min(starts) if starts else 0
         missing = [c for c in counts if c not in found]
         if missing:
             raise RecoveryError(
@@ -471,6 +480,7 @@ class InLoopSession:
                     f"{resume['scheduler']}; the run cannot continue bitwise. Restart from --load."
                 )
         _apply_counters(args, None, resume)
+        args.iteration = self.job_start
         _clear_moe_trackers()
         _set_rerun_iteration(committed)
         report = procedure.finish(replayed, pending.times, self.noticed_at)
@@ -513,7 +523,7 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
 
     ctx = ElasticContext.from_env(timeout_s=float(os.environ.get("MOEVEMENT_PG_TIMEOUT_S", 120)))
     os.environ["RANK"] = str(ctx.rank)
-    os.environ["LOCAL_RANK"] = os.environ.get("LOCAL_RANK_OVERRIDE", str(ctx.rank))
+    os.environ.setdefault("LOCAL_RANK", str(ctx.rank))  # one node; SLURM agents set it
     faults = json.loads(os.environ.get(FAULTS_ENV, "[]") or "[]")
     if faults:
         faults = validate_faults(faults, ctx.world_size, 10**9, 10**6)

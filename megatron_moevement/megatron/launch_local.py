@@ -49,7 +49,7 @@ from megatron_moevement.megatron.args import parse_byte_size
 from megatron_moevement.megatron.pretrain import prepare
 from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
-__all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_rank"]
+__all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_job", "run_rank"]
 
 MODULE = "megatron_moevement.megatron.launch_local"
 """This module's import name (``__name__`` is ``__main__`` when it runs with ``-m``)."""
@@ -263,6 +263,42 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
     return 0
 
 
+def run_job(
+    job: LocalJob, timeout: float, elastic: bool = True, refill_spares: bool = True
+) -> List[dict]:
+    """Runs ``job`` (from :func:`build_job`) to the end; every process it started is killed by
+    pid when this returns or raises.
+
+    Args:
+        job: The unstarted job.
+        timeout: Seconds before every process is killed (:class:`JobTimeout`).
+        elastic: Run it under an :class:`ElasticAgent` (the job store and coordinator that let
+            ranks recover in memory, ``--ckpt-strategy moevement``); otherwise a rank's failure
+            fails the job.
+        refill_spares: Start a new spare process whenever one takes over a rank (elastic only).
+
+    Returns:
+        The coordinator's record of every failed rank (empty without failures or elasticity).
+
+    Raises:
+        JobFailed: A process failed and the job could not go on.
+        JobTimeout: ``timeout`` passed.
+    """
+    if not elastic:
+        with job:
+            job.check(timeout=timeout)
+        return []
+    if job.log_dir is not None:
+        job.env = dict(job.env, **{REPORT_DIR_ENV: str(Path(job.log_dir).resolve())})
+    agent = ElasticAgent(job, refill_spares=refill_spares)
+    try:
+        agent.start()
+        agent.run(timeout=timeout)
+    finally:
+        job.terminate()  # every process it started, by pid (spares left waiting too)
+    return list(agent.failures)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_moevement.megatron.launch_local",
@@ -348,32 +384,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.script,
         f", logs in {args.log_dir}" if args.log_dir else "",
     )
-    elastic = args.moevement and args.ckpt_strategy == "moevement"
     try:
-        if not elastic:
-            with job:
-                job.check(timeout=args.timeout)
-            return 0
-        if args.log_dir is not None:
-            job.env = dict(job.env, **{REPORT_DIR_ENV: str(args.log_dir.resolve())})
-        agent = ElasticAgent(job, refill_spares=args.refill_spares)
-        try:
-            agent.start()
-            agent.run(timeout=args.timeout)
-        finally:
-            job.terminate()  # every process it started, by pid (spares left waiting too)
-        for failure in agent.failures:
-            logger.warning(
-                "rank %d (pid %s) failed in generation %d; spare process %d took it%s",
-                failure["rank"],
-                failure["pid"],
-                failure["generation"],
-                failure["spare"],
-                f", spare process {failure['refill']} started" if "refill" in failure else "",
-            )
+        failures = run_job(
+            job,
+            timeout=args.timeout,
+            elastic=args.moevement and args.ckpt_strategy == "moevement",
+            refill_spares=args.refill_spares,
+        )
     except (JobFailed, JobTimeout) as exc:
         logger.error("%s", exc)
         return 1
+    for failure in failures:
+        logger.warning(
+            "rank %d (pid %s) failed in generation %d; spare process %d took it%s",
+            failure["rank"],
+            failure["pid"],
+            failure["generation"],
+            failure["spare"],
+            f", spare process {failure['refill']} started" if "refill" in failure else "",
+        )
     return 0
 
 if __name__ == "__main__":

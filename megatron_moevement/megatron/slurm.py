@@ -131,8 +131,9 @@ class SbatchValues:
         extra_args: Further Megatron-LM arguments (model, parallelism, tokenizer, ``--save`` /
             ``--load``, ``--moevement-*`` overrides), as a shell-quoted string.
         program: The worker: ``pretrain_gpt`` (Megatron-LM's ``pretrain_gpt.py`` with the data,
-            extra and MoEvement arguments; its training loop cannot take over a rank of a running
-            job, so spare tasks stay reserved and a failure ends the job at once), or
+            extra and MoEvement arguments; with ``moevement`` a spare task takes over a failed
+            rank and the job recovers in memory inside Megatron-LM's loop; with a baseline,
+            spare tasks stay reserved and a failure ends the job at once), or
             ``module:NAME`` (``python -m NAME <extra_args>``, a training loop built on
             :class:`~megatron_moevement.recovery.driver.RecoveryDriver`: spares take over failed ranks).
         job_timeout_s: Seconds after which the task agents' coordinator ends the job
@@ -293,7 +294,19 @@ class SbatchValues:
         else:
             text["window_args"] = f"--moevement-window-size {self.window_size}"
         agent = [] if self.job_timeout_s is None else [f"--timeout {self.job_timeout_s}"]
-        if self.program == PRETRAIN_GPT:
+        if self.program == PRETRAIN_GPT and self.ckpt_strategy == "moevement":
+            # Through the rank entry point: it joins the job's elastic session (a spare waits
+            # there for a rank), so a failed rank is recovered in memory inside Megatron-LM's
+            # loop (megatron_moevement/megatron/inloop.py).
+            text["worker_command"] = (
+                '"$PYTHON" -m megatron_moevement.megatron.launch_local _rank '
+                '"$MEGATRON_DIR/pretrain_gpt.py" "${DATA_ARGS[@]}" "${EXTRA_ARGS[@]}" '
+                '"${MOEVEMENT_ARGS[@]}"'
+            )
+            agent.insert(0, "--elastic")
+        elif self.program == PRETRAIN_GPT:
+            # A baseline rolls every rank back and cannot take over a rank mid-job: a failure
+            # ends the job at once.
             text["worker_command"] = (
                 '"$PYTHON" "$MEGATRON_DIR/pretrain_gpt.py" "${DATA_ARGS[@]}" "${EXTRA_ARGS[@]}" '
                 '"${MOEVEMENT_ARGS[@]}"'
