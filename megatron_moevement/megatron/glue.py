@@ -70,16 +70,20 @@ __all__ = [
     "active_strategy",
     "after_optimizer_step",
     "extra_args_provider",
+    "forget_strategy",
     "install_p2p_logging",
     "last_restore",
     "maybe_build_strategy",
     "moevement_requested",
+    "recover_after_restart",
     "recover_or_load",
+    "replay_after_restart",
     "requested_strategy",
     "shutdown",
     "strategy_from",
     "unwrap_gpt_model",
     "wrap_forward_backward_func",
+    "wrap_pretrain",
 ]
 
 logger = get_logger(__name__)
@@ -465,7 +469,7 @@ def wrap_forward_backward_func(
         wrapper.
     """
     session = inloop.current_session()
-    faults = session is not None and bool(session.faults)
+    faults = session is not None and session.fault_hook is not None
     if strategy is None or (getattr(strategy, "p2p_communicator", None) is None and not faults):
         return forward_backward_func
 
@@ -501,7 +505,7 @@ def wrap_forward_backward_func(
 
 
 def _with_fault_points(session: Any, fb_kwargs: dict, iteration: Any) -> None:
-    """Fault injection (``MOEVEMENT_FAULT_INJECTION``): ``before`` the iteration and
+    """Fault-injection points (an installed ``fault_hook``): ``before`` the iteration and
     ``microbatch<k>`` before microbatch k's forward step."""
     forward_step_func = fb_kwargs["forward_step_func"]
     counter = iter(range(1 << 30))
@@ -669,7 +673,11 @@ def wrap_pretrain(pretrain: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(pretrain)
     def pretrain_with_in_memory_recovery(*args: Any, **kwargs: Any) -> Any:
-        return inloop.run_pretrain(pretrain, *args, **kwargs)
+        return inloop.run_pretrain(
+            lambda: pretrain(*args, **kwargs),
+            take_strategy=_take_strategy,
+            fatal=(MoEvementArgsError, MoEvementIntegrationError),
+        )
 
     return pretrain_with_in_memory_recovery
 
@@ -731,6 +739,13 @@ def forget_strategy() -> None:
     """Drops the module's reference to the active strategy (the restart engine keeps its own)."""
     _state.active = None
     _state.built_for = None
+
+
+def _take_strategy() -> Any:
+    """The active strategy, which the module forgets (the restart engine takes it over)."""
+    strategy = _state.active
+    forget_strategy()
+    return strategy
 
 
 def shutdown(strategy: Any) -> None:

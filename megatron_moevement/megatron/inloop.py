@@ -43,9 +43,9 @@ memory after every iteration (:meth:`InLoopSession.after_step`) and agreed on in
 from __future__ import annotations
 
 import gc
+import importlib
 import json
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +73,7 @@ logger = get_logger(__name__)
 
 __all__ = [
     "ELASTIC_ENV",
-    "FAULTS_ENV",
+    "WORKER_HOOK_ENV",
     "REPORT_DIR_ENV",
     "InLoopSession",
     "MegatronLMTrainer",
@@ -82,10 +82,9 @@ __all__ = [
     "start_session",
 ]
 
-FAULTS_ENV = "MOEVEMENT_FAULT_INJECTION"
-"""Test and demo knob: a JSON list of faults (see :mod:`megatron_moevement.harness.faults`)
-that the victim rank injects into itself (SIGKILL at ``before``, ``microbatch<k>``,
-``after_step``, ``fetch``, ``replay`` or ``recovery_wait`` of an iteration)."""
+WORKER_HOOK_ENV = "MOEVEMENT_WORKER_HOOK"
+"""``module:function`` called with the :class:`InLoopSession` when a rank joins (tests and
+demos install fault injection this way: ``megatron_moevement.harness.megatron_faults:install``)."""
 
 
 @dataclass
@@ -215,7 +214,6 @@ class InLoopSession:
 
     ctx: ElasticContext
     state: RankRecoveryState
-    faults: list = field(default_factory=list)
     pending: Optional[dict] = None
     """The coordinator's announcement of the generation being recovered into (None: none)."""
     old: Any = None
@@ -228,7 +226,8 @@ class InLoopSession:
     reports: list = field(default_factory=list)
     scheduler: Any = None
     replay: Optional[_PendingReplay] = None
-    fired: set = field(default_factory=set)
+    fault_hook: Optional[Callable[[int, str, "InLoopSession"], None]] = None
+    """``f(iteration, phase, session)`` at every fault-injection point (tests and demos)."""
     job_start: int = 0
     """The iteration this ``pretrain()`` run started from (0, or the one loaded from --load)."""
     load_fallback: Optional[Callable[[], Any]] = None
@@ -321,34 +320,11 @@ class InLoopSession:
 
     # ---------------------------------------------------------------- faults
     def fault_point(self, iteration: int, phase: str) -> None:
-        """Fault injection (:data:`FAULTS_ENV`): the victim kills itself at its point."""
-        for index, f in enumerate(self.faults):
-            if index in self.fired:
-                continue
-            if (
-                f["rank"] == self.ctx.rank
-                and f["iteration"] in (iteration, "*")
-                and f["phase"] == phase
-                and f.get("generation", 0) == self.ctx.generation
-            ):
-                self.fired.add(index)
-                from megatron_moevement.harness.faults import record_fired
-
-                out = os.environ.get(REPORT_DIR_ENV)
-                if out:
-                    record_fired(out, f)
-                sig = getattr(signal, f.get("signal", "SIGKILL"))
-                for other in f.get("with", []):
-                    beat = _get_json(self.ctx.store, StoreKeys.heartbeat(other))
-                    os.kill(beat["pid"], sig)
-                logger.warning(
-                    "fault injection: %s rank %d at iteration %d (%s)",
-                    sig.name,
-                    self.ctx.rank,
-                    iteration,
-                    phase,
-                )
-                os.kill(os.getpid(), sig)
+        """A fault-injection point (``before``, ``microbatch<k>``, ``after_step``,
+        ``after_snapshot``, ``fetch``, ``replay``, ``recovery_wait``): calls the installed
+        :attr:`fault_hook`, if any (:data:`WORKER_HOOK_ENV`)."""
+        if self.fault_hook is not None:
+            self.fault_hook(iteration, phase, self)
 
     # ---------------------------------------------------------------- phase A
     def begin(self, args: Any, strategy: Any, scheduler: Any) -> None:
@@ -519,15 +495,14 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
     initializes the process group of this rank's generation; sets ``RANK``/``LOCAL_RANK`` for
     Megatron. Returns the :class:`InLoopSession`."""
     global _session
-    from megatron_moevement.harness.faults import validate_faults
-
     ctx = ElasticContext.from_env(timeout_s=float(os.environ.get("MOEVEMENT_PG_TIMEOUT_S", 120)))
     os.environ["RANK"] = str(ctx.rank)
     os.environ.setdefault("LOCAL_RANK", str(ctx.rank))  # one node; SLURM agents set it
-    faults = json.loads(os.environ.get(FAULTS_ENV, "[]") or "[]")
-    if faults:
-        faults = validate_faults(faults, ctx.world_size, 10**9, 10**6)
-    session = InLoopSession(ctx, RankRecoveryState(has_state=not ctx.is_spare_join), faults)
+    session = InLoopSession(ctx, RankRecoveryState(has_state=not ctx.is_spare_join))
+    hook = os.environ.get(WORKER_HOOK_ENV)
+    if hook:
+        module, _, name = hook.partition(":")
+        getattr(importlib.import_module(module), name)(session)
     if ctx.is_spare_join:
         session.pending = _get_json(ctx.store, StoreKeys.generation(ctx.generation))
         session.noticed_at = time.time()
@@ -548,30 +523,36 @@ def p2p_communicator_for(strategy: Any) -> Any:
     return strategy.p2p_communicator
 
 
-def run_pretrain(pretrain: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Calls Megatron-LM's ``pretrain`` and, in an elastic session, calls it again in the next
-    process-group generation after every failure (the restart engine)."""
+def run_pretrain(
+    call: Callable[[], Any],
+    take_strategy: Callable[[], Any],
+    fatal: tuple = (),
+) -> Any:
+    """Runs ``call()`` (Megatron-LM's ``pretrain(...)``) and, in an elastic session, runs it again
+    in the next process-group generation after every failure (the restart engine).
+
+    Args:
+        call: One ``pretrain()`` run.
+        take_strategy: Returns the failed run's strategy (its host state survives the restart).
+        fatal: Exception types that are configuration errors, not failures: re-raised.
+    """
     session = _session
     if session is None:
-        return pretrain(*args, **kwargs)
-    from megatron_moevement.megatron import glue
-    from megatron_moevement.megatron.args import MoEvementArgsError
-
+        return call()
     while True:
         failure = None
         try:
-            result = pretrain(*args, **kwargs)
+            result = call()
             session.close()
             return result
         except (RuntimeError, ConnectionError) as exc:
-            if isinstance(exc, (RecoveryError, MoEvementArgsError, glue.MoEvementIntegrationError)):
+            if isinstance(exc, (RecoveryError, *fatal)):
                 raise
             session.noticed_at = time.time()
             failure = describe(exc)
         # Outside the except block: the traceback keeps train()'s frames (and their process
         # groups) alive, and they must be gone before the teardown.
-        strategy = glue.active_strategy()
-        glue.forget_strategy()
+        strategy = take_strategy()
         session.on_failure(failure, strategy)
         del strategy
 

@@ -236,24 +236,24 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
             os.getpid(),
         )
         return 0
-    # The script's tree first on sys.path and, for a Megatron-LM tree without CUDA, the CPU
-    # redirections of runtime/cpu_compat.py (nothing is patched on a GPU), before anything imports
-    # megatron (the elastic session does). Spawned children re-import this module, which
-    # re-applies them (megatron/pretrain.py).
-    prepare(Path(script).resolve().parent)
-    if elastic:
-        from megatron_moevement.megatron.inloop import start_session
-
-        start_session()  # a spare returns from here with the rank it takes
-    if "RANK" not in os.environ:
+    if not elastic and "RANK" not in os.environ:
         raise RuntimeError(
             "RANK is not set. Fix: start ranks through "
             "python -m megatron_moevement.megatron.launch_local (or torchrun/srun)."
         )
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     saved_argv, saved_path = list(sys.argv), list(sys.path)
-    sys.argv = [script, *script_args]
     try:
+        # The script's tree first on sys.path and, for a Megatron-LM tree without CUDA, the CPU
+        # redirections of runtime/cpu_compat.py (nothing is patched on a GPU), before anything
+        # imports megatron (the elastic session does). Spawned children re-import this module,
+        # which re-applies them (megatron/pretrain.py).
+        prepare(Path(script).resolve().parent)
+        if elastic:
+            from megatron_moevement.megatron.inloop import start_session
+
+            start_session()  # a spare returns from here with the rank it takes
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        sys.argv = [script, *script_args]
         runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
@@ -261,7 +261,6 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
     finally:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
-
 
 def run_job(
     job: LocalJob, timeout: float, elastic: bool = True, refill_spares: bool = True

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_moevement.harness import megatron_faults
 from megatron_moevement.megatron.launch_local import build_job, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,7 +92,11 @@ def run_pretrain(
         ckpt_strategy=strategy if moevement else "moevement",
     )
     if faults:
-        job.env = dict(job.env, MOEVEMENT_FAULT_INJECTION=json.dumps(faults))
+        job.env = dict(
+            job.env,
+            MOEVEMENT_FAULT_INJECTION=json.dumps(faults),
+            MOEVEMENT_WORKER_HOOK=megatron_faults.HOOK,
+        )
     return run_job(job, timeout=timeout, elastic=elastic)
 
 

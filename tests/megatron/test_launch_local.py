@@ -146,13 +146,14 @@ def test_run_rank_runs_the_script_as_main(script, monkeypatch):
     assert launch_local.run_rank(str(path), ["--fail"]) == 3
 
 
-def test_spare_does_not_run_the_script(script, monkeypatch, caplog):
+def test_spare_without_elastic_agent_does_not_run_the_script(script, monkeypatch, caplog):
     path, out = script
     monkeypatch.setenv("MOEVEMENT_SPARE", "1")
+    monkeypatch.delenv("MOEVEMENT_ELASTIC", raising=False)
     monkeypatch.delenv("RANK", raising=False)
     assert launch_local.run_rank(str(path), []) == 0
     assert not out.exists()
-    assert "cannot take over a rank" in caplog.text
+    assert "no elastic agent" in caplog.text
 
 
 def test_rank_without_rank_env(script, monkeypatch):

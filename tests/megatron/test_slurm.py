@@ -227,9 +227,16 @@ def test_rendered_script_runs_with_fake_slurm(tmp_path):
     assert "--nodelist=n[1-3]" in opts and "--ntasks=12" in opts and "--nodes=3" in opts
     assert "--distribution=block" in opts and "--kill-on-bad-exit=0" in opts
     argv = (tmp_path / "argv").read_text().split("\n")
-    assert argv[:3] == ["-m", "megatron_moevement.megatron.elastic", "--no-elastic"]
+    assert argv[:3] == ["-m", "megatron_moevement.megatron.elastic", "--elastic"]
     worker = argv[argv.index("--") + 1 :]
-    assert worker[:2] == [str(fake_python), "/opt/Megatron-LM/pretrain_gpt.py"]
+    # Through the rank entry point, which joins the elastic session (in-memory recovery).
+    assert worker[:5] == [
+        str(fake_python),
+        "-m",
+        "megatron_moevement.megatron.launch_local",
+        "_rank",
+        "/opt/Megatron-LM/pretrain_gpt.py",
+    ]
     assert worker[worker.index("--moevement-spares") + 1] == "n3"
     assert worker[worker.index("--ckpt-strategy") + 1] == "moevement"
     # Task 5 of 12 with WORLD_SIZE 8 is a rank (tasks 8..11 are the spare node's).
@@ -421,10 +428,10 @@ def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
     assert all(rep["reports"][-1]["scope"] == "scoped" for rep in reports)
 
 
-def test_pretrain_gpt_spares_are_reserved_and_a_failure_ends_the_job(tmp_path):
-    """With Megatron-LM's pretrain_gpt.py (which cannot take over a rank mid-job), spare tasks
-    start with the spare role but no worker, and the first failed rank ends the job at once: the
-    coordinator kills the other workers by pid and srun's status is non-zero."""
+def test_pretrain_gpt_with_a_baseline_reserves_spares_and_a_failure_ends_the_job(tmp_path):
+    """With a baseline strategy Megatron-LM's pretrain_gpt.py cannot take over a rank mid-job:
+    spare tasks start with the spare role but no worker, and the first failed rank ends the job
+    at once: the coordinator kills the other workers by pid and srun's status is non-zero."""
     from megatron_moevement.launch.local import free_port
 
     megatron_dir = tmp_path / "Megatron-LM"
@@ -461,6 +468,8 @@ def test_pretrain_gpt_spares_are_reserved_and_a_failure_ends_the_job(tmp_path):
         megatron_dir=str(megatron_dir),
         data_path="mock",
         extra_args="",
+        ckpt_strategy="gemini",
+        window_size=None,
     )
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(TEMPLATES[0], **values))
