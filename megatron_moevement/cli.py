@@ -4,6 +4,10 @@ Subcommands:
 
 * ``train``: trains the small Megatron-Core MoE GPT on N local processes (gloo) and prints the
   loss of every iteration.
+* ``megatron-lm PATH``: the same, with Megatron-LM's own ``pretrain_gpt.py`` from the tree at
+  ``PATH`` (copied and patched): a fault-free run and one where a rank is SIGKILLed mid-iteration
+  and the job recovers in memory inside Megatron-LM's loop; prints the recovery reports and checks
+  Megatron's final checkpoint and log lines against the fault-free run.
 * ``demo``: failure and recovery. Trains with MoEvement on N processes plus a spare, SIGKILLs a
   rank mid-iteration, recovers (the spare takes the rank, the state is rebuilt from the sparse
   checkpoints and peer replicas, replay to the last committed iteration), finishes training, and
@@ -321,7 +325,97 @@ def build_parser() -> argparse.ArgumentParser:
         "after_step | after_snapshot (k < the number of microbatches)",
     )
     demo.set_defaults(func=_demo, iterations=10, distributed_optimizer=True)
+    mlm = sub.add_parser(
+        "megatron-lm",
+        help="Megatron-LM's pretrain_gpt.py end to end: fault-free, SIGKILL a rank, recover in "
+        "memory inside its loop, check bitwise",
+    )
+    mlm.add_argument(
+        "megatron_lm",
+        type=Path,
+        help="a Megatron-LM checkout at core_v0.16.1 (copied and patched, not changed)",
+    )
+    mlm.add_argument("--iterations", type=POSITIVE_INT, default=8, help="--train-iters")
+    mlm.add_argument("--window-size", type=POSITIVE_INT, default=2)
+    mlm.add_argument("--kill-rank", type=NON_NEGATIVE_INT, default=1, help="rank 0-3")
+    mlm.add_argument("--kill-iteration", type=NON_NEGATIVE_INT, default=4, help="0-based iteration")
+    mlm.add_argument(
+        "--phase",
+        default="microbatch1",
+        help="where the victim dies: before | microbatch<k> (k < 2) | after_step | after_snapshot",
+    )
+    mlm.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="keep the patched tree, logs and checkpoints here (default: a temporary folder)",
+    )
+    mlm.add_argument("--timeout", type=POSITIVE_FLOAT, default=900.0)
+    mlm.set_defaults(func=_megatron_lm)
     return parser
+
+
+def _megatron_lm(args: argparse.Namespace) -> int:
+    from megatron_moevement.harness.megatron_lm import run_recovery_demo
+
+    if args.kill_rank > 3:
+        raise SystemExit(f"--kill-rank {args.kill_rank}: the job has ranks 0-3")
+    if args.kill_iteration >= args.iterations:
+        raise SystemExit(
+            f"--kill-iteration {args.kill_iteration} is not below --iterations {args.iterations}"
+        )
+    try:
+        validate_faults(
+            [{"rank": args.kill_rank, "iteration": args.kill_iteration, "phase": args.phase}],
+            4,
+            args.iterations,
+            2,
+        )
+    except FaultSpecError as exc:
+        raise SystemExit(str(exc)) from None
+    if not (args.megatron_lm / "pretrain_gpt.py").is_file():
+        raise SystemExit(
+            f"{args.megatron_lm} is not a Megatron-LM tree (no pretrain_gpt.py). Fix: pass a "
+            "checkout of NVIDIA/Megatron-LM at core_v0.16.1."
+        )
+    with tempfile.TemporaryDirectory(prefix="moevement-megatron-lm-") as tmp:
+        out = args.output_dir or Path(tmp)
+        result = run_recovery_demo(
+            args.megatron_lm,
+            out,
+            victim=args.kill_rank,
+            iteration=args.kill_iteration,
+            phase=args.phase,
+            iterations=args.iterations,
+            window=str(args.window_size),
+            timeout=args.timeout,
+            progress=lambda message: print(f"[megatron-lm] {message}", flush=True),
+        )
+    for failure in result["failures"]:
+        print(
+            f"rank {failure['rank']} died (exit {failure['code']}); spare process "
+            f"{failure['spare']} took it in generation {failure['generation']}"
+        )
+    for rank, reports in sorted(result["reports"].items()):
+        for r in reports:
+            times = " ".join(f"{k} {v:.2f}s" for k, v in r.get("times_s", {}).items())
+            print(
+                f"rank {rank}: {r['path']} recovery of ranks {r.get('scope_ranks')} "
+                f"({r.get('tier')}), replayed {[i + 1 for i in r.get('iterations_replayed', [])]}"
+                f"{' (spare)' if r.get('spare') else ''}; {times}"
+            )
+    print(f"log lines equal to the fault-free run's: {result['log_lines_equal']}")
+    if result["bitwise_equal"]:
+        print(
+            f"bitwise equal: all {result['entries']} entries of Megatron's final checkpoint "
+            "(model, distributed optimizer, RNG, scheduler, counters)"
+        )
+    else:
+        print(
+            f"NOT bitwise equal: {len(result['differing'])} entries differ, e.g. "
+            f"{result['differing'][:5]}"
+        )
+    return 0 if result["bitwise_equal"] and result["log_lines_equal"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

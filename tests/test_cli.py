@@ -122,6 +122,33 @@ def test_demo_options_refuse_bad_values_naming_the_option(option, value, capsys)
     assert f"argument {option}:" in capsys.readouterr().err
 
 
+MEGATRON_LM_BAD_NUMBERS = {"--timeout": ["0", "-1"], "--window-size": ["0"], "--kill-rank": ["-1"]}
+
+
+@pytest.mark.parametrize(
+    "option, value", [(o, v) for o, values in MEGATRON_LM_BAD_NUMBERS.items() for v in values]
+)
+def test_megatron_lm_options_refuse_bad_values_naming_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["megatron-lm", "/nowhere", option, value])
+    assert info.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--kill-rank", "4"], "ranks 0-3"),
+        (["--kill-iteration", "8"], "not below --iterations 8"),
+        (["--phase", "backward0x"], "phase"),
+        ([], "is not a Megatron-LM tree"),
+    ],
+)
+def test_megatron_lm_refuses_bad_input_before_running(tmp_path, argv, match):
+    with pytest.raises(SystemExit, match=match):
+        cli.main(["megatron-lm", str(tmp_path), *argv])
+
+
 def test_every_numeric_option_is_in_the_table():
     commands = cli.build_parser()._subparsers._group_actions[0].choices
     typed = {
@@ -132,7 +159,7 @@ def test_every_numeric_option_is_in_the_table():
     }
     checked = (argtypes.POSITIVE_INT, argtypes.NON_NEGATIVE_INT, cli.POSITIVE_FLOAT)
     numeric = {option for option, kind in typed.items() if kind in checked}
-    assert numeric == set(BAD_NUMBERS) | set(DEMO_BAD_NUMBERS)
+    assert numeric == set(BAD_NUMBERS) | set(DEMO_BAD_NUMBERS) | set(MEGATRON_LM_BAD_NUMBERS)
     # No option takes a bare int/float (which would accept 0 and negatives); the --baseline-*
     # options are generated from the baseline config and validated by it
     # (tests/megatron/test_args.py walks every field).

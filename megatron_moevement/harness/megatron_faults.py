@@ -51,7 +51,11 @@ def install(session) -> None:
             for other in f.get("with", []):
                 os.kill(_get_json(ctx.store, StoreKeys.heartbeat(other))["pid"], sig)
             logger.warning(
-                "fault injection: %s rank %d at iteration %s (%s)", sig.name, ctx.rank, iteration, phase
+                "fault injection: %s rank %d at iteration %s (%s)",
+                sig.name,
+                ctx.rank,
+                iteration,
+                phase,
             )
             os.kill(os.getpid(), sig)
 

@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import functools
 import numbers
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Tuple
 
@@ -57,6 +58,7 @@ from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.megatron import inloop
 from megatron_moevement.megatron.args import (
+    MoEvementArgsError,
     add_moevement_args,
     baseline_config_from_args,
     moevement_config_from_args,
@@ -546,9 +548,43 @@ def after_optimizer_step(
 
         session.after_step(int(iteration), get_args(), num_floating_point_operations_so_far or 0)
         session.fault_point(int(iteration), "after_step")
+    bytes_before = getattr(strategy, "snapshot_bytes_total", 0)
+    started = time.perf_counter()
     strategy.after_optimizer_step(int(iteration))
+    stall_s = time.perf_counter() - started
     if session is not None:
         session.fault_point(int(iteration), "after_snapshot")
+    _report_iteration(
+        int(iteration) + 1, getattr(strategy, "snapshot_bytes_total", 0) - bytes_before, stall_s
+    )
+
+
+def _report_iteration(count: int, snapshot_bytes: int, stall_s: float) -> None:
+    """This iteration's snapshot figures where a Megatron-LM user looks: its TensorBoard / W&B
+    writers (every iteration, when configured) and its log (the last rank, every
+    ``--log-interval`` iterations)."""
+    try:
+        from megatron.training import get_args, get_tensorboard_writer, get_wandb_writer
+        from megatron.training.utils import print_rank_last
+
+        args = get_args()
+    except (ImportError, AssertionError):  # a Megatron-Core loop without megatron.training
+        return
+    writer, wandb = get_tensorboard_writer(), get_wandb_writer()
+    if writer is not None:
+        writer.add_scalar("moevement/snapshot_bytes", snapshot_bytes, count)
+        writer.add_scalar("moevement/snapshot_stall_s", stall_s, count)
+    if wandb is not None:
+        wandb.log(
+            {"moevement/snapshot_bytes": snapshot_bytes, "moevement/snapshot_stall_s": stall_s},
+            count,
+        )
+    interval = getattr(args, "log_interval", None)
+    if isinstance(interval, int) and interval > 0 and count % interval == 0:
+        print_rank_last(
+            f" [MoEvement] after iteration {count}: snapshot {snapshot_bytes / 2**20:.2f} MiB, "
+            f"training thread stalled {stall_s * 1e3:.1f} ms"
+        )
 
 
 def _load_target(load_args: Tuple[Any, ...], load_kwargs: dict) -> Tuple[Any, Any]:

@@ -159,7 +159,6 @@ def megatron_iteration(
     """
     from megatron.core import parallel_state as mpu
     from megatron.core.num_microbatches_calculator import get_num_microbatches
-
     from megatron.core.rerun_state_machine import RerunState, get_rerun_state_machine
 
     rerun = get_rerun_state_machine()

@@ -262,6 +262,7 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
         sys.argv, sys.path[:] = saved_argv, saved_path
     return 0
 
+
 def run_job(
     job: LocalJob, timeout: float, elastic: bool = True, refill_spares: bool = True
 ) -> List[dict]:
@@ -403,6 +404,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f", spare process {failure['refill']} started" if "refill" in failure else "",
         )
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

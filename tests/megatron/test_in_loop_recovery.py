@@ -11,7 +11,7 @@ with the fault-free values, and replay only on the failed stage.
 
 import pytest
 
-from tests.megatron.megatron_lm import (
+from megatron_moevement.harness.megatron_lm import (
     assert_bitwise_equal,
     final_state,
     log_lines,
@@ -104,9 +104,7 @@ def test_second_failure_after_the_spare_pool_was_refilled(megatron_lm, tmp_path_
     assert [(f["rank"], f["spare"]) for f in failures] == [(1, 4), (2, 5)]
     reports = check_recovered(out, reference, iterations)
     check_scoped({r: [x for x in v if x["generation"] == 1] for r, v in reports.items()}, 1, 0)
-    check_scoped(
-        {r: [x for x in v if x["generation"] == 2] for r, v in reports.items()}, 2, 1, 2
-    )
+    check_scoped({r: [x for x in v if x["generation"] == 2] for r, v in reports.items()}, 2, 1, 2)
 
 
 @pytest.mark.slow

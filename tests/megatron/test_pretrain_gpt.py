@@ -12,7 +12,7 @@ optimizer, RNG and scheduler state (Megatron's own ``--save``, torch format) are
 import pytest
 import torch
 
-from tests.megatron.megatron_lm import (
+from megatron_moevement.harness.megatron_lm import (
     assert_bitwise_equal,
     final_state,
     loss_lines,

@@ -93,6 +93,34 @@ def test_dead_ranks_are_replaced_by_spares_in_one_generation(store):
     assert sorted(table.killed) == [2, 4, 5] and store.check(["job/failed"])
 
 
+class RefillingTable(FakeTable):
+    """A table that can start new spare processes (as the local launcher's does)."""
+
+    def start_spare(self):
+        proc = len(self.codes)
+        self.codes[proc] = None
+        return proc
+
+
+def test_refill_keeps_the_spare_pool_full(store):
+    table = RefillingTable(5)
+    coord = JobCoordinator(store, 4, spares=[4], batch_window_s=0.0, refill_spares=True)
+    table.codes[1] = -9
+    coord._replace(table, coord._dead(table))
+    assert coord.failures[-1]["spare"] == 4 and coord.failures[-1]["refill"] == 5
+    assert coord.free_spares == [5]
+    store.add("stable/1", 4)
+    table.codes[4] = -9  # the first spare (now rank 1) dies too: the refilled one takes it
+    coord._replace(table, coord._dead(table))
+    assert json.loads(store.get("spare/5")) == {"rank": 1, "generation": 2}
+    assert coord.rank_to_proc[1] == 5 and coord.free_spares == [6]
+    # Without refill the same table is not asked for spares.
+    plain = JobCoordinator(store, 4, spares=[], batch_window_s=0.0)
+    table.codes[0] = -9
+    with pytest.raises(JobFailed, match="only 0 spare"):
+        plain._replace(table, [0])
+
+
 def test_failure_before_the_last_recovery_finished_widens_the_failed_set(store):
     table = FakeTable(6)
     coord = JobCoordinator(store, 4, spares=[4, 5], batch_window_s=0.0)

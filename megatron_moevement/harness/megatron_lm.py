@@ -1,23 +1,23 @@
-"""Shared by the tests that run Megatron-LM's own ``pretrain_gpt.py`` (patched) on 4 CPU ranks:
-the model and options, running a job, and reading its loss lines and final checkpoint."""
+"""Megatron-LM's own ``pretrain_gpt.py`` (patched) on 4 local CPU ranks, end to end: the model
+and options, patching a tree, running a job (optionally with a spare and a fault), and reading
+its log lines, recovery reports and final checkpoint. Used by ``moevement-train megatron-lm`` and
+the Megatron-LM tests."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_moevement.harness import megatron_faults
 from megatron_moevement.megatron.launch_local import build_job, run_job
 
 ROOT = Path(__file__).resolve().parents[2]
-TREE = Path(os.environ.get("MEGATRON_LM_DIR", ROOT.parent / "shared" / "megatron-lm"))
+APPLY_PATCH = ROOT / "scripts" / "apply_megatron_patch.sh"
 
 
 def model_args(iterations: int) -> list[str]:
@@ -44,23 +44,22 @@ TIMING = re.compile(r"elapsed time per iteration \(ms\): \S+ \|")
 LOSS = re.compile(r"lm loss: (\S+)")
 
 
-def patched_tree(tmp_path_factory) -> Path:
-    """A patched copy of Megatron-LM's tree (skips the test without one)."""
-    if not (TREE / "pretrain_gpt.py").is_file():
-        pytest.skip(
-            f"no Megatron-LM tree at {TREE}: set MEGATRON_LM_DIR to a Megatron-LM checkout at "
-            "core_v0.16.1 to run Megatron-LM's pretrain_gpt.py"
+def patch_tree(source: Path, dest: Path) -> Path:
+    """Copies the Megatron-LM tree ``source`` to ``dest`` and applies MoEvement's patch there;
+    returns ``dest``."""
+    source = Path(source)
+    if not (source / "pretrain_gpt.py").is_file():
+        raise FileNotFoundError(
+            f"{source} is not a Megatron-LM tree (no pretrain_gpt.py). Fix: pass a checkout of "
+            "NVIDIA/Megatron-LM at core_v0.16.1."
         )
-    tree = tmp_path_factory.mktemp("megatron-lm") / "Megatron-LM"
-    shutil.copytree(TREE, tree)
-    for path in [tree, *tree.rglob("*")]:
-        path.chmod(path.stat().st_mode | 0o200)  # the shared tree is read-only
-    subprocess.run(
-        ["bash", str(ROOT / "scripts" / "apply_megatron_patch.sh"), str(tree)],
-        check=True,
-        capture_output=True,
-    )
-    return tree
+    shutil.copytree(source, dest)
+    for path in [dest, *Path(dest).rglob("*")]:
+        path.chmod(path.stat().st_mode | 0o200)  # the source may be read-only
+    result = subprocess.run(["bash", str(APPLY_PATCH), str(dest)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"patching {dest} failed: {result.stdout}{result.stderr}")
+    return Path(dest)
 
 
 def run_pretrain(
@@ -101,13 +100,18 @@ def run_pretrain(
 
 
 def log_lines(out: Path) -> dict[int, str]:
-    """Each iteration's log line (without its timing), by iteration; asserts none is printed
-    twice (the printing rank may have been replaced by a spare: all logs are read)."""
+    """Each iteration's log line (without its timing), by iteration (the printing rank may have
+    been replaced by a spare: all logs are read).
+
+    Raises:
+        ValueError: An iteration's line was printed twice.
+    """
     lines: dict[int, str] = {}
     for log in sorted((out / "logs").glob("proc*.log")):
         for match in LOG_LINE.finditer(log.read_text(errors="replace")):
             it = int(match.group(1))
-            assert it not in lines, f"iteration {it} printed twice"
+            if it in lines:
+                raise ValueError(f"iteration {it} was printed twice ({log})")
             lines[it] = TIMING.sub("", match.group(2)).strip()
     return lines
 
@@ -158,11 +162,12 @@ def final_state(out: Path, iterations: int) -> dict:
     return state
 
 
-def assert_bitwise_equal(a: dict, b: dict) -> int:
-    """Every entry equal, tensors byte for byte; returns the number of entries."""
-    assert a.keys() == b.keys()
-    differ = []
+def differing_entries(a: dict, b: dict) -> list[str]:
+    """The keys whose entries differ (tensors compared byte for byte, missing keys included)."""
+    differ = sorted(set(a) ^ set(b))
     for key, va in a.items():
+        if key not in b:
+            continue
         vb = b[key]
         if torch.is_tensor(va):
             same = (
@@ -177,5 +182,66 @@ def assert_bitwise_equal(a: dict, b: dict) -> int:
             same = va == vb
         if not same:
             differ.append(key)
+    return differ
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> int:
+    """Every entry equal, tensors byte for byte; returns the number of entries."""
+    differ = differing_entries(a, b)
     assert not differ, f"{len(differ)} of {len(a)} entries differ, e.g. {differ[:5]}"
     return len(a)
+
+
+def run_recovery_demo(
+    source_tree: Path,
+    output_dir: Path,
+    *,
+    victim: int = 1,
+    iteration: int = 4,
+    phase: str = "microbatch1",
+    iterations: int = 8,
+    window: str = "2",
+    timeout: float = 900,
+    progress=lambda message: None,
+) -> dict:
+    """Megatron-LM's ``pretrain_gpt.py`` end to end: patches a copy of ``source_tree``, runs the
+    small MoE GPT on PP2 x DP2 x EP2 with one spare, fault-free and with a SIGKILL of ``victim``
+    at ``phase`` of 0-based ``iteration``, and compares the two.
+
+    Returns:
+        ``{"failures", "reports", "log_lines_equal", "entries", "differing", "bitwise_equal"}``:
+        the coordinator's failure records, every rank's recovery reports, whether every
+        iteration's log line is the same, the number of final-checkpoint entries compared and
+        those that differ.
+    """
+    output_dir = Path(output_dir)
+    progress(f"patching a copy of {source_tree}")
+    tree = patch_tree(source_tree, output_dir / "Megatron-LM")
+    args = [*model_args(iterations), "--untie-embeddings-and-output-weights"]
+    progress(f"fault-free run ({iterations} iterations, logs in {output_dir / 'fault-free'})")
+    reference = output_dir / "fault-free"
+    run_pretrain(tree, reference, "moevement", args, window=window, spares=1, elastic=True)
+    recovered = output_dir / "recovered"
+    fault = {"rank": victim, "iteration": iteration, "phase": phase}
+    progress(f"run with a SIGKILL of rank {victim} at iteration {iteration + 1} ({phase})")
+    failures = run_pretrain(
+        tree,
+        recovered,
+        "moevement",
+        args,
+        window=window,
+        spares=1,
+        elastic=True,
+        faults=[fault],
+        timeout=timeout,
+    )
+    a, b = final_state(reference, iterations), final_state(recovered, iterations)
+    differing = differing_entries(a, b)
+    return dict(
+        failures=failures,
+        reports=recovery_reports(recovered),
+        log_lines_equal=log_lines(reference) == log_lines(recovered),
+        entries=len(a),
+        differing=differing,
+        bitwise_equal=not differing and bool(a),
+    )
