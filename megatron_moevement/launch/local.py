@@ -199,8 +199,8 @@ class _LocalProcessTable:
     def kill(self, proc: int) -> None:
         self.job.kill(proc, signal.SIGKILL)  # by pid; also ends a stopped process
 
-    def start_spare(self) -> int:
-        return self.job.start_spare()
+    def start_spare(self, failed_proc: int) -> int:
+        return self.job.start_spare()  # one host: always healthy while the launcher runs
 
     def log_hint(self, procs: list[int] | None = None) -> str:
         return self.job._log_hint(procs)

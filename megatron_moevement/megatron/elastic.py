@@ -16,9 +16,13 @@ spare process:
   other store; workers that initialize ``torch.distributed`` with ``env://`` connect to it as
   clients (``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun);
 * every agent reports its worker's exit status to the coordinator (store queue ``tasks/exits``),
-  kills its worker by pid when the coordinator asks (``kill/<t>``: a rank whose heartbeat
+  kills its worker by pid when the coordinator asks (``kill/<p>``: a rank whose heartbeat
   stopped), and stays until the job ends, so that ``srun``'s status is the job's: 0 when every
-  rank finished (``job/done``), 1 otherwise (``job/failed``).
+  rank finished (``job/done``), 1 otherwise (``job/failed``);
+* the spare pool is refilled: when a spare takes over a failed rank, the coordinator asks the
+  failed task's agent (alive, since it reported the exit: its node is healthy) to start a new
+  spare worker there (``respawn/<t>``), whose process id is ``t + k * SLURM_NTASKS`` for the
+  task's k-th worker (``--no-refill-spares`` turns this off).
 
 With ``--no-elastic`` (workers that cannot take over a rank of a running job, such as Megatron-LM's
 ``pretrain_gpt.py`` with a baseline strategy; with ``--ckpt-strategy moevement`` it recovers in
@@ -63,10 +67,14 @@ class _StoreProcessTable:
     """The job's tasks as the coordinator sees them through the store (a
     :class:`~megatron_moevement.recovery.driver.ProcessTable`)."""
 
-    def __init__(self, store, log_dir: Optional[Path], world_size: int) -> None:
+    def __init__(
+        self, store, log_dir: Optional[Path], world_size: int, ntasks: Optional[int] = None
+    ) -> None:
         self.store = store
         self.log_dir = log_dir
         self.world_size = world_size
+        self.ntasks = ntasks if ntasks is not None else world_size
+        """Process ids are ``task + k * ntasks`` for the k-th worker a task's agent started."""
         self.codes: dict[int, int] = {}
         self._pids: dict[int, int] = {}
         self._last_drain = 0.0
@@ -78,7 +86,7 @@ class _StoreProcessTable:
         self._last_drain = now
         while self.store.queue_len(EXITS_QUEUE) > 0:
             event = json.loads(self.store.queue_pop(EXITS_QUEUE, block=False).decode())
-            self.codes[int(event["task"])] = int(event["code"])
+            self.codes[int(event.get("proc", event["task"]))] = int(event["code"])
 
     def returncode(self, proc: int) -> Optional[int]:
         self._drain()
@@ -92,16 +100,33 @@ class _StoreProcessTable:
     def kill(self, proc: int) -> None:
         self.store.set(f"kill/{proc}", "1")
 
+    def start_spare(self, failed_proc: int) -> Optional[int]:
+        """Asks the agent of ``failed_proc``'s task to start a new spare worker. Its agent
+        reported the exit, so it and its node are alive; the new worker's process id is the next
+        incarnation of that task."""
+        if self.codes.get(failed_proc) is None:
+            return None  # no agent reported it: its node may be gone
+        task = failed_proc % self.ntasks
+        new = failed_proc + self.ntasks
+        self.store.set(respawn_key(task), str(new))
+        return new
+
     def log_hint(self, procs: Optional[List[int]] = None) -> str:
         if self.log_dir is None:
             return ""
         lines = []
-        for task in procs if procs is not None else sorted(self.codes):
+        for proc in procs if procs is not None else sorted(self.codes):
+            task = proc % self.ntasks
             path = self.log_dir / log_name(task, self.world_size)
             if path.exists():
                 tail = path.read_text(errors="replace").splitlines()[-15:]
                 lines.append(f"\n--- task {task} ({path}) ---\n" + "\n".join(tail))
         return "".join(lines)
+
+
+def respawn_key(task: int) -> str:
+    """``<proc id>``: the coordinator asks ``task``'s agent to start a new spare worker."""
+    return f"respawn/{task}"
 
 
 def log_name(task: int, world_size: int) -> str:
@@ -120,6 +145,8 @@ class TaskAgent:
         elastic: Whether workers can take over ranks of a running job.
         timeout_s: Limit of the whole job (the coordinator ends it after that).
         log_dir: Where the per-task logs are (for error messages of the coordinator).
+        refill_spares: When a spare takes over a failed rank, the agent of the failed task (its
+            node is healthy: it reported the exit) starts a new spare worker.
     """
 
     def __init__(
@@ -131,6 +158,7 @@ class TaskAgent:
         elastic: bool = True,
         timeout_s: float = 7 * 24 * 3600.0,
         log_dir: Optional[Path] = None,
+        refill_spares: bool = True,
     ) -> None:
         if not command:
             raise ValueError("no worker command given. Fix: pass it after --.")
@@ -148,7 +176,10 @@ class TaskAgent:
         self.elastic = elastic
         self.timeout_s = timeout_s
         self.log_dir = log_dir
+        self.refill_spares = refill_spares
         self.is_spare = task >= world_size
+        self.proc = task
+        """The process id of this task's current worker (``task + k * ntasks``)."""
         self.store = None
         self.child: Optional[subprocess.Popen] = None
         self.coordinator_error: Optional[BaseException] = None
@@ -174,7 +205,7 @@ class TaskAgent:
         """The worker's environment for this task's role."""
         env = dict(os.environ)
         env.update(
-            LOCAL_PROC_ID=str(self.task),
+            LOCAL_PROC_ID=str(self.proc),
             LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
             WORLD_SIZE=str(self.world_size),
             TORCHELASTIC_USE_AGENT_STORE="True",
@@ -193,9 +224,13 @@ class TaskAgent:
         from megatron_moevement.recovery.coordinator import JobCoordinator
 
         store = self.store.clone()
-        table = _StoreProcessTable(store, self.log_dir, self.world_size)
+        table = _StoreProcessTable(store, self.log_dir, self.world_size, self.ntasks)
         coordinator = JobCoordinator(
-            store, self.world_size, range(self.world_size, self.ntasks), elastic=self.elastic
+            store,
+            self.world_size,
+            range(self.world_size, self.ntasks),
+            elastic=self.elastic,
+            refill_spares=self.elastic and self.refill_spares,
         )
         self.coordinator = coordinator
 
@@ -228,38 +263,28 @@ class TaskAgent:
                 self.task,
                 role,
             )
-        else:
-            # Same process group as this agent: whoever kills the agent's group kills the worker.
-            self.child = subprocess.Popen(self.command, env=self.child_env())
-            logger.info(
-                "task %d (%s) on %s: worker pid %d",
-                self.task,
-                role,
-                socket.gethostname(),
-                self.child.pid,
+            self.store.set(
+                StoreKeys.task(self.task),
+                json.dumps(dict(host=socket.gethostname(), pid=None, role="spare")),
             )
-        self.store.set(
-            StoreKeys.task(self.task),
-            json.dumps(
-                dict(
-                    host=socket.gethostname(),
-                    pid=None if self.child is None else self.child.pid,
-                    role="spare" if self.is_spare else "rank",
-                )
-            ),
-        )
+        else:
+            self._start_child()
         reported = self.child is None
         try:
             while True:
                 if not reported and self.child.poll() is not None:
                     code = self.child.returncode
-                    self.store.queue_push(EXITS_QUEUE, json.dumps(dict(task=self.task, code=code)))
+                    self._report_exit(code)
                     reported = True
                     logger.info("task %d: worker exited with status %d", self.task, code)
+                if reported and self.child is not None and self._respawn_requested():
+                    self.is_spare = True  # the new worker waits for the next failed rank
+                    self._start_child()
+                    reported = False
                 if (
                     self.child is not None
                     and self.child.poll() is None
-                    and self.store.check([f"kill/{self.task}"])
+                    and self.store.check([f"kill/{self.proc}"])
                 ):
                     logger.warning(
                         "task %d: the coordinator declared the worker (pid %d) "
@@ -276,12 +301,53 @@ class TaskAgent:
             done = self.store.check([StoreKeys.JOB_DONE])
             self._finish_child(graceful=done)
             if not reported:
-                self.store.queue_push(
-                    EXITS_QUEUE, json.dumps(dict(task=self.task, code=self.child.returncode))
-                )
+                self._report_exit(self.child.returncode)
         finally:
             self._finish_child(graceful=False)
         return self._leave(done)
+
+    def _start_child(self) -> None:
+        # Same process group as this agent: whoever kills the agent's group kills the worker.
+        self.child = subprocess.Popen(self.command, env=self.child_env())
+        role = (
+            f"spare {self.task - self.world_size}"
+            if self.task >= self.world_size
+            else (f"rank {self.task}")
+        )
+        if self.proc != self.task:
+            role = f"spare (process {self.proc}, refilling the pool)"
+        logger.info(
+            "task %d (%s) on %s: worker pid %d",
+            self.task,
+            role,
+            socket.gethostname(),
+            self.child.pid,
+        )
+        self.store.set(
+            StoreKeys.task(self.proc),
+            json.dumps(
+                dict(
+                    host=socket.gethostname(),
+                    pid=self.child.pid,
+                    role="spare" if self.is_spare else "rank",
+                )
+            ),
+        )
+
+    def _report_exit(self, code: int) -> None:
+        event = dict(task=self.task, proc=self.proc, code=code)
+        self.store.queue_push(EXITS_QUEUE, json.dumps(event))
+
+    def _respawn_requested(self) -> bool:
+        """The coordinator asked this task for a new spare worker (after its worker died)."""
+        key = respawn_key(self.task)
+        if not self.store.check([key]):
+            return False
+        new = int(self.store.get(key).decode())
+        if new <= self.proc:
+            return False
+        self.proc = new
+        return True
 
     def _finish_child(self, graceful: bool) -> None:
         if self.child is None or self.child.poll() is not None:
@@ -338,6 +404,12 @@ def _parser() -> argparse.ArgumentParser:
         "first failure ends the job",
     )
     parser.add_argument(
+        "--no-refill-spares",
+        dest="refill_spares",
+        action="store_false",
+        help="do not start a new spare worker on a failed task's healthy node",
+    )
+    parser.add_argument(
         "--timeout",
         type=POSITIVE_FLOAT,
         default=7 * 24 * 3600.0,
@@ -377,6 +449,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.elastic,
             args.timeout,
             args.log_dir,
+            args.refill_spares,
         )
     except ValueError as exc:
         raise SystemExit(f"{MODULE}: {exc}") from None

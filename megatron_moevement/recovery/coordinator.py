@@ -70,7 +70,9 @@ class JobCoordinator:
             :class:`RecoveryDriver` or Megatron-LM's loop in an elastic session). If not, a
             failure ends the job at once: every rank is killed by pid and ``job/failed`` says why.
         refill_spares: Whenever a spare takes over a rank, start a new one
-            (``table.start_spare()``), so that the job survives more failures than it had spares.
+            (``table.start_spare(failed_proc)``, which returns its process id, or None where no
+            healthy host can run it), so that the job survives more failures than it had
+            spares.
     """
 
     BEAT_CHECK_S = 0.1
@@ -193,8 +195,10 @@ class JobCoordinator:
             entry.update(silenced or {})
             if self.refill_spares and hasattr(table, "start_spare"):
                 # The spare pool stays full: the new spare waits for the next failure.
-                entry["refill"] = table.start_spare()
-                self.free_spares.append(entry["refill"])
+                refill = table.start_spare(proc)
+                if refill is not None:
+                    entry["refill"] = refill
+                    self.free_spares.append(refill)
             self.failures.append(entry)
             self.rank_to_proc[rank] = spare
             if rank in self._beats:  # the replacement's first beat changes it: time from now

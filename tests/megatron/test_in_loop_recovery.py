@@ -85,7 +85,6 @@ def test_sigkill_recovers_in_memory_bitwise(
     assert "[MoEvement] recovered in memory" in logs  # in Megatron's own log
 
 
-@pytest.mark.slow
 def test_second_failure_after_the_spare_pool_was_refilled(megatron_lm, tmp_path_factory):
     """One spare: it takes the first failed rank, a new spare is started, and that one takes the
     second failed rank (another stage, in the next generation)."""

@@ -428,6 +428,68 @@ def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
     assert all(rep["reports"][-1]["scope"] == "scoped" for rep in reports)
 
 
+@pytest.mark.multiproc
+@pytest.mark.timeout(500)
+def test_spare_pool_is_refilled_on_the_failed_tasks_node(tmp_path, fault_free_pp2xdp2xep2):
+    """Two spare tasks, three failures: after each failure the failed task's agent (its node is
+    healthy) starts a new spare worker, and the third failure is taken by such a worker (process
+    id task + SLURM_NTASKS); the job finishes bitwise equal to a fault-free run."""
+    from megatron_moevement.harness.worker import WorkerSpec
+    from megatron_moevement.launch.local import free_port
+    from tests.conftest import (
+        RESILIENT_ITERATIONS,
+        RESILIENT_LAYOUT,
+        RESILIENT_MODEL,
+        assert_states_bitwise_equal,
+        load_states,
+    )
+
+    out = tmp_path / "out"
+    out.mkdir()
+    faults = [
+        dict(rank=1, iteration=3, phase="microbatch1"),
+        dict(rank=2, iteration=5, phase="microbatch0", generation=1),
+        dict(rank=3, iteration=8, phase="microbatch1", generation=2),
+    ]
+    spec = WorkerSpec(
+        job="resilient",
+        layout=RESILIENT_LAYOUT,
+        model=RESILIENT_MODEL,
+        iterations=RESILIENT_ITERATIONS,
+        output_dir=str(out),
+        timeout_s=60,
+        moevement=dict(window_size=3, replication_factor=1, faults=faults),
+    )
+    spec_path = spec.save(tmp_path / "spec.json")
+    bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
+    log_dir = tmp_path / "logs"
+    values = dict(
+        VALUES,
+        nodes=2,
+        spare_nodes=1,
+        gpus_per_node=2,
+        replication_factor=1,
+        log_dir=str(log_dir),
+        python=sys.executable,
+        master_port=free_port(),
+        program="module:megatron_moevement.harness.worker",
+        extra_args=str(spec_path),
+        job_timeout_s=400,
+    )
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch(TEMPLATES[0], **values))
+    code, output = _run_script(script, _env(tmp_path, bin_dir, "93"), timeout=460)
+    logs = log_dir / "93"
+    assert code == 0, output + "".join(
+        f"\n--- {p.name} ---\n" + "\n".join(p.read_text().splitlines()[-20:])
+        for p in sorted(logs.glob("*.log"))
+    )
+    coordinator = (logs / "rank0.log").read_text()
+    assert "ranks [3] failed; generation 3 with spares [7]" in coordinator, coordinator[-3000:]
+    assert "refilling the pool" in (logs / "rank1.log").read_text()
+    assert_states_bitwise_equal(load_states(out, 4), fault_free_pp2xdp2xep2)
+
+
 def test_pretrain_gpt_with_a_baseline_reserves_spares_and_a_failure_ends_the_job(tmp_path):
     """With a baseline strategy Megatron-LM's pretrain_gpt.py cannot take over a rank mid-job:
     spare tasks start with the spare role but no worker, and the first failed rank ends the job

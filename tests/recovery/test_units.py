@@ -96,7 +96,7 @@ def test_dead_ranks_are_replaced_by_spares_in_one_generation(store):
 class RefillingTable(FakeTable):
     """A table that can start new spare processes (as the local launcher's does)."""
 
-    def start_spare(self):
+    def start_spare(self, failed_proc):
         proc = len(self.codes)
         self.codes[proc] = None
         return proc
