@@ -73,6 +73,7 @@ def run_pretrain(
     elastic: bool = False,
     faults: list | None = None,
     timeout: float = 600,
+    replication_factor: int = 1,
 ) -> list[dict]:
     """Runs pretrain_gpt.py on 4 local ranks (+ ``spares``), saving to ``out/ckpt`` with logs in
     ``out/logs``; returns the elastic coordinator's failure records."""
@@ -88,6 +89,7 @@ def run_pretrain(
         log_dir=out / "logs",
         moevement=moevement,
         window_size=window if strategy == "moevement" else None,
+        replication_factor=replication_factor,
         ckpt_strategy=strategy if moevement else "moevement",
     )
     if faults:
@@ -99,18 +101,19 @@ def run_pretrain(
     return run_job(job, timeout=timeout, elastic=elastic)
 
 
-def log_lines(out: Path) -> dict[int, str]:
+def log_lines(out: Path, allow_repeats: bool = False) -> dict[int, str]:
     """Each iteration's log line (without its timing), by iteration (the printing rank may have
     been replaced by a spare: all logs are read).
 
     Raises:
-        ValueError: An iteration's line was printed twice.
+        ValueError: An iteration's line was printed twice (unless ``allow_repeats``: a restart
+            from ``--load`` trains some iterations again; the last line counts).
     """
     lines: dict[int, str] = {}
     for log in sorted((out / "logs").glob("proc*.log")):
         for match in LOG_LINE.finditer(log.read_text(errors="replace")):
             it = int(match.group(1))
-            if it in lines:
+            if it in lines and not allow_repeats:
                 raise ValueError(f"iteration {it} was printed twice ({log})")
             lines[it] = TIMING.sub("", match.group(2)).strip()
     return lines

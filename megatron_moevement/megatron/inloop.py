@@ -401,6 +401,8 @@ class InLoopSession:
             exc,
             getattr(args, "load", None),
         )
+        # The optimizer already has Adam state (adopt() created it, every step equal), which
+        # Megatron's torch_dist loader of the distributed optimizer needs on the torch-Adam path.
         args.iteration, args.num_floating_point_operations_so_far = self.load_fallback()
         strategy.registry.refresh()
         self.counters = {}

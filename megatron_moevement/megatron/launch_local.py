@@ -46,7 +46,7 @@ from megatron_moevement.constants import CKPT_STRATEGIES, ELASTIC_ENV, REPORT_DI
 from megatron_moevement.launch.local import ElasticAgent, LocalJob, exit_after_success
 from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
-from megatron_moevement.megatron.pretrain import prepare
+from megatron_moevement.megatron.pretrain import TREE_ENV, exec_in_main, prepare
 from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
 
 __all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_job", "run_rank"]
@@ -254,7 +254,13 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
             start_session()  # a spare returns from here with the rank it takes
         os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
         sys.argv = [script, *script_args]
-        runpy.run_path(script, run_name="__main__")
+        main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+        if getattr(main_spec, "name", None) == MODULE:
+            # The rank process (python -m this module): spawned children (torch_dist saves)
+            # import this module by name and get the redirections (see the end of the module).
+            exec_in_main(script)
+        else:  # called from another program (tests): leave its __main__ alone
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
@@ -405,6 +411,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     return 0
 
+
+if os.environ.get(TREE_ENV) and __name__ != "__main__":
+    # A child a rank's script started with the spawn method (the torch_dist save does) imports
+    # this module again as its __main__: the CPU redirections must be there too.
+    prepare(os.environ[TREE_ENV])
 
 if __name__ == "__main__":
     sys.exit(main())

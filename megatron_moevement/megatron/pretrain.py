@@ -53,6 +53,14 @@ def run_script(script: str | os.PathLike, argv: list[str]) -> None:
         raise SystemExit(f"error: {script} does not exist (pass Megatron-LM's pretrain_gpt.py)")
     prepare(script.parent)
     sys.argv = [str(script), *argv]
+    exec_in_main(script)
+
+
+def exec_in_main(script: str | os.PathLike) -> None:
+    """Executes ``script`` in the namespace of the running ``__main__`` module (started with
+    ``python -m``), which keeps its ``__spec__``: children started with the ``spawn`` method then
+    import that module by name, and with it the redirections, rather than the script's path."""
+    script = Path(script).resolve()
     namespace = sys.modules["__main__"].__dict__
     namespace["__file__"] = str(script)
     code = compile(script.read_text(), str(script), "exec")

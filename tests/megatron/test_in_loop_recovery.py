@@ -120,3 +120,39 @@ def test_tied_embeddings_recover_globally(megatron_lm, tmp_path_factory):
     for rank_reports in reports.values():
         assert rank_reports[0]["scope"] == "global"
         assert rank_reports[0]["scope_ranks"] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_without_a_replica_the_job_falls_back_to_megatrons_load(megatron_lm, tmp_path):
+    """No replicas (replication factor 0): the failed rank's checkpoint is gone with it, so no
+    in-memory tier can serve; every rank restores Megatron's own checkpoint (--load, torch_dist)
+    and training finishes, and the reports say which path ran."""
+    args = [
+        *model_args(ITERATIONS),
+        "--untie-embeddings-and-output-weights",
+        "--ckpt-format",
+        "torch_dist",
+        "--save-interval",
+        "2",
+        "--load",
+        str(tmp_path / "ckpt"),
+    ]
+    fault = {"rank": 1, "iteration": 5, "phase": "microbatch1"}
+    failures = run_pretrain(
+        megatron_lm,
+        tmp_path,
+        "moevement",
+        args,
+        spares=1,
+        elastic=True,
+        faults=[fault],
+        replication_factor=0,
+    )
+    assert [f["rank"] for f in failures] == [1]
+    reports = recovery_reports(tmp_path)
+    assert sorted(reports) == [0, 1, 2, 3]
+    for rank_reports in reports.values():
+        assert rank_reports[0]["path"] == "megatron-load"
+        assert "no surviving replica" in rank_reports[0]["reason"]
+        assert rank_reports[0]["committed_iteration"] == 3  # the --save of iteration 4
+    assert sorted(log_lines(tmp_path, allow_repeats=True)) == list(range(1, ITERATIONS + 1))
