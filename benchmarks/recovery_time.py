@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,12 @@ def _elastic(tmp: Path, name: str, layout, model, iterations, window, fault, sco
         for r in range(layout.world_size)
     ]
     total = max(sum(r["times_s"].values()) for r in reports)
+    # When the SIGKILL was sent (the fault plugin's record) and when each survivor noticed.
+    killed_at = [json.loads(line)["time"] for line in (tmp / name / "faults.jsonl").open()][0]
+    survivors = [r for r in reports if not r["spare"]]
     return dict(
+        detect_s_per_rank=[r["times_s"]["detect"] for r in reports],
+        noticed_after_kill_s=max(r["noticed_at"] - killed_at for r in survivors),
         scope=reports[0]["scope"],
         scope_ranks=reports[0]["scope_ranks"],
         recovery_s=total,
@@ -119,6 +125,13 @@ def main() -> None:
             "checkpoint load from local disk, recompute of "
             f"{recomputed} iterations",
         )
+    for mode in ("scoped", "global"):
+        r = results[mode]
+        print(
+            f"{mode}: detect per rank {[round(d, 3) for d in r['detect_s_per_rank']]} s (failure "
+            f"noticed {r['noticed_after_kill_s']:.3f} s after the SIGKILL); phases "
+            f"{ {k: round(v, 3) for k, v in r['phases_s'].items()} }"
+        )
     base = results["scoped"]["recovery_s"]
     print(
         f"\n{'mode':<8} {'scope ranks':<14} {'recovery (s)':>12} {'x scoped':>9} "
@@ -131,7 +144,18 @@ def main() -> None:
             f"{mode:<8} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
             f"{r['microbatches_recomputed']:>24}"
         )
-    write_results(args.output, dict(layout=str(layout), fault=fault, results=results))
+    scoped_to_global = base / results["global"]["recovery_s"]
+    print(f"scoped / global rollback = {scoped_to_global:.2f}")
+    write_results(
+        args.output,
+        dict(
+            layout=str(layout),
+            fault=fault,
+            results=results,
+            scoped_to_global=scoped_to_global,
+            cpu_count=os.cpu_count(),
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ BENCHMARKS = {
             "512",
         ],
     ),
+    "overhead_pp2": (
+        "snapshot_overhead.py",
+        "snapshot_overhead_pp2.json",
+        ["--layout", "pp2xdp2xep2"],
+        ["--layout", "pp2xdp2xep2", "--iterations", "16", "--rounds", "2"],
+    ),
     "replay": (
         "replay_cost.py",
         "replay_cost.json",
@@ -77,6 +83,12 @@ BENCHMARKS = {
         ["--repeats", "1"],
     ),
     "recovery": ("recovery_time.py", "recovery_time.json", [], []),
+    "recovery_pp4": (
+        "recovery_time.py",
+        "recovery_time_pp4.json",
+        ["--layout", "pp4"],
+        ["--layout", "pp4"],
+    ),
     "baselines": (
         "baselines.py",
         "baselines.json",

@@ -117,6 +117,40 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
         rows,
     )
 
+    staged = [(m, r) for m, r in res.items() if r.get("stages")]
+    if staged:
+        text += (
+            "\nWhere the time goes, per iteration (ms): the training thread's stall (slowest "
+            "rank) and the background stages (mean over ranks); the limit is the ratio the copy "
+            "and checksum work alone would impose at the probed bandwidth when no core is idle "
+            "(1.000 where one is).\n\n"
+        )
+        text += _table(
+            [
+                "mode",
+                "stall",
+                "capture",
+                "wait for copies",
+                "copy",
+                "checksum",
+                "replication",
+                "limit x no checkpointing",
+            ],
+            [
+                [
+                    m,
+                    f"{1e3 * r['stages']['stall']['max']:.1f}",
+                    f"{1e3 * r['stages']['capture']['max']:.1f}",
+                    f"{1e3 * r['stages']['wait_for_copies']['max']:.1f}",
+                    f"{1e3 * r['stages']['copy']['mean']:.1f}",
+                    f"{1e3 * r['stages']['checksum']['mean']:.1f}",
+                    f"{1e3 * r['stages']['replication']['mean']:.1f}",
+                    f"{r['limit_ratio']:.3f}",
+                ]
+                for m, r in staged
+            ],
+        )
+
     def draw(ax):
         modes = list(res)
         ax.bar(modes, [res[m]["ratio_to_none"] for m in modes], color="tab:blue")
@@ -172,7 +206,7 @@ def replay_section(data: Optional[dict], plot: Plotter) -> str:
     return text + plot.save("replay_cost", draw)
 
 
-def recovery_section(data: Optional[dict], plot: Plotter) -> str:
+def recovery_section(data: Optional[dict], plot: Plotter, name: str = "recovery_time") -> str:
     if data is None:
         return MISSING.format(name="recovery_time.json")
     res = data["results"]
@@ -190,12 +224,21 @@ def recovery_section(data: Optional[dict], plot: Plotter) -> str:
     text += _table(
         ["mode", "ranks rolled back", "recovery (s)", "x scoped", "microbatches recomputed"], rows
     )
+    phased = [(m, r) for m, r in res.items() if "detect" in r.get("phases_s", {})]
+    if phased:
+        text += "\nPhases (s, slowest rank):\n\n" + _table(
+            ["mode", "detect", "rebuild", "fetch", "replay"],
+            [
+                [m] + [f"{r['phases_s'][k]:.3f}" for k in ("detect", "rebuild", "fetch", "replay")]
+                for m, r in phased
+            ],
+        )
 
     def draw(ax):
         ax.bar(list(res), [r["ratio_to_scoped"] for r in res.values()], color="tab:green")
         ax.set_ylabel("recovery time / scoped recovery")
 
-    return text + plot.save("recovery_time", draw)
+    return text + plot.save(name, draw)
 
 
 def baselines_section(data: Optional[dict], plot: Plotter) -> str:
@@ -337,6 +380,43 @@ def scaling_section(data: Optional[dict], plot: Plotter) -> str:
     )
 
 
+def cost_scaling_section(data: Optional[dict], plot: Plotter) -> str:
+    if data is None:
+        return MISSING.format(name="scaling.json")
+    rows = []
+    for axis, points in data["sweeps"].items():
+        for r in points:
+            rows.append(
+                [
+                    axis,
+                    r["point"][axis],
+                    r["processes"],
+                    f"{r['ratio_to_none']:.3f}",
+                    f"{r['snapshot_bytes_per_iteration'] / 1e6:.2f}",
+                    f"{r['host_memory_bytes']['total'] / 2**20:.2f}",
+                    f"{r['training_state_bytes'] / 2**20:.2f}",
+                    f"{r['host_to_state']:.2f}",
+                ]
+            )
+    text = (
+        f"One axis at a time from {data['base']}; {data['cpu_count']} cores, "
+        f"{data['rounds']} round(s) per point.\n\n"
+    )
+    return text + _table(
+        [
+            "axis",
+            "value",
+            "processes",
+            "x no checkpointing",
+            "MB snapshotted / iteration",
+            "host MiB held",
+            "training state MiB",
+            "host / state",
+        ],
+        rows,
+    )
+
+
 def ettr_section(data: Optional[dict], plot: Plotter) -> str:
     if data is None:
         return MISSING.format(name="ettr_real_vs_sim.json")
@@ -422,8 +502,19 @@ SECTIONS = [
         "snapshot_overhead_grouped.json",
         overhead_grouped_section,
     ),
+    (
+        "Snapshot overhead, PP2 x DP2 x EP2 on 2 cores (no idle core)",
+        "snapshot_overhead_pp2.json",
+        lambda data, plot: overhead_section(data, plot, "overhead_pp2"),
+    ),
+    ("How the costs scale", "scaling.json", cost_scaling_section),
     ("Sparse-to-dense replay cost", "replay_cost.json", replay_section),
     ("Recovery time", "recovery_time.json", recovery_section),
+    (
+        "Recovery time, PP4",
+        "recovery_time_pp4.json",
+        lambda data, plot: recovery_section(data, plot, "recovery_time_pp4"),
+    ),
     ("Baselines under a real failure", "baselines.json", baselines_section),
     ("Measured vs simulated ETTR", "ettr_real_vs_sim.json", ettr_section),
     ("Simulator vs the paper's Table 3", "sim_table3.json", table3_section),

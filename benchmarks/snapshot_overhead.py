@@ -134,6 +134,11 @@ def main() -> None:
                     expert_full_state_bytes=data["expert_full_state_bytes"],
                     compute_weight_bytes=data["compute_weight_bytes"],
                     iteration_times=data["iteration_times"],
+                    stages=_stage_breakdown(data, warmup),
+                    probe_bandwidth_bytes_per_s=statistics.fmean(data["probe_bandwidth_per_rank"]),
+                    idle_core_for_snapshots=data["idle_core_for_snapshots"],
+                    host_memory_bytes=data.get("host_memory_bytes"),
+                    training_state_bytes=data.get("training_state_bytes"),
                 )
             )
     for mode in modes:
@@ -152,9 +157,29 @@ def main() -> None:
             ratio_per_round=ratios,
             ratio_spread=(min(ratios), max(ratios)),
             iteration_times=[r["iteration_times"] for r in per_round],
+            stages={
+                k: {
+                    w: statistics.median(r["stages"][k][w] for r in per_round)
+                    for w in ("max", "mean")
+                }
+                for k in per_round[0]["stages"]
+            },
         )
+    none_s = results["none"]["median_iteration_s"]
     for mode in modes:
         r = results[mode]
+        # The limit when no core is idle: the copy + checksum work of every rank at the probed
+        # rate takes cores from training, shared by the host's cores; with an idle core it can
+        # all overlap (limit 1).
+        work = (
+            r["snapshot_bytes_per_iteration"] / r["probe_bandwidth_bytes_per_s"]
+            if (r["probe_bandwidth_bytes_per_s"])
+            else 0.0
+        )
+        r["copy_work_s_per_iteration"] = work
+        r["limit_ratio"] = (
+            1.0 if r["idle_core_for_snapshots"] else 1.0 + work / (os.cpu_count() or 1) / none_s
+        )
         # Share of the experts' full state snapshotted per iteration: 1/W for MoEvement's sparse
         # windows (also with grouped-GEMM experts, whose per-expert slices keep the sparsity).
         full = r["expert_full_state_bytes"]
@@ -180,6 +205,27 @@ def main() -> None:
             f"{'-' if share is None else f'{share:.3f}':>13} {inv_w:>6} "
             f"{r['ratio_spread'][0]:>9.3f}-{r['ratio_spread'][1]:.3f}"
         )
+    print(
+        "\nper iteration (ms, median over rounds of the mean after warm-up; stall: what the "
+        "training thread waited, slowest rank; background: per rank mean), limit x no-ckpt:"
+    )
+    print(
+        f"{'mode':<10} {'stall':>7} {'after_step':>10} {'capture':>8} {'wait_copy':>9} "
+        f"{'copy':>7} {'checksum':>8} {'replic.':>8} {'limit':>7}"
+    )
+    for mode in modes:
+        st = results[mode]["stages"]
+        if not st:
+            continue
+
+        def ms(key: str, which: str = "max") -> str:
+            return f"{1e3 * st[key][which]:.1f}"
+
+        print(
+            f"{mode:<10} {ms('stall'):>7} {ms('after_step'):>10} {ms('capture'):>8} "
+            f"{ms('wait_for_copies'):>9} {ms('copy', 'mean'):>7} {ms('checksum', 'mean'):>8} "
+            f"{ms('replication', 'mean'):>8} {results[mode]['limit_ratio']:>7.3f}"
+        )
     compute = results["moevement"]["compute_weight_bytes"]
     print(
         f"compute weights (all ranks, as stored: FP8 ones as data + scales): {compute / 1e6:.2f} MB"
@@ -193,8 +239,27 @@ def main() -> None:
             load_average=dict(before=load_before, after=os.getloadavg()),
             cpu_count=os.cpu_count(),
             results=results,
+            host_memory_bytes={m: results[m].get("host_memory_bytes") for m in modes},
         ),
     )
+
+
+def _stage_breakdown(data: dict, warmup: int) -> dict:
+    """Per stage, seconds per iteration after the warm-up: the slowest rank's mean (``max``)
+    and the mean over ranks (``mean``); ``stall`` = after_step + wait_for_copies."""
+    per_rank = data.get("stage_seconds_per_rank") or []
+    if not per_rank or not per_rank[0]:
+        return {}
+    stages = list(per_rank[0]) + ["stall"]
+    means: dict[str, list[float]] = {k: [] for k in stages}
+    for rank in per_rank:
+        rank = dict(
+            rank, stall=[a + b for a, b in zip(rank["after_step"], rank["wait_for_copies"])]
+        )
+        for k in stages:
+            steady = rank[k][warmup:]
+            means[k].append(statistics.fmean(steady) if steady else 0.0)
+    return {k: dict(max=max(v), mean=statistics.fmean(v)) for k, v in means.items()}
 
 
 if __name__ == "__main__":

@@ -51,6 +51,13 @@ class PolicyHost(Protocol):
     """Routing statistics."""
     popularity_group: Any
     d2h_bandwidth: float
+    """Probed copy (+ checksum on a host) bandwidth, bytes/s."""
+    snapshot_bytes_total: int
+    """Bytes captured on this rank so far."""
+    stage_times: Any
+    """:class:`~megatron_moevement.snapshot.stage_times.StageTimes` of this rank's snapshots."""
+    idle_core_for_snapshots: bool
+    """Whether background snapshot work runs beside training (copy engine or a free core)."""
     iteration_times: list[float]
     checkpoints: list[SparseCheckpoint]
     windows_started: int
@@ -142,13 +149,16 @@ class SparseWindowPolicy(CapturePolicy):
                 s.popularity,
                 iteration_time_s=self._slot_budget_s(),
                 start_iteration=iteration,
-                d2h_bandwidth_bytes_per_s=s.d2h_bandwidth,
+                d2h_bandwidth_bytes_per_s=self._charged_bandwidth(),
                 agree_window_size=s.agree_max,
                 popularity_group=s.popularity_group,
                 include_compute_in_full_slot=True,
             )
         elif s.iteration_times and s.config.auto_window:
-            self.scheduler.update_measurements(iteration_time_s=self._slot_budget_s())
+            self.scheduler.update_measurements(
+                iteration_time_s=self._slot_budget_s(),
+                d2h_bandwidth_bytes_per_s=self._charged_bandwidth(),
+            )
         assignment = self.scheduler.slot_for_iteration(iteration)
         if assignment.slot == 0:
             s.start_window(assignment.schedule, assignment.iteration)
@@ -167,6 +177,27 @@ class SparseWindowPolicy(CapturePolicy):
             recent = s.iteration_times[-5:]
             return fraction * sorted(recent)[len(recent) // 2]
         return fraction * (s.config.iteration_time_s or 1.0)
+
+    def _charged_bandwidth(self) -> float:
+        """The bandwidth Algorithm 1 divides a slot by: bytes per second of training time.
+
+        On CUDA the copy engine runs beside the SMs, so a slot costs training only its copy time
+        (the paper's rule: the measured device-to-host bandwidth). On a host the copy, checksum
+        and replication run on cores, and what a snapshot byte costs the training step is
+        measured in this run: the training thread's stall plus, where no core is left idle for
+        the snapshot threads, their background time (:class:`StageTimes`), per byte captured.
+        The slower of that and the probed copy + checksum rate is used, so ``auto`` never
+        keeps a window whose copies take more of an iteration than its budget allows (with no
+        idle core, W = 1 would copy every byte that a dense snapshot does on the same cores).
+        """
+        s = self.strategy
+        if torch.cuda.is_available() or s.snapshot_bytes_total == 0:
+            return s.d2h_bandwidth
+        times = s.stage_times.totals()
+        charged = times["stall"] + (0.0 if s.idle_core_for_snapshots else times["background"])
+        if charged <= 0:
+            return s.d2h_bandwidth
+        return min(s.d2h_bandwidth, s.snapshot_bytes_total / charged)
 
     # ------------------------------------------------------------------ restore
     def restore(self, target_iteration, train_iteration, ckpt=None) -> ReplayReport:

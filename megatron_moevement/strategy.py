@@ -25,7 +25,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch.profiler import record_function
 
 from megatron_moevement.config import MoEvementConfig
 from megatron_moevement.durable.periodic import attach_durable
@@ -41,7 +40,7 @@ from megatron_moevement.replay.scalar_log import (
 from megatron_moevement.schedule.popularity import ExpertPopularity
 from megatron_moevement.schedule.sparse_schedule import ScheduledOperator, SparseSchedule
 from megatron_moevement.snapshot.buffers import HostBufferPool
-from megatron_moevement.snapshot.engine import SnapshotEngine, measure_d2h_bandwidth
+from megatron_moevement.snapshot.engine import SnapshotEngine, snapshot_bandwidth
 from megatron_moevement.snapshot.replication import PeerReplicator, ReplicaStore
 from megatron_moevement.snapshot.sharding import (
     ShardingContext,
@@ -49,6 +48,7 @@ from megatron_moevement.snapshot.sharding import (
     verify_replicas_identical,
 )
 from megatron_moevement.snapshot.slots import SparseCheckpoint
+from megatron_moevement.snapshot.stage_times import StageTimes, host_has_idle_core
 from megatron_moevement.state.operators import (
     OperatorRegistry,
     layer_number_of,
@@ -125,9 +125,17 @@ class MoEvementStrategy:
         """Process group over which routing statistics are summed before ordering: every rank
         of the stage (each tensor-parallel rank routes only its own sequence shard), so all of
         them cut the same schedule."""
-        self.d2h_bandwidth = self.config.d2h_bandwidth_bytes_per_s or measure_d2h_bandwidth(
-            checksum_algorithm=self.config.checksum
+        self.d2h_bandwidth = self.config.d2h_bandwidth_bytes_per_s or snapshot_bandwidth(
+            self.config.checksum
         )
+        self.stage_times = StageTimes()
+        """Seconds spent in each snapshot stage on this rank (training-thread stall and
+        background copy / checksum / replication), also marked as ``torch.profiler`` ranges."""
+        self.idle_core_for_snapshots = torch.cuda.is_available() or host_has_idle_core(
+            _local_world_size(), torch.get_num_threads()
+        )
+        """Whether background snapshot work runs beside training (a copy engine, or a core the
+        host's training ranks leave free) rather than taking time from it."""
         keep = self.policy.keep_windows
         self.engine = SnapshotEngine(
             self.registry,
@@ -136,6 +144,7 @@ class MoEvementStrategy:
             self.config.checksum,
             pool=HostBufferPool(keep),
             asynchronous=self.config.snapshot_async,
+            times=self.stage_times,
         )
         self.replicator_ranks_per_node = self.config.ranks_per_node or _local_world_size()
         group = dist.new_group(backend="gloo") if self.config.replication_factor > 0 else None
@@ -146,6 +155,7 @@ class MoEvementStrategy:
             self.replicator_ranks_per_node,
             group,
             store_factory=lambda source: ReplicaStore.keeping(source, keep),
+            times=self.stage_times,
         )
         if self.world_size == 1 and self.config.replication_factor > 0 and self.rank == 0:
             logger.warning(
@@ -280,12 +290,12 @@ class MoEvementStrategy:
         return int(t.item())
 
     # ------------------------------------------------------------------ per iteration
-    @record_function("moevement.after_optimizer_step")
     def after_optimizer_step(self, iteration: int) -> None:
         """Records this iteration and captures its slot; call once per iteration right after
         the step."""
-        self._record_iteration(iteration)
-        self.policy.after_step(iteration)
+        with self.stage_times.measure("after_step"):
+            self._record_iteration(iteration)
+            self.policy.after_step(iteration)
 
     def _record_iteration(self, iteration: int) -> None:
         """Bookkeeping of every iteration: timing, scalar log, popularity, replication errors."""

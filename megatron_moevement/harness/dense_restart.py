@@ -39,6 +39,7 @@ def run_dense_restart(spec) -> None:
     import torch.distributed as dist
 
     from megatron_moevement.state.optim_view import ensure_optimizer_state
+    from megatron_moevement.state.rng import set_rng_state
 
     t0 = time.perf_counter()
     trainer = _build(spec)
@@ -54,9 +55,17 @@ def run_dense_restart(spec) -> None:
             live[f"main/{name}"] = pstate.main_param
             for key, value in pstate.optimizer_state.items():
                 live[f"optim/{name}/{key}"] = value
+    for name, buffer in trainer.gpt_model.named_buffers():
+        live[f"buffer/{name}"] = buffer
+    rng = {k[len("rng/") :]: v for k, v in saved.items() if k.startswith("rng/")}
+    missing = sorted(k for k in saved if not k.startswith("rng/") and k not in live)
+    if missing:
+        raise KeyError(f"the dense checkpoint has state this model lacks: {missing[:5]}")
     with torch.no_grad():
         for key, tensor in saved.items():
-            live[key].copy_(tensor)
+            if not key.startswith("rng/"):
+                live[key].copy_(tensor)
+    set_rng_state(rng)
     t_load = time.perf_counter() - t1
     t2 = time.perf_counter()
     for it in range(spec.moevement["resume_from"], spec.iterations):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_moevement.snapshot.stage_times import PROFILER_RANGES as STAGES
+
 
 def run_overhead(spec) -> None:
     import torch.distributed as dist
@@ -43,6 +45,10 @@ def run_overhead(spec) -> None:
             spec.moevement.get("baseline"),
         )
     times, snap_bytes, expert_bytes = [], [], []
+    # Per iteration, the seconds of each snapshot stage on this rank (stall and background).
+    stage_names = tuple(STAGES) if strategy is not None and hasattr(strategy, "stage_times") else ()
+    stage_rows: list[list[float]] = []
+    last = strategy.stage_times.totals() if stage_names else {}
     for it in range(spec.iterations):
         dist.barrier()
         start = time.perf_counter()
@@ -59,6 +65,10 @@ def run_overhead(spec) -> None:
             snap_bytes.append(0)
             expert_bytes.append(0)
         times.append(time.perf_counter() - start)
+        if stage_names:
+            now = strategy.stage_times.totals()
+            stage_rows.append([now[k] - last[k] for k in stage_names])
+            last = now
     if strategy is not None:
         strategy.flush()
     t = torch.tensor(times, dtype=torch.float64)
@@ -78,8 +88,40 @@ def run_overhead(spec) -> None:
         for op in strategy.registry:
             for _, tensor in operator_tensors(op, ("compute",)):
                 experts["compute"] += tensor.numel() * tensor.element_size()
-    totals = torch.tensor([experts["expert_full"], experts["compute"]], dtype=torch.float64)
+    # Host memory the strategy holds at the end (snapshot buffers, peer replicas, upstream logs)
+    # against the model's training state (compute weights, FP32 main params, optimizer state).
+    from megatron_moevement.state.operators import model_and_optimizer_bytes
+
+    state_bytes = sum(model_and_optimizer_bytes(trainer.gpt_model, trainer.optimizer).values())
+    host = strategy.host_memory_bytes() if hasattr(strategy, "host_memory_bytes") else {}
+    totals = torch.tensor(
+        [
+            experts["expert_full"],
+            experts["compute"],
+            state_bytes,
+            host.get("snapshots", 0),
+            host.get("replicas", 0),
+            host.get("upstream_log", 0),
+        ],
+        dtype=torch.float64,
+    )
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    # Every rank's stage times to rank 0 (flushed copies land in the last iteration's row).
+    if stage_names:
+        now = strategy.stage_times.totals()
+        stage_rows[-1] = [r + now[k] - last[k] for r, k in zip(stage_rows[-1], stage_names)]
+    mine = torch.tensor(stage_rows or [[0.0]], dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    rates = torch.tensor(
+        [
+            getattr(strategy, "d2h_bandwidth", 0.0) or 0.0,
+            float(getattr(strategy, "idle_core_for_snapshots", False)),
+        ],
+        dtype=torch.float64,
+    )
+    all_rates = [torch.zeros_like(rates) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_rates, rates)
     window = strategy.stats()["window_size"] if strategy is not None else None
     if strategy is not None:
         strategy.shutdown()
@@ -95,6 +137,18 @@ def run_overhead(spec) -> None:
                     expert_snapshot_bytes_per_iteration=b[1].tolist(),
                     expert_full_state_bytes=totals[0].item(),
                     compute_weight_bytes=totals[1].item(),
+                    training_state_bytes=totals[2].item(),
+                    stage_seconds_per_rank=[
+                        {k: g[:, i].tolist() for i, k in enumerate(stage_names)} for g in gathered
+                    ],
+                    probe_bandwidth_per_rank=[r[0].item() for r in all_rates],
+                    idle_core_for_snapshots=bool(all_rates[0][1].item()),
+                    host_memory_bytes=dict(
+                        snapshots=totals[3].item(),
+                        replicas=totals[4].item(),
+                        upstream_log=totals[5].item(),
+                        total=float(totals[3:].sum()),
+                    ),
                 )
             )
         )

@@ -74,6 +74,12 @@ def run_resilient(spec) -> None:
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)
     faults = validate_faults(faults, layout.world_size, spec.iterations, model_cfg.num_microbatches)
+    if config.d2h_bandwidth_bytes_per_s is None:
+        # Probed now, once per process: a spare does it while it waits for a rank to take,
+        # not on the recovery's critical path (the harness runs on the CPU: no device yet).
+        from megatron_moevement.snapshot.engine import snapshot_bandwidth
+
+        snapshot_bandwidth(config.checksum)
     ctx = ElasticContext.from_env(timeout_s=spec.timeout_s)
 
     corrupted: set[int] = set()  # corrupt faults fire once (the rank lives on)

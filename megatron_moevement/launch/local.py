@@ -216,7 +216,7 @@ class ElasticAgent:
     """
 
     def __init__(
-        self, job: LocalJob, batch_window_s: float = 0.5, refill_spares: bool = False
+        self, job: LocalJob, batch_window_s: float = 0.0, refill_spares: bool = False
     ) -> None:
         import datetime
 

@@ -67,7 +67,12 @@ from megatron_moevement.recovery.procedure import (
     RecoveryReport,
     describe,
 )
-from megatron_moevement.recovery.protocol import ElasticContext, StoreKeys, _get_json
+from megatron_moevement.recovery.protocol import (
+    ElasticContext,
+    GenerationSuperseded,
+    StoreKeys,
+    _get_json,
+)
 
 logger = get_logger(__name__)
 
@@ -248,12 +253,24 @@ class InLoopSession:
         self.replay = None
         teardown_groups(self.ctx, strategy)
         _destroy_megatron_state()
+        self._join_next_generation()
+        # After the join (its time counts in "rebuild"): collecting the failed generation's
+        # cycles walks the whole heap, and peers wait on the join, not on this.
         gc.collect()
-        info = self.ctx.wait_for_generation(self.ctx.generation)
-        self.ctx.generation = info["generation"]
-        self.pending = info
-        self.ctx.init_process_group()
-        self.rejoined_at = time.perf_counter()
+
+    def _join_next_generation(self) -> None:
+        """Joins the newest announced generation (again if a newer one supersedes it)."""
+        while True:
+            info = self.ctx.wait_for_generation(self.ctx.generation)
+            self.ctx.generation = info["generation"]
+            self.pending = info
+            try:
+                self.ctx.init_process_group()
+            except GenerationSuperseded as exc:
+                logger.warning("rank %d: %s; joining the newer one", self.ctx.rank, exc)
+                continue
+            self.rejoined_at = time.perf_counter()
+            return
 
     # ---------------------------------------------------------------- counters
     def record_counters(self, count: int, args: Any, flops: float) -> None:
@@ -496,6 +513,9 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
     initializes the process group of this rank's generation; sets ``RANK``/``LOCAL_RANK`` for
     Megatron. Returns the :class:`InLoopSession`."""
     global _session
+    # Imported modules are never garbage: freezing them keeps the collection after a failure
+    # (see InLoopSession.on_failure) from walking them.
+    gc.freeze()
     ctx = ElasticContext.from_env(timeout_s=float(os.environ.get("MOEVEMENT_PG_TIMEOUT_S", 120)))
     os.environ["RANK"] = str(ctx.rank)
     os.environ.setdefault("LOCAL_RANK", str(ctx.rank))  # one node; SLURM agents set it
@@ -509,8 +529,12 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
         session.noticed_at = time.time()
         session.fault_started = time.perf_counter()
     ctx.start_heartbeat(heartbeat_interval_s, heartbeat_timeout_s)
-    ctx.init_process_group()
-    session.rejoined_at = time.perf_counter()
+    try:
+        ctx.init_process_group()
+        session.rejoined_at = time.perf_counter()
+    except GenerationSuperseded as exc:  # a spare: another rank failed meanwhile
+        logger.warning("rank %d: %s; joining the newer one", ctx.rank, exc)
+        session._join_next_generation()
     _session = session
     return session
 

@@ -141,8 +141,7 @@ def _detect_s() -> float:
     from megatron_moevement.recovery.protocol import POLL_S
 
     window = inspect.signature(ElasticAgent.__init__).parameters["batch_window_s"].default
-    poll = POLL_S
-    return float(window) + 0.5 * (0.05 + poll)
+    return float(window) + 0.5 * (POLL_S + POLL_S)  # the agent's and the workers' polls
 
 
 def run_profile(spec) -> None:

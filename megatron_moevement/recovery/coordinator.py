@@ -64,8 +64,11 @@ class JobCoordinator:
         store: The job's store (the agent hosts it).
         world_size: Number of ranks.
         spares: Process ids of the spares, in the order they are used.
-        batch_window_s: After a first failure, how long to wait for simultaneous ones, so that
-            they are recovered in one generation.
+        batch_window_s: After a first failure, how long to wait for simultaneous ones so that
+            they are recovered in one generation. Default 0: no fixed wait; a failure noticed
+            later announces the next generation, which widens the recovery under way (ranks that
+            have not all joined the superseded one leave it, see
+            ``ElasticContext.init_process_group``).
         elastic: Whether the workers can take over a rank of a running job (they run a
             :class:`RecoveryDriver` or Megatron-LM's loop in an elastic session). If not, a
             failure ends the job at once: every rank is killed by pid and ``job/failed`` says why.
@@ -83,7 +86,7 @@ class JobCoordinator:
         store,
         world_size: int,
         spares: Iterable[int],
-        batch_window_s: float = 0.5,
+        batch_window_s: float = 0.0,
         elastic: bool = True,
         refill_spares: bool = False,
     ) -> None:
@@ -125,7 +128,8 @@ class JobCoordinator:
                 )
             dead = self._dead(table)
             if dead:
-                time.sleep(self.batch_window_s)  # gather simultaneous failures into one batch
+                if self.batch_window_s:
+                    time.sleep(self.batch_window_s)  # gather simultaneous failures in one batch
                 self._replace(table, self._dead(table))
                 continue
             if now >= next_beat_check:

@@ -75,7 +75,13 @@ from megatron_moevement.recovery.procedure import (
     RecoveryReport,
     describe,
 )
-from megatron_moevement.recovery.protocol import ElasticContext, StoreKeys, _get_json, _has
+from megatron_moevement.recovery.protocol import (
+    ElasticContext,
+    GenerationSuperseded,
+    StoreKeys,
+    _get_json,
+    _has,
+)
 
 logger = get_logger(__name__)
 
@@ -250,11 +256,21 @@ class RecoveryDriver:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Starts the heartbeat, joins the process group and builds (a spare: recovers)."""
+        # What exists before training (~400k objects of imported modules) is never garbage:
+        # freezing it keeps the collection a recovery runs from walking it (0.2 s or more).
+        gc.freeze()
         self.ctx.start_heartbeat(self.config.heartbeat_interval_s, self.config.heartbeat_timeout_s)
-        self.ctx.init_process_group()
         if self.joined_as_spare:
-            self._recover_as_spare(time.perf_counter())
+            started = time.perf_counter()
+            try:
+                self.ctx.init_process_group()
+            except GenerationSuperseded as exc:  # another rank failed meanwhile
+                self._noticed_at = time.time()
+                self.recover(describe(exc))
+                return
+            self._recover_as_spare(started)
         else:
+            self.ctx.init_process_group()
             self.trainer, self.strategy = self.build()
             self._record_initial_state()
 
@@ -306,13 +322,25 @@ class RecoveryDriver:
             failure,
         )
         fault.old = note_failure(self.state, self.strategy)
+        kept = time.perf_counter()
         while True:
             self._teardown()
+            torn = time.perf_counter()
             info = self.ctx.wait_for_generation(self.ctx.generation)
+            announced = time.perf_counter()
             self.ctx.generation = info["generation"]
             again = None
             try:
                 self.ctx.init_process_group()
+                logger.debug(
+                    "rank %d: detect phases: keep live state %.3fs, teardown %.3fs, wait for "
+                    "generation %.3fs, join %.3fs",
+                    self.ctx.rank,
+                    kept - fault.started,
+                    torn - kept,
+                    announced - torn,
+                    time.perf_counter() - announced,
+                )
                 return self._recover_in_generation(fault, info)
             except (RuntimeError, ConnectionError) as exc:
                 if isinstance(exc, RecoveryError):
@@ -326,9 +354,11 @@ class RecoveryDriver:
             )
 
     def _teardown(self) -> None:
+        # No gc.collect() here: the groups are destroyed and their sockets severed, which is
+        # what peers need; collecting the old trainer's cycles (a large heap walk) waits until
+        # this rank has joined the next generation, as the first step of the rebuild.
         teardown_groups(self.ctx, self.strategy)
         self.trainer = None
-        gc.collect()
 
     def _recover_as_spare(self, started: float) -> None:
         self._noticed_at = time.time()
@@ -346,6 +376,7 @@ class RecoveryDriver:
     def _recover_in_generation(self, fault: _Fault, info: dict) -> RecoveryReport:
         times = {"detect": time.perf_counter() - fault.started}
         t = time.perf_counter()
+        gc.collect()  # frees the failed generation's trainer before its successor is built
         self.trainer, self.strategy = self.build()
         times["rebuild"] = time.perf_counter() - t
         procedure = RecoveryProcedure(

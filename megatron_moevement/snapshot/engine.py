@@ -27,7 +27,6 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from torch.profiler import record_function
 
 from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
@@ -40,6 +39,7 @@ from megatron_moevement.snapshot.slots import (
     SparseCheckpoint,
     TensorRecord,
 )
+from megatron_moevement.snapshot.stage_times import StageTimes
 from megatron_moevement.state.operators import operator_tensors
 
 logger = get_logger(__name__)
@@ -52,10 +52,12 @@ class _Copier:
         asynchronous: False runs every copy and checksum on the calling thread before
             :meth:`submit` returns (``MoEvementConfig.snapshot_async=False``: simpler to debug,
             and the training thread pays for the copy).
+        times: Where the stages' seconds are added up.
     """
 
-    def __init__(self, asynchronous: bool = True) -> None:
+    def __init__(self, asynchronous: bool = True, times: StageTimes | None = None) -> None:
         self.asynchronous = asynchronous
+        self.times = times if times is not None else StageTimes()
         self.use_cuda = torch.cuda.is_available()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moevement-copy")
         self._stream = torch.cuda.Stream() if self.use_cuda else None
@@ -92,56 +94,57 @@ class _Copier:
         else:
             self._pending = self._executor.submit(self._copy_host, slot, pairs)
 
-    @staticmethod
-    def _copy_host(slot: SlotSnapshot, pairs) -> None:
+    def _copy_host(self, slot: SlotSnapshot, pairs) -> None:
         try:
-            with record_function("moevement.snapshot.copy"):
+            with self.times.measure("copy"):
                 for rec, src in pairs:
                     slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
                         src.reshape(-1).view(torch.uint8)
                     )
-            _Copier._seal(slot)
+            self._seal(slot)
         except BaseException as exc:  # surfaced by SlotSnapshot.wait()
             slot.error = exc
         finally:
             slot.ready.set()
 
-    @staticmethod
-    def _finish_sync(slot: SlotSnapshot) -> None:
+    def _finish_sync(self, slot: SlotSnapshot) -> None:
         try:
-            _Copier._seal(slot)
+            self._seal(slot)
         except BaseException as exc:
             slot.error = exc
         finally:
             slot.ready.set()
 
-    @staticmethod
-    def _finish_cuda(slot: SlotSnapshot, event) -> None:
+    def _finish_cuda(self, slot: SlotSnapshot, event) -> None:
         try:
-            event.synchronize()
-            _Copier._seal(slot)
+            with self.times.measure("copy"):  # the copy stream's work, seen from the host
+                event.synchronize()
+            self._seal(slot)
         except BaseException as exc:
             slot.error = exc
         finally:
             slot.ready.set()
 
+    def _seal(self, slot: SlotSnapshot) -> None:
+        with self.times.measure("checksum"):
+            self._seal_records(slot)
+
     @staticmethod
-    @record_function("moevement.snapshot.checksum")
-    def _seal(slot: SlotSnapshot) -> None:
+    def _seal_records(slot: SlotSnapshot) -> None:
         for key, rec in list(slot.records.items()):
             digest = checksum(slot.buffer[rec.offset : rec.offset + rec.nbytes], slot.algorithm)
             slot.records[key] = TensorRecord(
                 rec.key, rec.dtype, rec.shape, rec.offset, rec.nbytes, digest
             )
 
-    @record_function("moevement.snapshot.wait_for_copies")
     def wait_for_copies(self) -> None:
         """Called before the optimizer step mutates the state being copied."""
-        if self.use_cuda:
-            if self._event is not None:
-                torch.cuda.current_stream().wait_stream(self._stream)
-        else:
-            self.wait_host()
+        with self.times.measure("wait_for_copies"):
+            if self.use_cuda:
+                if self._event is not None:
+                    torch.cuda.current_stream().wait_stream(self._stream)
+            else:
+                self.wait_host()
 
     def wait_host(self) -> None:
         if self._pending is not None:
@@ -167,6 +170,7 @@ class SnapshotEngine:
         algorithm: Checksum algorithm of the slots.
         pool: The host buffers to capture into (default: two windows' worth).
         asynchronous: Overlap copies with training (see :class:`_Copier`).
+        times: Where the stages' seconds are added up (default: a fresh :class:`StageTimes`).
     """
 
     def __init__(
@@ -177,13 +181,15 @@ class SnapshotEngine:
         algorithm: str = DEFAULT_CHECKSUM,
         pool: HostBufferPool | None = None,
         asynchronous: bool = True,
+        times: StageTimes | None = None,
     ) -> None:
         self.registry = registry
+        self.times = times if times is not None else StageTimes()
         self.plan = plan
         self.rank = rank
         self.algorithm = algorithm
         self.pool = pool if pool is not None else HostBufferPool()
-        self._copier = _Copier(asynchronous)
+        self._copier = _Copier(asynchronous, self.times)
         self.bytes_captured_last = 0
         # Bytes of the last slot by what they hold: full state (main + optimizer) of expert and
         # of non-expert operators, compute weights, per-rank records. Benchmarks report the
@@ -201,7 +207,6 @@ class SnapshotEngine:
             owner_rank=self.rank,
         )
 
-    @record_function("moevement.snapshot.capture")
     def capture(
         self,
         ckpt: SparseCheckpoint,
@@ -220,6 +225,10 @@ class SnapshotEngine:
             rank_state: Per-rank tensors every slot carries besides the operators' (the RNG
                 states, ``{record key: tensor}``); they must not change while being copied.
         """
+        with self.times.measure("capture"):
+            return self._capture(ckpt, slot_index, iteration, rank_state)
+
+    def _capture(self, ckpt, slot_index, iteration, rank_state) -> SlotSnapshot:
         if ckpt.slots[slot_index] is not None:
             raise SnapshotError(f"slot {slot_index} of window {ckpt.window} already captured")
         self.registry.refresh()
@@ -287,6 +296,20 @@ class SnapshotEngine:
         """Stops copying without waiting (after a failure); drops the registry reference."""
         self._copier.abandon()
         self.registry = None
+
+
+_MEASURED_BANDWIDTH: dict[tuple[bool, str | None], float] = {}
+"""Bandwidth measured by :func:`snapshot_bandwidth`, per (CUDA, checksum algorithm)."""
+
+
+def snapshot_bandwidth(checksum_algorithm: str | None = None) -> float:
+    """:func:`measure_d2h_bandwidth`, measured once per process: the hardware does not change
+    between recovery generations, and a rebuild after a failure should not spend its time (on
+    every rank of the new generation) re-probing it."""
+    key = (torch.cuda.is_available(), checksum_algorithm)
+    if key not in _MEASURED_BANDWIDTH:
+        _MEASURED_BANDWIDTH[key] = measure_d2h_bandwidth(checksum_algorithm=checksum_algorithm)
+    return _MEASURED_BANDWIDTH[key]
 
 
 def measure_d2h_bandwidth(

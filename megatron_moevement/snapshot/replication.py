@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.profiler import record_function
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.buffers import HostBufferPool
 from megatron_moevement.snapshot.slots import SlotSnapshot, SparseCheckpoint
+from megatron_moevement.snapshot.stage_times import StageTimes
 
 logger = get_logger(__name__)
 
@@ -120,6 +120,7 @@ class PeerReplicator:
         group: Dedicated gloo process group (created collectively by the caller).
         store_factory: ``f(source) -> ReplicaStore`` for the replicas of one source rank
             (default: two windows kept).
+        times: Where the exchange's seconds are added up (stage ``replication``).
     """
 
     def __init__(
@@ -130,8 +131,10 @@ class PeerReplicator:
         ranks_per_node: int,
         group=None,
         store_factory: Callable[[int], ReplicaStore] | None = None,
+        times: StageTimes | None = None,
     ) -> None:
         self.rank = rank
+        self.times = times if times is not None else StageTimes()
         self.world_size = world_size
         self.replication_factor = replication_factor
         self.peers = choose_peers(rank, world_size, replication_factor, ranks_per_node)
@@ -163,46 +166,47 @@ class PeerReplicator:
             self._pending = [f for f in self._pending if not f.done()] + [fut]
         return fut
 
-    @record_function("moevement.replication.exchange")
     def _exchange(self, ckpt: SparseCheckpoint, slot: SlotSnapshot) -> None:
-        import torch.distributed as dist
-
         try:
-            slot.wait()
-            manifest = json.dumps(slot.manifest()).encode()
-            used = slot.used_bytes
-            header = torch.tensor([slot.window, slot.slot, used, len(manifest)], dtype=torch.int64)
-            manifest_t = torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
-            headers = {s: torch.zeros(4, dtype=torch.int64) for s in self.sources}
-            ops = [dist.P2POp(dist.isend, header, p, self.group) for p in self.peers]
-            ops += [dist.P2POp(dist.irecv, headers[s], s, self.group) for s in self.sources]
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
-            payload_ops = []
-            incoming = {}
-            for p in self.peers:
-                payload_ops.append(
-                    dist.P2POp(dist.isend, slot.buffer[: max(used, 1)], p, self.group)
-                )
-                payload_ops.append(dist.P2POp(dist.isend, manifest_t, p, self.group))
-            for s in self.sources:
-                gen, index, nbytes, mbytes = (int(v) for v in headers[s])
-                buf = self.replicas[s].buffer(gen, index, nbytes)
-                mbuf = torch.empty(mbytes, dtype=torch.uint8)
-                incoming[s] = (buf, mbuf, nbytes)
-                payload_ops.append(dist.P2POp(dist.irecv, buf[: max(nbytes, 1)], s, self.group))
-                payload_ops.append(dist.P2POp(dist.irecv, mbuf, s, self.group))
-            for req in dist.batch_isend_irecv(payload_ops):
-                req.wait()
-            for s, (buf, mbuf, _) in incoming.items():
-                replica = SlotSnapshot.from_manifest(json.loads(bytes(mbuf.numpy())), buf)
-                self.replicas[s].put(replica, ckpt.window_size)
-            self.bytes_sent += used * len(self.peers)
-            ckpt.replicated.add(slot.slot)
+            slot.wait()  # waiting for the copy thread is not replication work: not timed
+            with self.times.measure("replication"):
+                self._send_and_receive(ckpt, slot)
         except BaseException as exc:
             self.error = exc
             logger.error("replication of window %d slot %d failed: %s", slot.window, slot.slot, exc)
             raise
+
+    def _send_and_receive(self, ckpt: SparseCheckpoint, slot: SlotSnapshot) -> None:
+        import torch.distributed as dist
+
+        manifest = json.dumps(slot.manifest()).encode()
+        used = slot.used_bytes
+        header = torch.tensor([slot.window, slot.slot, used, len(manifest)], dtype=torch.int64)
+        manifest_t = torch.frombuffer(bytearray(manifest), dtype=torch.uint8)
+        headers = {s: torch.zeros(4, dtype=torch.int64) for s in self.sources}
+        ops = [dist.P2POp(dist.isend, header, p, self.group) for p in self.peers]
+        ops += [dist.P2POp(dist.irecv, headers[s], s, self.group) for s in self.sources]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        payload_ops = []
+        incoming = {}
+        for p in self.peers:
+            payload_ops.append(dist.P2POp(dist.isend, slot.buffer[: max(used, 1)], p, self.group))
+            payload_ops.append(dist.P2POp(dist.isend, manifest_t, p, self.group))
+        for s in self.sources:
+            gen, index, nbytes, mbytes = (int(v) for v in headers[s])
+            buf = self.replicas[s].buffer(gen, index, nbytes)
+            mbuf = torch.empty(mbytes, dtype=torch.uint8)
+            incoming[s] = (buf, mbuf, nbytes)
+            payload_ops.append(dist.P2POp(dist.irecv, buf[: max(nbytes, 1)], s, self.group))
+            payload_ops.append(dist.P2POp(dist.irecv, mbuf, s, self.group))
+        for req in dist.batch_isend_irecv(payload_ops):
+            req.wait()
+        for s, (buf, mbuf, _) in incoming.items():
+            replica = SlotSnapshot.from_manifest(json.loads(bytes(mbuf.numpy())), buf)
+            self.replicas[s].put(replica, ckpt.window_size)
+        self.bytes_sent += used * len(self.peers)
+        ckpt.replicated.add(slot.slot)
 
     def replica(self, source: int, window: int, slot: int) -> SlotSnapshot:
         """The replica of ``source``'s slot, or a :class:`ReplicationError` saying what exists."""
