@@ -3,10 +3,13 @@
 Runs, one after the other (each writes its JSON into the results folder, output streamed with a
 prefix so long runs show progress):
 
-* ``snapshot_overhead.py --baselines`` — no checkpointing / dense / MoEvement / Gemini / MoC,
+* ``snapshot_overhead.py --layout single --baselines`` — no checkpointing / dense / MoEvement /
+  Gemini / MoC on one rank (a core left idle for the snapshot threads),
+* ``snapshot_overhead.py --layout pp2xdp2xep2`` — the same modes with no idle core,
 * ``snapshot_overhead.py --grouped-gemm`` — the same with grouped-GEMM experts (expert share),
 * ``replay_cost.py`` — replayed iterations with frozen operators,
-* ``recovery_time.py`` — scoped vs global rollback vs full restart,
+* ``recovery_time.py`` (PP2 x DP2 x EP2, and ``--layout pp4``) — scoped vs global rollback vs
+  full restart,
 * ``baselines.py`` — MoEvement, Gemini-like and MoC-like under the same real SIGKILL,
 * ``ettr_real_vs_sim.py`` — measured vs simulated ETTR with real SIGKILLs,
 * ``sim_paper_table3.py`` and ``sim_scaling.py`` — the simulator against the paper,
@@ -40,8 +43,10 @@ BENCHMARKS = {
     "overhead": (
         "snapshot_overhead.py",
         "snapshot_overhead.json",
-        ["--baselines"],
+        ["--layout", "single", "--baselines"],
         [
+            "--layout",
+            "single",
             "--baselines",
             "--iterations",
             "16",

@@ -546,7 +546,13 @@ def after_optimizer_step(
     if session is not None:
         from megatron.training import get_args
 
-        session.after_step(int(iteration), get_args(), num_floating_point_operations_so_far or 0)
+        # Counters from the start of the oldest checkpoint a rollback may use (read before this
+        # step's capture, which may drop it: keeping one window more is harmless).
+        checkpoints = getattr(strategy, "checkpoints", None) or []
+        oldest = checkpoints[0].start_iteration if checkpoints else 0
+        session.after_step(
+            int(iteration), get_args(), num_floating_point_operations_so_far or 0, oldest
+        )
         session.fault_point(int(iteration), "after_step")
     bytes_before = getattr(strategy, "snapshot_bytes_total", 0)
     started = time.perf_counter()

@@ -275,17 +275,23 @@ class InLoopSession:
     # ---------------------------------------------------------------- counters
     def record_counters(self, count: int, args: Any, flops: float) -> None:
         """Megatron's counters after ``count`` iterations (kept for the last few windows)."""
-        scheduler = self.scheduler
+        self._record(count, args.consumed_train_samples, _skipped(args), flops)
+
+    def _record(self, count: int, consumed: int, skipped: int, flops: float) -> None:
         self.counters[int(count)] = dict(
-            consumed_train_samples=int(args.consumed_train_samples),
-            skipped_train_samples=int(getattr(args, "skipped_train_samples", 0)),
+            consumed_train_samples=int(consumed),
+            skipped_train_samples=int(skipped),
             flops=float(flops),
-            scheduler=None if scheduler is None else scheduler.state_dict(),
+            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
         )
 
-    def after_step(self, iteration: int, args: Any, flops_before: float) -> None:
+    def after_step(
+        self, iteration: int, args: Any, flops_before: float, oldest_needed: int = 0
+    ) -> None:
         """After iteration ``iteration`` (0-based) committed: record the counters it leads to
-        (what ``train()`` adds right after, computed the same way)."""
+        (what ``train()`` adds right after, computed the same way). Counters before
+        ``oldest_needed`` (the start of the oldest sparse checkpoint a rollback can use) are
+        dropped, except the job's start (the initial-state tier replays from there)."""
         from megatron.core import parallel_state as mpu
         from megatron.core.num_microbatches_calculator import (
             get_current_global_batch_size,
@@ -297,17 +303,14 @@ class InLoopSession:
         self.state.committed = int(iteration)
         batch = mpu.get_data_parallel_world_size() * args.micro_batch_size * get_num_microbatches()
         skipped = get_current_global_batch_size() - get_current_running_global_batch_size()
-        self.counters[int(iteration) + 1] = dict(
-            consumed_train_samples=int(args.consumed_train_samples) + batch,
-            skipped_train_samples=int(getattr(args, "skipped_train_samples", 0)) + skipped,
-            flops=float(flops_before) + float(num_floating_point_operations(args, batch)),
-            scheduler=None if self.scheduler is None else self.scheduler.state_dict(),
+        self._record(
+            int(iteration) + 1,
+            int(args.consumed_train_samples) + batch,
+            _skipped(args) + skipped,
+            float(flops_before) + float(num_floating_point_operations(args, batch)),
         )
-        # Keep a few windows (a rollback goes back at most two) and the job's start (for the
-        # initial-state tier); the rest is never needed again.
-        keep = 4 * _window_bound(args) + 4
         first = min(self.counters)
-        for old in [c for c in self.counters if first < c < iteration - keep]:
+        for old in [c for c in self.counters if first < c < oldest_needed]:
             del self.counters[old]
 
     def _agree_counters(self, counts: list[int], collectives) -> dict:
@@ -582,12 +585,8 @@ def run_pretrain(
         del strategy
 
 
-def _window_bound(args: Any) -> int:
-    value = getattr(args, "moevement_window_size", None)
-    try:
-        return max(int(value), 1)
-    except (TypeError, ValueError):
-        return 16
+def _skipped(args: Any) -> int:
+    return int(getattr(args, "skipped_train_samples", 0))
 
 
 def _apply_counters(args: Any, scheduler: Any, counters: dict) -> None:

@@ -254,6 +254,24 @@ def test_waiting_for_a_generation_stops_when_the_job_failed(store):
         ctx.wait_for_generation(0, wait_s=5)
 
 
+def test_a_generation_superseded_before_everyone_arrived_is_left(store):
+    # Rank 0 arrives at generation 1 alone; a second failure announces generation 2 meanwhile:
+    # rank 0 must leave generation 1 (whose gloo rendezvous would wait for a dead rank).
+    from megatron_moevement.recovery.protocol import GenerationSuperseded, StoreKeys
+
+    ctx = ElasticContext(store, rank=0, world_size=2, generation=1, timeout_s=5)
+    threading.Timer(0.1, lambda: store.set(StoreKeys.generation(2), "{}")).start()
+    with pytest.raises(GenerationSuperseded, match="generation 1 was superseded by generation 2"):
+        ctx._wait_for_everyone()
+
+
+def test_everyone_arrived_at_a_generation_joins_it(store):
+    ctx = ElasticContext(store, rank=0, world_size=2, generation=1, timeout_s=5)
+    threading.Timer(0.1, lambda: store.add("arrived/1", 1)).start()  # rank 1 arrives
+    ctx._wait_for_everyone()
+    assert int(store.add("arrived/1", 0)) == 2
+
+
 # ----------------------------------------------------------------------------- durable tier
 
 
