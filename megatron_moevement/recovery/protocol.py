@@ -215,16 +215,11 @@ class ElasticContext:
                     f"generation {self.generation} was superseded by generation "
                     f"{self.generation + 1} before every rank arrived"
                 )
-            if _has(self.store, StoreKeys.JOB_FAILED):
-                raise RecoveryError(
-                    f"the job's agent gave up: {self.store.get(StoreKeys.JOB_FAILED).decode()}"
-                )
-            if time.monotonic() > deadline:
-                raise RecoveryError(
-                    f"not every rank arrived at generation {self.generation} within "
-                    f"{self.timeout_s:.0f}s. Restart the job from the durable tier."
-                )
-            time.sleep(POLL_S)
+            self._keep_waiting(
+                deadline,
+                f"not every rank arrived at generation {self.generation} within "
+                f"{self.timeout_s:.0f}s. Restart the job from the durable tier.",
+            )
 
     def mark_torn_down(self) -> None:
         """The process groups of the current generation are being destroyed (no more aborts)."""
@@ -297,18 +292,23 @@ class ElasticContext:
                 while _has(self.store, StoreKeys.generation(info["generation"] + 1)):
                     info = _get_json(self.store, StoreKeys.generation(info["generation"] + 1))
                 return info
-            if _has(self.store, StoreKeys.JOB_FAILED):
-                raise RecoveryError(
-                    f"the job's agent gave up: {self.store.get(StoreKeys.JOB_FAILED).decode()}"
-                )
-            if time.monotonic() > deadline:
-                raise RecoveryError(
-                    f"no new process-group generation after {after} was announced within "
-                    f"{wait_s:.0f}s: the agent saw no failed or silent rank (a collective timeout "
-                    "without a crash or a missed heartbeat?). Restart the job from the durable "
-                    "tier."
-                )
-            time.sleep(POLL_S)
+            self._keep_waiting(
+                deadline,
+                f"no new process-group generation after {after} was announced within "
+                f"{wait_s:.0f}s: the agent saw no failed or silent rank (a collective timeout "
+                "without a crash or a missed heartbeat?). Restart the job from the durable tier.",
+            )
+
+    def _keep_waiting(self, deadline: float, timed_out: str) -> None:
+        """One poll of a wait on the store: raises if the agent gave up or ``deadline`` passed
+        (with ``timed_out`` as the message), else sleeps one poll period."""
+        if _has(self.store, StoreKeys.JOB_FAILED):
+            raise RecoveryError(
+                f"the job's agent gave up: {self.store.get(StoreKeys.JOB_FAILED).decode()}"
+            )
+        if time.monotonic() > deadline:
+            raise RecoveryError(timed_out)
+        time.sleep(POLL_S)
 
 
 class Heartbeat:
