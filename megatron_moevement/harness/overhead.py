@@ -46,7 +46,7 @@ def run_overhead(spec) -> None:
         )
     times, snap_bytes, expert_bytes = [], [], []
     # Per iteration, the seconds of each snapshot stage on this rank (stall and background).
-    stage_names = tuple(STAGES) if strategy is not None and hasattr(strategy, "stage_times") else ()
+    stage_names = tuple(STAGES) if strategy is not None else ()
     stage_rows: list[list[float]] = []
     last = strategy.stage_times.totals() if stage_names else {}
     for it in range(spec.iterations):
@@ -93,7 +93,7 @@ def run_overhead(spec) -> None:
     from megatron_moevement.state.operators import model_and_optimizer_bytes
 
     state_bytes = sum(model_and_optimizer_bytes(trainer.gpt_model, trainer.optimizer).values())
-    host = strategy.host_memory_bytes() if hasattr(strategy, "host_memory_bytes") else {}
+    host = strategy.host_memory_bytes() if strategy is not None else {}
     totals = torch.tensor(
         [
             experts["expert_full"],
@@ -115,8 +115,8 @@ def run_overhead(spec) -> None:
     dist.all_gather(gathered, mine)
     rates = torch.tensor(
         [
-            getattr(strategy, "d2h_bandwidth", 0.0) or 0.0,
-            float(getattr(strategy, "idle_core_for_snapshots", False)),
+            strategy.d2h_bandwidth if strategy is not None else 0.0,
+            float(strategy is not None and strategy.idle_core_for_snapshots),
         ],
         dtype=torch.float64,
     )
