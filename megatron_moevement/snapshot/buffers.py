@@ -11,9 +11,15 @@ def allocate_host_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
 
 
+GROWTH_HEADROOM = 0.25
+"""Extra room a buffer gets when it must grow: popularity reordering moves operators between
+slices, so a slot's size drifts from window to window, and every new buffer is paid for again
+in page faults on its first copy."""
+
+
 class HostBufferPool:
     """Host buffers keyed by (window number modulo ``keep``, slot), allocated once and grown only if
-    a schedule change needs more room."""
+    a schedule change needs more room (then with :data:`GROWTH_HEADROOM`)."""
 
     def __init__(self, keep: int = 2) -> None:
         if keep < 2:
@@ -26,8 +32,12 @@ class HostBufferPool:
     def get(self, window: int, slot: int, nbytes: int) -> torch.Tensor:
         key = (window % self.keep, slot)
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < nbytes:
-            buf = allocate_host_buffer(nbytes)
+        # A buffer far larger than the slot (W grew, e.g. from the dense W=1 of the first
+        # window) is given back, or host memory would hold the largest slot ever seen per key.
+        oversized = buf is not None and buf.numel() > 2 * nbytes * (1 + GROWTH_HEADROOM)
+        if buf is None or buf.numel() < nbytes or oversized:
+            grow = buf is not None and not oversized
+            buf = allocate_host_buffer(int(nbytes * (1 + GROWTH_HEADROOM)) if grow else nbytes)
             self._buffers[key] = buf
             self.allocations += 1
         return buf

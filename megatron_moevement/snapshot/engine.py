@@ -64,7 +64,14 @@ class _Copier:
         self._pending: Future | None = None
         self._event = None
 
-    def submit(self, slot: SlotSnapshot, pairs: list[tuple[TensorRecord, torch.Tensor]]) -> None:
+    def submit(
+        self,
+        slot: SlotSnapshot,
+        pairs: list[tuple[TensorRecord, torch.Tensor]],
+        first_touch: bool = False,
+    ) -> None:
+        """Starts copying ``pairs`` into ``slot``'s buffer (``first_touch``: a buffer allocated
+        for this slot, whose pages are faulted in first, timed apart as a one-time cost)."""
         self.wait_host()
         if not self.asynchronous:
             if self.use_cuda:
@@ -75,7 +82,7 @@ class _Copier:
                 torch.cuda.current_stream().synchronize()
                 self._finish_sync(slot)
             else:
-                self._copy_host(slot, pairs)
+                self._copy_host(slot, pairs, first_touch)
             slot.wait()  # re-raises a copy failure on the training thread
             return
         if self.use_cuda:
@@ -92,10 +99,15 @@ class _Copier:
             event = self._event
             self._pending = self._executor.submit(self._finish_cuda, slot, event)
         else:
-            self._pending = self._executor.submit(self._copy_host, slot, pairs)
+            self._pending = self._executor.submit(self._copy_host, slot, pairs, first_touch)
 
-    def _copy_host(self, slot: SlotSnapshot, pairs) -> None:
+    def _copy_host(self, slot: SlotSnapshot, pairs, first_touch: bool = False) -> None:
         try:
+            if first_touch:
+                # Every page of a new buffer faulted in at once, so that no later copy (also one
+                # into the part a smaller slot left untouched) pays for it as a recurring cost.
+                with self.times.measure("first_touch"):
+                    slot.buffer.zero_()
             with self.times.measure("copy"):
                 for rec, src in pairs:
                     slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
@@ -261,6 +273,7 @@ class SnapshotEngine:
                 TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes)
             )
             offset += -(-nbytes // _ALIGN) * _ALIGN
+        allocations = self.pool.allocations
         buffer = self.pool.get(ckpt.window, slot_index, offset)
         slot = SlotSnapshot(
             window=ckpt.window,
@@ -278,7 +291,11 @@ class SnapshotEngine:
         ckpt.slots[slot_index] = slot
         self.bytes_captured_last = sum(r.nbytes for r in records)
         self.bytes_captured_last_by_part = parts
-        self._copier.submit(slot, [(r, t) for r, (_, _, t) in zip(records, live)])
+        self._copier.submit(
+            slot,
+            [(r, t) for r, (_, _, t) in zip(records, live)],
+            first_touch=self.pool.allocations != allocations,
+        )
         return slot
 
     def wait_for_copies(self) -> None:

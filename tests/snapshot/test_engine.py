@@ -33,9 +33,9 @@ def test_synchronous_capture_is_complete_when_it_returns():
     calling = threading.current_thread()
     seen = []
     original = engine._copier._copy_host
-    engine._copier._copy_host = lambda slot, pairs: (
+    engine._copier._copy_host = lambda slot, pairs, first_touch: (
         seen.append(threading.current_thread()),
-        original(slot, pairs),
+        original(slot, pairs, first_touch),
     )
     slot = engine.capture(ckpt, 0, 0)
     assert slot.ready.is_set() and slot.error is None and seen == [calling]
@@ -61,8 +61,10 @@ def test_snapshot_stages_are_named_in_a_profiler_trace():
 
     engine = _engine(asynchronous=False)
     ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=0, window=0)
+    engine.capture(ckpt, 0, 0)  # allocates slot 0's buffer (and faults it in) ...
+    ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=2, window=2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        engine.capture(ckpt, 0, 0)
+        engine.capture(ckpt, 0, 2)  # ... which window 2 reuses
         engine.wait_for_copies()
     names = {e.name for e in prof.events()}
     assert {
@@ -71,4 +73,19 @@ def test_snapshot_stages_are_named_in_a_profiler_trace():
         "moevement.snapshot.checksum",
         "moevement.snapshot.wait_for_copies",
     } <= names
+    engine.shutdown()
+
+
+def test_copies_into_fresh_buffers_are_timed_as_first_touch():
+    # A buffer allocated for a slot has its pages faulted in once, timed apart from the copy.
+    engine = _engine(asynchronous=False)
+    for window in range(3):
+        ckpt = engine.begin_window(FakeSchedule([["a"], ["b"]]), start_iteration=0, window=window)
+        for slot_index in range(2):
+            before = engine.times.totals()
+            engine.capture(ckpt, slot_index, 2 * window + slot_index)
+            after = engine.times.totals()
+            fresh = after["first_touch"] > before["first_touch"]
+            # Two windows' buffers (window parity x slot) are allocated, then reused.
+            assert fresh == (window < 2) and after["copy"] > before["copy"]
     engine.shutdown()
