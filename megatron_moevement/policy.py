@@ -35,6 +35,13 @@ logger = get_logger(__name__)
 
 __all__ = ["CapturePolicy", "PolicyHost", "SparseWindowPolicy"]
 
+RECENT_ITERATIONS = 16
+"""Iterations whose median time sizes the slot budget."""
+
+MIN_BYTE_BUDGET_SHARE = 0.25
+"""On a host, the least share of a slot's budget left for its bytes after the per-step stall
+(a stall above the budget then asks for the least-stall window instead of none)."""
+
 
 class PolicyHost(Protocol):
     """What a policy uses of the strategy it is attached to
@@ -56,8 +63,6 @@ class PolicyHost(Protocol):
     """Bytes captured on this rank so far."""
     stage_times: Any
     """:class:`~megatron_moevement.snapshot.stage_times.StageTimes` of this rank's snapshots."""
-    idle_core_for_snapshots: bool
-    """Whether background snapshot work runs beside training (copy engine or a free core)."""
     iteration_times: list[float]
     checkpoints: list[SparseCheckpoint]
     windows_started: int
@@ -167,37 +172,53 @@ class SparseWindowPolicy(CapturePolicy):
         s.durable.after_step(iteration)
 
     def _slot_budget_s(self) -> float:
-        """The time budget of one slot: the (median recent) iteration time, scaled by the
-        share of an iteration a snapshot may take."""
+        """The time budget of one slot's bytes: the median of the last
+        :data:`RECENT_ITERATIONS` iteration times, scaled by
+        the share of an iteration a snapshot may take; on a host, less the training thread's
+        measured stall per step, which does not shrink with the slot (bookkeeping, the slot
+        cut, queueing the copy), so that W is not grown to pay for it byte by byte."""
         s = self.strategy
         fraction = s.config.snapshot_budget_fraction
         if fraction is None:
             fraction = 1.0 if torch.cuda.is_available() else 0.05
         if s.iteration_times:
-            recent = s.iteration_times[-5:]
-            return fraction * sorted(recent)[len(recent) // 2]
-        return fraction * (s.config.iteration_time_s or 1.0)
+            # A long median: a short one followed the +-15% iteration-time noise of a shared
+            # host, and every W it moved cost new buffers.
+            recent = s.iteration_times[-RECENT_ITERATIONS:]
+            budget = fraction * sorted(recent)[len(recent) // 2]
+        else:
+            budget = fraction * (s.config.iteration_time_s or 1.0)
+        steps = s.stage_times.calls("after_step")
+        if torch.cuda.is_available() or steps == 0:
+            return budget
+        stall_per_step = s.stage_times.totals()["stall"] / steps
+        return max(budget - stall_per_step, MIN_BYTE_BUDGET_SHARE * budget)
 
     def _charged_bandwidth(self) -> float:
-        """The bandwidth Algorithm 1 divides a slot by: bytes per second of training time.
+        """The bandwidth Algorithm 1 divides a slot's byte budget by: bytes per second of
+        training time.
 
         On CUDA the copy engine runs beside the SMs, so a slot costs training only its copy time
         (the paper's rule: the measured device-to-host bandwidth). On a host the copy, checksum
-        and replication run on cores, and what a snapshot byte costs the training step is
-        measured in this run: the training thread's stall plus, where no core is left idle for
-        the snapshot threads, their background time (:class:`StageTimes`), per byte captured.
-        The slower of that and the probed copy + checksum rate is used, so ``auto`` never
-        keeps a window whose copies take more of an iteration than its budget allows (with no
-        idle core, W = 1 would copy every byte that a dense snapshot does on the same cores).
+        and replication run on cores and stream every byte through the memory that training's
+        kernels stream too, so what a snapshot byte costs is measured in this run: the recurring
+        background time of the snapshot threads (:class:`StageTimes`) per byte captured (the
+        training thread's stall is a per-step cost, taken off the budget by
+        :meth:`_slot_budget_s`). That holds with a free core as well: on the 2-core harness, one
+        rank beside an idle core still lost ~0.3 s of training per second of background copy
+        and checksum (memory bandwidth and caches are shared), and charging only the stall chose
+        W = 2 at 1.034x. The slower of that and the probed copy + checksum rate is used, so
+        ``auto`` never keeps a window whose copies take more of an iteration than its budget
+        allows (with no idle core, W = 1 would copy every byte that a dense snapshot does on the
+        same cores).
         """
         s = self.strategy
         if torch.cuda.is_available() or s.snapshot_bytes_total == 0:
             return s.d2h_bandwidth
-        times = s.stage_times.totals()
-        charged = times["stall"] + (0.0 if s.idle_core_for_snapshots else times["background"])
-        if charged <= 0:
+        background = s.stage_times.totals()["background"]
+        if background <= 0:
             return s.d2h_bandwidth
-        return min(s.d2h_bandwidth, s.snapshot_bytes_total / charged)
+        return min(s.d2h_bandwidth, s.snapshot_bytes_total / background)
 
     # ------------------------------------------------------------------ restore
     def restore(self, target_iteration, train_iteration, ckpt=None) -> ReplayReport:

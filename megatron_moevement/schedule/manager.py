@@ -39,6 +39,7 @@ from megatron_moevement.schedule.window import (
     WindowSizeError,
     find_window_size,
     is_int,
+    least_stall_window_size,
     positive,
     validate_operators,
 )
@@ -48,6 +49,11 @@ logger = get_logger(__name__)
 
 SHRINK_HEADROOM = 0.10
 """Fraction of the iteration a smaller auto window must leave free before W shrinks."""
+
+GROW_TOLERANCE = 0.10
+"""Fraction by which the current auto window's largest slot may overrun the slot budget before W
+grows. Every change of W costs new host buffers (faulted in on first use) and new replica
+buffers on the peers; without it, measurement noise near a boundary moved W back and forth."""
 
 
 @dataclass(frozen=True)
@@ -291,10 +297,11 @@ class ScheduleManager:
     def _auto_window_size(self, order: List[OperatorLike], current: int) -> int:
         """W for the latest measurements, with hysteresis, agreed across ranks.
 
-        Growing is immediate (the current window no longer fits). Shrinking requires the smaller
-        window to fit with :data:`SHRINK_HEADROOM` to spare, so that noisy iteration-time
-        measurements do not flip W at every boundary. When no window fits, the current one is
-        kept (the stall is logged) instead of failing training on a transient measurement.
+        Growing needs the current window to overrun the budget by more than
+        :data:`GROW_TOLERANCE`; shrinking requires the smaller window to fit with
+        :data:`SHRINK_HEADROOM` to spare, so that noisy measurements do not flip W at boundaries. When no window fits, training is not
+        failed on what may be a transient measurement: the window with the least stall per
+        iteration is run (or the current one, when it is already wider), and the stall is logged.
         """
         try:
             w = find_window_size(
@@ -304,8 +311,24 @@ class ScheduleManager:
                 include_compute_in_full_slot=self._include_compute,
             )
         except WindowSizeError as exc:
-            logger.warning("%s Keeping W=%d for now.", exc, current)
-            w = current
+            # Keeping a narrower current window (W=1 chosen before any iteration was measured,
+            # say) would copy more per iteration than the least-stall cut.
+            w = max(
+                current,
+                least_stall_window_size(order, include_compute_in_full_slot=self._include_compute),
+            )
+            logger.warning("%s Running W=%d (the least stall per iteration) for now.", exc, w)
+        if w > current:
+            try:
+                w_tolerated = find_window_size(
+                    order,
+                    self._iteration_time_s * (1.0 + GROW_TOLERANCE),
+                    self._bandwidth,
+                    include_compute_in_full_slot=self._include_compute,
+                )
+            except WindowSizeError:
+                w_tolerated = w
+            w = max(current, w_tolerated)
         if w < current:
             try:
                 w_margin = find_window_size(

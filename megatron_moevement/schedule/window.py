@@ -43,6 +43,7 @@ __all__ = [
     "format_bytes",
     "greedy_slices",
     "least_stall_window",
+    "least_stall_window_size",
     "partition_operators",
     "smallest_window",
 ]
@@ -333,6 +334,15 @@ def find_window_size(
     if w is None:
         raise WindowSizeError(_infeasible_message(cost, ops, t, bw))
     return w
+
+
+def least_stall_window_size(
+    operators: Sequence[OperatorLike], *, include_compute_in_full_slot: bool = False
+) -> int:
+    """The window to run when none fits (:func:`find_window_size` raised): the smallest W whose
+    largest slot is as small as any cut allows, so the stall per iteration is the least."""
+    ops = validate_operators(operators)
+    return least_stall_window(_cost_of(ops, include_compute_in_full_slot))
 
 
 def partition_operators(
