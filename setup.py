@@ -24,8 +24,10 @@ setup(
         "megatron-core==0.16.1",
         "psutil",
         "numpy",
-        # Hardware CRC32C for snapshot checksums (Apache-2.0; ~11x zlib.crc32 here).
-        "google-crc32c",
+        # Hardware CRC32C for snapshot checksums that releases the GIL while it hashes (LGPL-2.1,
+        # used unmodified as a library; ~15 GB/s here, 3.5x zlib.crc32). google-crc32c computes
+        # the same values and is used when only it is installed, but holds the GIL.
+        "crc32c",
     ],
     extras_require={
         # Transformer Engine needs CUDA headers to build its torch extension; optional.

@@ -165,8 +165,9 @@ class MoEvementConfig:
 
     checksum: str = DEFAULT_CHECKSUM
     """Checksum over the raw bytes of every snapshot tensor: ``"crc32c"`` (default, hardware
-    CRC32C through google-crc32c, ~11x zlib's CRC32 on the development machine), ``"crc32"``
-    (zlib, no extra package) or ``"sha256"`` (cryptographic strength)."""
+    CRC32C through the ``crc32c`` package, which releases the GIL: ~15 GB/s, 3.5x zlib's CRC32 on
+    the development machine), ``"crc32"`` (zlib, no extra package) or ``"sha256"``
+    (cryptographic strength)."""
 
     snapshot_async: bool = True
     """Overlap the device-to-host snapshot copy with the next iteration's forward/backward.

@@ -20,9 +20,10 @@ CHECKSUM_ALGORITHMS = ("crc32c", "crc32", "sha256")
 (:func:`megatron_moevement.snapshot.checksum.checksum`)."""
 
 DEFAULT_CHECKSUM = "crc32c"
-"""The checksum snapshots are written with: CRC32C through ``google-crc32c`` (hardware
-instructions; measured ~11x ``zlib.crc32`` on this machine). Every slot, replica and durable file
-records its algorithm, so snapshots written with another one still verify."""
+"""The checksum snapshots are written with: CRC32C through the ``crc32c`` package (hardware
+instructions, and the GIL released while it hashes, so the copy thread's checksum does not stop
+the training thread; ``google-crc32c`` gives the same values). Every slot, replica and durable
+file records its algorithm, so snapshots written with another one still verify."""
 
 BASELINE_STRATEGIES = ("gemini", "moc")
 """Baseline checkpointing policies: dense in-memory snapshots every k iterations (Gemini-like),

@@ -108,6 +108,28 @@ def _host_buffer(data: Any) -> Any:
     )
 
 
+def _crc32c():
+    """The hardware CRC32C function: the ``crc32c`` package's, which releases the GIL while it
+    hashes (``google_crc32c.value`` holds it: a checksum on the copy thread then stopped the
+    training thread for its whole duration), else ``google-crc32c``'s. Both compute the same
+    Castagnoli CRC, so snapshots written with either verify with the other."""
+    try:
+        import crc32c
+
+        return crc32c.crc32c
+    except ImportError:
+        pass
+    try:
+        import google_crc32c
+
+        return google_crc32c.value
+    except ImportError:
+        raise SerializationError(
+            "checksum 'crc32c' needs the crc32c package (or google-crc32c). Fix: pip install "
+            "crc32c, or set MoEvementConfig.checksum='crc32'."
+        ) from None
+
+
 def checksum(
     buf: Union[bytes, bytearray, memoryview, torch.Tensor], algorithm: str = DEFAULT_CHECKSUM
 ) -> str:
@@ -120,14 +142,7 @@ def checksum(
     """
     data = _host_buffer(buf)
     if algorithm == "crc32c":
-        try:
-            import google_crc32c
-        except ImportError:
-            raise SerializationError(
-                "checksum 'crc32c' needs the google-crc32c package. Fix: pip install "
-                "google-crc32c, or set MoEvementConfig.checksum='crc32'."
-            ) from None
-        return f"{google_crc32c.value(data) & 0xFFFFFFFF:08x}"
+        return f"{_crc32c()(data) & 0xFFFFFFFF:08x}"
     if algorithm == "crc32":
         return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
     if algorithm == "sha256":

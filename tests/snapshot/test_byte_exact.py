@@ -114,3 +114,21 @@ def test_checksum_known_values():
     assert checksum(torch.tensor(list(b"hello"), dtype=torch.uint8), "crc32") == "3610a686"
     with pytest.raises(SerializationError, match="crc32"):
         checksum(b"x", "md5")
+
+
+def test_both_crc32c_libraries_give_the_same_checksums():
+    # Snapshots written through either library verify with the other.
+    crc32c = pytest.importorskip("crc32c")
+    google_crc32c = pytest.importorskip("google_crc32c")
+    data = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8).numpy()
+    assert crc32c.crc32c(data) == google_crc32c.value(data)
+    assert checksum(data.tobytes(), "crc32c") == f"{google_crc32c.value(data):08x}"
+
+
+def test_crc32c_prefers_the_library_that_releases_the_gil():
+    # google-crc32c holds the GIL while it hashes, so a checksum on the copy thread would stop
+    # the training thread; the crc32c package releases it (measured in docs/snapshots.md).
+    crc32c = pytest.importorskip("crc32c")
+    from megatron_moevement.snapshot import checksum as checksum_module
+
+    assert checksum_module._crc32c() is crc32c.crc32c
