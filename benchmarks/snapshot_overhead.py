@@ -34,7 +34,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--layout", default="ep2")
-    parser.add_argument("--iterations", type=int, default=36)
+    parser.add_argument("--iterations", type=int, default=60)
     parser.add_argument(
         "--rounds", type=int, default=3, help="interleaved rounds of every mode (median, spread)"
     )
@@ -42,8 +42,9 @@ def main() -> None:
         "--warmup",
         type=int,
         default=None,
-        help="iterations excluded from the statistics (default: 2W + 2, so "
-        "every host buffer of both window generations is allocated)",
+        help="first iterations excluded from the statistics (default: 2W + 2, W = 8 for auto, "
+        "and then also every iteration that first touched a new host buffer and the one after "
+        "it: a one-time cost, reported apart; an explicit --warmup keeps those iterations)",
     )
     parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--ffn-hidden-size", type=int, default=1024)
@@ -119,22 +120,35 @@ def main() -> None:
             print(f"round {index + 1}/{args.rounds}: running {mode} ...", flush=True)
             run_worker_job(spec, out, timeout=1200)
             data = json.loads((out / "overhead.json").read_text())
-            steady = data["iteration_times"][warmup:]
+            rows = _steady_rows(data, warmup, skip_first_touch=args.warmup is None)
+            if len(rows) < 8:
+                # Too few left once first-touch iterations are out: keep them (their one-time
+                # cost then shows in the ratio) rather than report on a handful of iterations.
+                print(
+                    f"  warning: {mode} first touched host buffers so late that only {len(rows)} "
+                    f"steady iterations remain; keeping those iterations (raise --iterations)",
+                    flush=True,
+                )
+                rows = _steady_rows(data, warmup, skip_first_touch=False)
+            steady = [data["iteration_times"][i] for i in rows]
             rounds[mode].append(
                 dict(
                     window_size=data["window_size"],
                     median_iteration_s=statistics.median(steady),
                     mean_iteration_s=statistics.fmean(steady),
                     snapshot_bytes_per_iteration=statistics.fmean(
-                        data["snapshot_bytes_per_iteration"][warmup:]
+                        data["snapshot_bytes_per_iteration"][i] for i in rows
                     ),
                     expert_snapshot_bytes_per_iteration=statistics.fmean(
-                        data["expert_snapshot_bytes_per_iteration"][warmup:]
+                        data["expert_snapshot_bytes_per_iteration"][i] for i in rows
                     ),
                     expert_full_state_bytes=data["expert_full_state_bytes"],
                     compute_weight_bytes=data["compute_weight_bytes"],
                     iteration_times=data["iteration_times"],
-                    stages=_stage_breakdown(data, warmup),
+                    window_size_per_iteration=data.get("window_size_per_iteration"),
+                    stages=_stage_breakdown(data, rows),
+                    steady_iterations=len(rows),
+                    first_touch_s=_first_touch_seconds(data),
                     probe_bandwidth_bytes_per_s=statistics.fmean(data["probe_bandwidth_per_rank"]),
                     idle_core_for_snapshots=data["idle_core_for_snapshots"],
                     host_memory_bytes=data.get("host_memory_bytes"),
@@ -157,6 +171,9 @@ def main() -> None:
             ratio_per_round=ratios,
             ratio_spread=(min(ratios), max(ratios)),
             iteration_times=[r["iteration_times"] for r in per_round],
+            steady_iterations=[r["steady_iterations"] for r in per_round],
+            window_size_per_iteration=[r["window_size_per_iteration"] for r in per_round],
+            first_touch_s=statistics.median(r["first_touch_s"] for r in per_round),
             stages={
                 k: {
                     w: statistics.median(r["stages"][k][w] for r in per_round)
@@ -211,7 +228,8 @@ def main() -> None:
     )
     print(
         f"{'mode':<10} {'stall':>7} {'after_step':>10} {'capture':>8} {'wait_copy':>9} "
-        f"{'copy':>7} {'checksum':>8} {'replic.':>8} {'limit':>7}"
+        f"{'copy':>7} {'checksum':>8} {'replic.':>8} {'limit':>7} {'steady':>7} "
+        f"{'first touch (s, once)':>21}"
     )
     for mode in modes:
         st = results[mode]["stages"]
@@ -224,7 +242,9 @@ def main() -> None:
         print(
             f"{mode:<10} {ms('stall'):>7} {ms('after_step'):>10} {ms('capture'):>8} "
             f"{ms('wait_for_copies'):>9} {ms('copy', 'mean'):>7} {ms('checksum', 'mean'):>8} "
-            f"{ms('replication', 'mean'):>8} {results[mode]['limit_ratio']:>7.3f}"
+            f"{ms('replication', 'mean'):>8} {results[mode]['limit_ratio']:>7.3f} "
+            f"{min(results[mode]['steady_iterations']):>7} "
+            f"{results[mode]['first_touch_s']:>21.3f}"
         )
     compute = results["moevement"]["compute_weight_bytes"]
     print(
@@ -244,9 +264,31 @@ def main() -> None:
     )
 
 
-def _stage_breakdown(data: dict, warmup: int) -> dict:
-    """Per stage, seconds per iteration after the warm-up: the slowest rank's mean (``max``)
-    and the mean over ranks (``mean``); ``stall`` = after_step + wait_for_copies."""
+def _steady_rows(data: dict, warmup: int, skip_first_touch: bool = True) -> list[int]:
+    """The iterations a run's statistics read: those after ``warmup``, less (unless
+    ``skip_first_touch`` is off) every iteration that first touched a new host buffer and the one
+    after it (its copy finishes in the background). A first touch is a one-time cost per buffer
+    (an ``auto`` window that grows adds a slot, popularity reordering grows one), reported apart
+    as ``first_touch_s``, not the steady overhead."""
+    touched: set[int] = set()
+    if skip_first_touch:
+        for rank in data.get("stage_seconds_per_rank") or []:
+            for i, seconds in enumerate(rank.get("first_touch", [])):
+                if seconds > 0:
+                    touched.update((i, i + 1))
+    return [i for i in range(warmup, len(data["iteration_times"])) if i not in touched]
+
+
+def _first_touch_seconds(data: dict) -> float:
+    """The whole run's first-touch copy seconds, slowest rank (the one-time cost of its
+    buffers)."""
+    per_rank = data.get("stage_seconds_per_rank") or []
+    return max((sum(r.get("first_touch", [])) for r in per_rank), default=0.0)
+
+
+def _stage_breakdown(data: dict, rows: list[int]) -> dict:
+    """Per stage, seconds per iteration over the steady ``rows``: the slowest rank's mean
+    (``max``) and the mean over ranks (``mean``); ``stall`` = after_step + wait_for_copies."""
     per_rank = data.get("stage_seconds_per_rank") or []
     if not per_rank or not per_rank[0]:
         return {}
@@ -257,7 +299,7 @@ def _stage_breakdown(data: dict, warmup: int) -> dict:
             rank, stall=[a + b for a, b in zip(rank["after_step"], rank["wait_for_copies"])]
         )
         for k in stages:
-            steady = rank[k][warmup:]
+            steady = [rank[k][i] for i in rows if i < len(rank[k])]
             means[k].append(statistics.fmean(steady) if steady else 0.0)
     return {k: dict(max=max(v), mean=statistics.fmean(v)) for k, v in means.items()}
 

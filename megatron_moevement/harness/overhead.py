@@ -44,7 +44,7 @@ def run_overhead(spec) -> None:
             MoEvementConfig.from_dict(fields),
             spec.moevement.get("baseline"),
         )
-    times, snap_bytes, expert_bytes = [], [], []
+    times, snap_bytes, expert_bytes, windows = [], [], [], []
     # Per iteration, the seconds of each snapshot stage on this rank (stall and background).
     stage_names = tuple(STAGES) if strategy is not None else ()
     stage_rows: list[list[float]] = []
@@ -65,6 +65,8 @@ def run_overhead(spec) -> None:
             snap_bytes.append(0)
             expert_bytes.append(0)
         times.append(time.perf_counter() - start)
+        # W per iteration: an ``auto`` window moves with the measured budget and bandwidth.
+        windows.append(strategy.stats()["window_size"] if strategy is not None else None)
         if stage_names:
             now = strategy.stage_times.totals()
             stage_rows.append([now[k] - last[k] for k in stage_names])
@@ -132,6 +134,7 @@ def run_overhead(spec) -> None:
                 dict(
                     mode=mode,
                     window_size=window,
+                    window_size_per_iteration=windows,
                     iteration_times=t.tolist(),
                     snapshot_bytes_per_iteration=b[0].tolist(),
                     expert_snapshot_bytes_per_iteration=b[1].tolist(),

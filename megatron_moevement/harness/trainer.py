@@ -9,6 +9,7 @@ grad clipping on) and ``get_forward_backward_func()``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable
@@ -99,6 +100,9 @@ class HarnessTrainer:
         ``microbatch<k>`` (before microbatch k's forward), ``backward<k>`` (when microbatch k's
         backward reaches this stage's output) and ``optimizer_step`` (gradients reduced, step not
         yet taken)."""
+        self.setup_times: dict[str, float] = {}
+        """Seconds of each setup step (process groups, model, DDP + optimizer): what a
+        recovery's rebuild spends on this trainer."""
         self.data = SyntheticTokenData(
             model_config.vocab_size,
             model_config.seq_length,
@@ -120,6 +124,7 @@ class HarnessTrainer:
         from megatron.core.transformer.module import Float16Module
 
         cfg, layout = self.model_config, self.layout
+        clock = time.perf_counter()
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tp,
@@ -127,6 +132,8 @@ class HarnessTrainer:
             expert_model_parallel_size=layout.ep,
             expert_tensor_parallel_size=layout.expert_tp,
         )
+        self.setup_times["process_groups"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         torch.manual_seed(cfg.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.seed)
 
@@ -137,6 +144,8 @@ class HarnessTrainer:
         if cfg.precision in ("bf16", "fp16"):
             module = Float16Module(self.transformer_config, gpt)
 
+        self.setup_times["model"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
@@ -161,6 +170,7 @@ class HarnessTrainer:
         )
         self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks)
         self.optimizer_view = OptimizerView(self.optimizer)
+        self.setup_times["ddp_and_optimizer"] = time.perf_counter() - clock
 
         config = self.transformer_config
         config.grad_scale_func = self.optimizer.scale_loss
@@ -173,11 +183,12 @@ class HarnessTrainer:
         self.ep_rank = parallel_state.get_expert_model_parallel_rank()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         logger.debug(
-            "harness ready: layout=%s dp=%d pp=%d ep=%d",
+            "harness ready: layout=%s dp=%d pp=%d ep=%d; setup %s",
             layout,
             self.dp_rank,
             self.pp_rank,
             self.ep_rank,
+            " ".join(f"{k} {v:.3f}s" for k, v in self.setup_times.items()),
         )
 
     @property
