@@ -95,8 +95,9 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
     ]
     load = data.get("load_average")
     text = (
-        f"Layout {data['layout']}, model {data['model']}. Median iteration after warm-up; "
-        "bytes summed over ranks."
+        f"Layout {data['layout']}, model {data['model']}. Median over steady iterations (the "
+        "warm-up, each iteration that first touched a new host buffer and the one after it left "
+        "out); bytes summed over ranks."
         + (
             f" {data['rounds']} interleaved rounds; load average {load['before'][0]:.2f} before, "
             f"{load['after'][0]:.2f} after, {data['cpu_count']} cores."
@@ -134,6 +135,7 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
                 "copy",
                 "checksum",
                 "replication",
+                "first touch (s, once)",
                 "limit x no checkpointing",
             ],
             [
@@ -145,6 +147,7 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
                     f"{1e3 * r['stages']['copy']['mean']:.1f}",
                     f"{1e3 * r['stages']['checksum']['mean']:.1f}",
                     f"{1e3 * r['stages']['replication']['mean']:.1f}",
+                    f"{r.get('first_touch_s', 0.0):.2f}",
                     f"{r['limit_ratio']:.3f}",
                 ]
                 for m, r in staged
@@ -232,6 +235,18 @@ def recovery_section(data: Optional[dict], plot: Plotter, name: str = "recovery_
                 [m] + [f"{r['phases_s'][k]:.3f}" for k in ("detect", "rebuild", "fetch", "replay")]
                 for m, r in phased
             ],
+        )
+    timed = [(m, r) for m, r in res.items() if r.get("replay_iteration_s")]
+    if timed:
+        text += "\nEach replayed iteration (s, slowest rank in scope):\n\n" + "\n".join(
+            f"- {m}: " + ", ".join(f"{t:.3f}" for t in r["replay_iteration_s"]) for m, r in timed
+        )
+        text += (
+            f"\n\nscoped / global: whole recovery {data['scoped_to_global']:.2f}, replay phase "
+            f"{data['replay_scoped_to_global']:.2f}, last replayed iteration "
+            f"{data['last_replayed_iteration_scoped_to_global']:.2f}.\n"
+            if "replay_scoped_to_global" in data
+            else "\n"
         )
 
     def draw(ax):

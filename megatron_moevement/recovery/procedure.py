@@ -89,6 +89,9 @@ class RecoveryReport:
     """detect, rebuild, fetch, replay (seconds)."""
     noticed_at: float = 0.0
     """Wall-clock time (``time.time()``) at which this rank noticed the failure."""
+    replay_iteration_s: list[float] = field(default_factory=list)
+    """Seconds of each replayed iteration, in order (empty outside the scope): a fresh spare's
+    first iterations run cold (allocator, kernels), which the later ones show by contrast."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,6 +167,8 @@ class RecoveryProcedure:
         self.first_iteration: int | None = None
         self.feed: dict = {}
         self.survey_failed: list[int] = []
+        self.replay_iteration_s: list[float] = []
+        """Seconds of each iteration this rank replayed (for the report)."""
 
     # ------------------------------------------------------------------ phases
     def adopt(self, old) -> None:
@@ -359,7 +364,9 @@ class RecoveryProcedure:
 
         def replay_iteration(it: int) -> None:
             self.fault_hook(it, "replay", self)
+            started = time.perf_counter()
             run(it)
+            self.replay_iteration_s.append(time.perf_counter() - started)
 
         if plan.scope.scoped and self.trainer.layout.pp > 1:
             pp = self.trainer.pp_rank
@@ -407,6 +414,7 @@ class RecoveryProcedure:
             spare=self.spare,
             times_s=times,
             noticed_at=noticed_at,
+            replay_iteration_s=list(self.replay_iteration_s),
         )
         logger.warning(
             "rank %d recovered (generation %d, failed %s, path %s: %s recovery of ranks %s from "
