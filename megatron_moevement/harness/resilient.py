@@ -43,8 +43,25 @@ import torch
 from megatron_moevement.harness.faults import corrupt_state, record_fired, validate_faults
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.recovery.protocol import StoreKeys
+from megatron_moevement.recovery.warm_spare import is_spare_process, warm_up_spare
 
 logger = get_logger(__name__)
+
+
+def _throwaway_iteration(model_cfg, layout) -> None:
+    """Builds a single-process model of one rank's shapes (its share of the layers and experts,
+    full-width layers) and trains one iteration of it: a spare's warm-up."""
+    from megatron_moevement.harness.layout import ParallelLayout
+    from megatron_moevement.harness.trainer import HarnessTrainer
+
+    layers = max(-(-model_cfg.num_layers // layout.pp), model_cfg.dense_first_layers + 1)
+    shaped = dataclasses.replace(
+        model_cfg,
+        num_layers=layers,
+        num_experts=max(model_cfg.num_experts // layout.ep, model_cfg.moe_router_topk),
+        mtp_num_layers=None,
+    )
+    HarnessTrainer(shaped, ParallelLayout.parse("single")).train_iteration(0)
 
 
 def run_resilient(spec) -> None:
@@ -70,6 +87,8 @@ def run_resilient(spec) -> None:
     # Test knob: rebuilds after a failure use another seed, i.e. a build() that does not
     # reproduce the job's initial weights (the initial-state tier must refuse it).
     rebuild_seed_offset = int(fields.pop("rebuild_seed_offset", 0))
+    # Benchmark knob: False lets a spare start cold (no throwaway iteration while it waits).
+    warm_spare = bool(fields.pop("warm_spare", True))
     config = MoEvementConfig.from_dict(fields)
     layout = ParallelLayout(**spec.layout)
     model_cfg = TinyMoEConfig.from_dict(spec.model)
@@ -80,6 +99,10 @@ def run_resilient(spec) -> None:
         from megatron_moevement.snapshot.engine import snapshot_bandwidth
 
         snapshot_bandwidth(config.checksum)
+    if warm_spare and is_spare_process():
+        # While it waits, too: one throwaway iteration of a rank's shapes, so that the rebuild
+        # and first replayed iterations of the rank it takes do not run cold.
+        warm_up_spare(lambda: _throwaway_iteration(model_cfg, layout))
     ctx = ElasticContext.from_env(timeout_s=spec.timeout_s)
 
     corrupted: set[int] = set()  # corrupt faults fire once (the rank lives on)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.recovery.errors import RecoveryError
+from megatron_moevement.recovery.warm_spare import is_spare_process
 from megatron_moevement.runtime.connections import sever_connections
 
 logger = get_logger(__name__)
@@ -140,7 +141,7 @@ class ElasticContext:
         """Joins as ``RANK`` or, for a spare (``MOEVEMENT_SPARE=1``), waits to be assigned."""
         store = connect_store()
         world = int(os.environ["WORLD_SIZE"])
-        if os.environ.get("MOEVEMENT_SPARE") == "1":
+        if is_spare_process():
             spare_id = os.environ["LOCAL_PROC_ID"]
             key = StoreKeys.spare(spare_id)
             deadline = time.monotonic() + wait_s
