@@ -7,9 +7,12 @@ reports give the per-phase times and the microbatches recomputed. The third colu
 without in-memory recovery pays: a fresh launch of all processes that builds the model, loads a
 dense checkpoint from local disk (``torch.save`` of every tensor, taken at the same iteration as
 the persisted sparse window's start, as a CheckFreq-style durable tier would hold) and recomputes
-the iterations since it — measured by running exactly that. Results are printed as ratios and written as JSON.
+the iterations since it — measured by running exactly that. Scoped and global runs are interleaved
+in rounds (``--rounds``); the median run of each represents it, and every round's ratio is
+reported beside it. Results are printed as ratios and written as JSON.
 
-    python benchmarks/recovery_time.py --output results/recovery_time.json
+    python benchmarks/recovery_time.py --cold-spare --output results/recovery_time.json
+    python benchmarks/recovery_time.py --cold-spare --layout pp4 --output results/recovery_time_pp4.json
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
 
 
-def _elastic(tmp: Path, name: str, layout, model, iterations, window, fault, scope) -> dict:
+def _elastic(
+    tmp: Path, name: str, layout, model, iterations, window, fault, scope, warm_spare=True
+) -> dict:
     spec = WorkerSpec(
         job="resilient",
         layout=layout.to_dict(),
@@ -37,7 +42,11 @@ def _elastic(tmp: Path, name: str, layout, model, iterations, window, fault, sco
         log_level="WARNING",
         timeout_s=60,
         moevement=dict(
-            window_size=window, replication_factor=1, recovery_scope=scope, faults=[fault]
+            window_size=window,
+            replication_factor=1,
+            recovery_scope=scope,
+            faults=[fault],
+            warm_spare=warm_spare,
         ),
     )
     run_elastic_job(spec, tmp / name, timeout=1200, spares=1)
@@ -76,18 +85,58 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=3)
     parser.add_argument("--kill-rank", type=int, default=1)
     parser.add_argument("--kill-iteration", type=int, default=7)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="scoped and global runs, interleaved (order alternating per round); the median "
+        "run of each mode is reported, every round's ratio beside it",
+    )
+    parser.add_argument(
+        "--cold-spare",
+        action="store_true",
+        help="also run scoped recovery with a spare that starts cold (no warm-up iteration)",
+    )
     parser.add_argument("--output", type=Path, default=Path("results/recovery_time.json"))
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     layout = ParallelLayout.parse(args.layout)
     model = dict(precision="bf16", use_distributed_optimizer=True)
     fault = dict(rank=args.kill_rank, iteration=args.kill_iteration, phase="microbatch2")
     results = {}
     with tempfile.TemporaryDirectory(prefix="moevement-recovery-") as tmp:
         tmp = Path(tmp)
-        for scope in ("auto", "global"):
-            print(f"running {scope} ...", flush=True)
-            results["scoped" if scope == "auto" else "global"] = _elastic(
-                tmp, scope, layout, model, args.iterations, args.window_size, fault, scope
+        # mode -> (recovery_scope, warm spare)
+        modes = {"scoped": ("auto", True), "global": ("global", True)}
+        if args.cold_spare:
+            modes["scoped_cold_spare"] = ("auto", False)
+        runs: dict[str, list[dict]] = {mode: [] for mode in modes}
+        for round_ in range(args.rounds):
+            # Alternate the order so that drift of the machine does not favour one mode.
+            order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+            for mode in order:
+                scope, warm = modes[mode]
+                print(f"round {round_ + 1}/{args.rounds}: running {mode} ...", flush=True)
+                runs[mode].append(
+                    _elastic(
+                        tmp,
+                        f"{mode}{round_}",
+                        layout,
+                        model,
+                        args.iterations,
+                        args.window_size,
+                        fault,
+                        scope,
+                        warm_spare=warm,
+                    )
+                )
+        for mode, mode_runs in runs.items():
+            # The median run (by whole recovery time) represents its mode.
+            ordered = sorted(mode_runs, key=lambda r: r["recovery_s"])
+            results[mode] = dict(
+                ordered[(len(ordered) - 1) // 2],
+                recovery_s_per_round=[r["recovery_s"] for r in mode_runs],
             )
         # Restart: relaunch everything, load the dense on-disk checkpoint taken at the persisted
         # window start, recompute up to the last committed iteration; time the whole relaunch.
@@ -131,7 +180,7 @@ def main() -> None:
             "checkpoint load from local disk, recompute of "
             f"{recomputed} iterations",
         )
-    for mode in ("scoped", "global"):
+    for mode in runs:
         r = results[mode]
         print(
             f"{mode}: detect per rank {[round(d, 3) for d in r['detect_s_per_rank']]} s (failure "
@@ -141,14 +190,14 @@ def main() -> None:
         )
     base = results["scoped"]["recovery_s"]
     print(
-        f"\n{'mode':<8} {'scope ranks':<14} {'recovery (s)':>12} {'x scoped':>9} "
+        f"\n{'mode':<18} {'scope ranks':<14} {'recovery (s)':>12} {'x scoped':>9} "
         f"{'microbatches recomputed':>24}"
     )
     for mode, r in results.items():
         r["ratio_to_scoped"] = r["recovery_s"] / base
         ranks = ",".join(map(str, r.get("scope_ranks", []))) or "all"
         print(
-            f"{mode:<8} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
+            f"{mode:<18} {ranks:<14} {r['recovery_s']:>12.3f} {r['ratio_to_scoped']:>9.2f} "
             f"{r['microbatches_recomputed']:>24}"
         )
     scoped_to_global = base / results["global"]["recovery_s"]
@@ -156,8 +205,12 @@ def main() -> None:
     replay_ratio = scoped["phases_s"]["replay"] / global_["phases_s"]["replay"]
     # The last replayed iteration: every rank in scope warm, no operator frozen.
     last_iteration_ratio = scoped["replay_iteration_s"][-1] / global_["replay_iteration_s"][-1]
+    per_round = [
+        a / b for a, b in zip(scoped["recovery_s_per_round"], global_["recovery_s_per_round"])
+    ]
     print(
-        f"scoped / global rollback = {scoped_to_global:.2f} (replay phase {replay_ratio:.2f}, "
+        f"scoped / global rollback = {scoped_to_global:.2f} (median runs; per round "
+        f"{', '.join(f'{r:.2f}' for r in per_round)}; replay phase {replay_ratio:.2f}, "
         f"last replayed iteration {last_iteration_ratio:.2f})"
     )
     write_results(
@@ -166,7 +219,9 @@ def main() -> None:
             layout=str(layout),
             fault=fault,
             results=results,
+            rounds=args.rounds,
             scoped_to_global=scoped_to_global,
+            scoped_to_global_per_round=per_round,
             replay_scoped_to_global=replay_ratio,
             last_replayed_iteration_scoped_to_global=last_iteration_ratio,
             cpu_count=os.cpu_count(),

@@ -223,8 +223,15 @@ def recovery_section(data: Optional[dict], plot: Plotter, name: str = "recovery_
         ]
         for mode, r in res.items()
     ]
-    text = f"Layout {data['layout']}, fault {data['fault']}.\n\n"
-    text += _table(
+    text = f"Layout {data['layout']}, fault {data['fault']}."
+    if "scoped_to_global_per_round" in data:
+        text += (
+            f" {data['rounds']} interleaved rounds, the median run of each mode shown; scoped / "
+            "global per round: "
+            + ", ".join(f"{r:.2f}" for r in data["scoped_to_global_per_round"])
+            + "."
+        )
+    text += "\n\n" + _table(
         ["mode", "ranks rolled back", "recovery (s)", "x scoped", "microbatches recomputed"], rows
     )
     phased = [(m, r) for m, r in res.items() if "detect" in r.get("phases_s", {})]
