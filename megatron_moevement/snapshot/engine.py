@@ -31,7 +31,7 @@ import torch
 from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.snapshot.buffers import HostBufferPool, allocate_host_buffer
-from megatron_moevement.snapshot.checksum import checksum, dtype_name
+from megatron_moevement.snapshot.checksum import checksum, checksum_spans, dtype_name
 from megatron_moevement.snapshot.slots import (
     _ALIGN,
     SlotSnapshot,
@@ -143,8 +143,11 @@ class _Copier:
 
     @staticmethod
     def _seal_records(slot: SlotSnapshot) -> None:
-        for key, rec in list(slot.records.items()):
-            digest = checksum(slot.buffer[rec.offset : rec.offset + rec.nbytes], slot.algorithm)
+        records = list(slot.records.items())
+        digests = checksum_spans(
+            slot.buffer, [(rec.offset, rec.nbytes) for _, rec in records], slot.algorithm
+        )
+        for (key, rec), digest in zip(records, digests):
             slot.records[key] = TensorRecord(
                 rec.key, rec.dtype, rec.shape, rec.offset, rec.nbytes, digest
             )

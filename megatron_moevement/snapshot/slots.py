@@ -16,7 +16,11 @@ from typing import Iterable
 import torch
 
 from megatron_moevement.constants import DEFAULT_CHECKSUM
-from megatron_moevement.snapshot.checksum import SnapshotChecksumError, checksum, dtype_from_name
+from megatron_moevement.snapshot.checksum import (
+    SnapshotChecksumError,
+    checksum_spans,
+    dtype_from_name,
+)
 
 _ALIGN = 64
 
@@ -114,9 +118,12 @@ class SlotSnapshot:
     def verify(self, keys: Iterable[str] | None = None) -> None:
         """Recomputes checksums; raises :class:`SnapshotChecksumError` naming the bad tensor."""
         self.wait()
-        for key in keys if keys is not None else self.records:
-            rec = self.records[key]
-            got = checksum(self.buffer[rec.offset : rec.offset + rec.nbytes], self.algorithm)
+        keys = list(keys if keys is not None else self.records)
+        records = [self.records[key] for key in keys]
+        digests = checksum_spans(
+            self.buffer, [(rec.offset, rec.nbytes) for rec in records], self.algorithm
+        )
+        for key, rec, got in zip(keys, records, digests):
             if got != rec.checksum:
                 raise SnapshotChecksumError(
                     key,

@@ -13,7 +13,12 @@ import pytest
 import torch
 
 from megatron_moevement.replay.loader import SlotLoader
-from megatron_moevement.snapshot.checksum import SerializationError, checksum, dtype_name
+from megatron_moevement.snapshot.checksum import (
+    SerializationError,
+    checksum,
+    checksum_spans,
+    dtype_name,
+)
 from megatron_moevement.snapshot.engine import SnapshotEngine
 from megatron_moevement.snapshot.sharding import ShardPlan
 from megatron_moevement.state.operators import Operator, OperatorParam
@@ -114,6 +119,26 @@ def test_checksum_known_values():
     assert checksum(torch.tensor(list(b"hello"), dtype=torch.uint8), "crc32") == "3610a686"
     with pytest.raises(SerializationError, match="crc32"):
         checksum(b"x", "md5")
+
+
+@pytest.mark.parametrize("algorithm", ["crc32c", "crc32", "sha256"])
+def test_checksum_spans_equal_checksums_of_tensor_slices(algorithm):
+    buffer = torch.randint(0, 256, (4096,), dtype=torch.uint8)
+    spans = [(0, 0), (0, 7), (64, 1000), (1100, 2996), (4095, 1)]
+    assert checksum_spans(buffer, spans, algorithm) == [
+        checksum(buffer[offset : offset + nbytes], algorithm) for offset, nbytes in spans
+    ]
+    # A span of a buffer that is itself a slice of a larger one (a pooled slot buffer).
+    pooled = torch.randint(0, 256, (8192,), dtype=torch.uint8)
+    part = pooled[1024:5120]
+    assert checksum_spans(part, [(10, 100)], algorithm) == [checksum(pooled[1034:1134], algorithm)]
+
+
+def test_checksum_spans_refuse_what_is_not_a_flat_host_byte_buffer():
+    with pytest.raises(SerializationError, match="1-D uint8 host buffer"):
+        checksum_spans(torch.zeros(4, dtype=torch.float32), [(0, 4)])
+    with pytest.raises(SerializationError, match="1-D uint8 host buffer"):
+        checksum_spans(torch.zeros(2, 2, dtype=torch.uint8), [(0, 4)])
 
 
 def test_both_crc32c_libraries_give_the_same_checksums():
