@@ -353,22 +353,13 @@ def _env(tmp_path, bin_dir, job_id):
     }
 
 
-@pytest.mark.multiproc
-@pytest.mark.timeout(400)
-def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
-    """The rendered template on 2 training nodes + 1 spare node (2 "GPUs" each) under a fake srun:
-    rank 1 is SIGKILLed mid-iteration; spare task 4 (on the spare node) takes its place through
-    the same store protocol as a local spare, the job finishes with status 0, and every rank's
-    state is bitwise equal to a fault-free run."""
+def _run_resilient_job(tmp_path, faults, job_id, job_timeout_s):
+    """Renders the template for 2 training nodes + 1 spare node (2 "GPUs" each), runs the
+    harness's resilient job with ``faults`` under a fake srun and checks it exits 0. Returns the
+    job's output folder and its log folder."""
     from megatron_moevement.harness.worker import WorkerSpec
     from megatron_moevement.launch.local import free_port
-    from tests.conftest import (
-        RESILIENT_ITERATIONS,
-        RESILIENT_LAYOUT,
-        RESILIENT_MODEL,
-        assert_states_bitwise_equal,
-        load_states,
-    )
+    from tests.conftest import RESILIENT_ITERATIONS, RESILIENT_LAYOUT, RESILIENT_MODEL
 
     out = tmp_path / "out"
     out.mkdir()
@@ -379,11 +370,7 @@ def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
         iterations=RESILIENT_ITERATIONS,
         output_dir=str(out),
         timeout_s=60,
-        moevement=dict(
-            window_size=3,
-            replication_factor=1,
-            faults=[dict(rank=1, iteration=6, phase="microbatch2")],
-        ),
+        moevement=dict(window_size=3, replication_factor=1, faults=faults),
     )
     spec_path = spec.save(tmp_path / "spec.json")
     bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
@@ -399,16 +386,30 @@ def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
         master_port=free_port(),
         program="module:megatron_moevement.harness.worker",
         extra_args=str(spec_path),
-        job_timeout_s=300,
+        job_timeout_s=job_timeout_s,
     )
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(TEMPLATES[0], **values))
-    code, output = _run_script(script, _env(tmp_path, bin_dir, "91"), timeout=360)
-    logs = log_dir / "91"
+    code, output = _run_script(script, _env(tmp_path, bin_dir, job_id), timeout=job_timeout_s + 60)
+    logs = log_dir / job_id
     assert code == 0, output + "".join(
         f"\n--- {p.name} ---\n" + "\n".join(p.read_text().splitlines()[-20:])
         for p in sorted(logs.glob("*.log"))
     )
+    return out, logs
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(400)
+def test_spare_node_takes_over_a_killed_rank(tmp_path, fault_free_pp2xdp2xep2):
+    """The rendered template on 2 training nodes + 1 spare node (2 "GPUs" each) under a fake srun:
+    rank 1 is SIGKILLed mid-iteration; spare task 4 (on the spare node) takes its place through
+    the same store protocol as a local spare, the job finishes with status 0, and every rank's
+    state is bitwise equal to a fault-free run."""
+    from tests.conftest import assert_states_bitwise_equal, load_states
+
+    faults = [dict(rank=1, iteration=6, phase="microbatch2")]
+    out, logs = _run_resilient_job(tmp_path, faults, "91", job_timeout_s=300)
     opts = (tmp_path / "srun_opts").read_text().split()
     assert "--ntasks=6" in opts and "--nodelist=n[1-3]" in opts and "--distribution=block" in opts
     assert sorted(p.name for p in logs.glob("*.log")) == [
@@ -434,56 +435,14 @@ def test_spare_pool_is_refilled_on_the_failed_tasks_node(tmp_path, fault_free_pp
     """Two spare tasks, three failures: after each failure the failed task's agent (its node is
     healthy) starts a new spare worker, and the third failure is taken by such a worker (process
     id task + SLURM_NTASKS); the job finishes bitwise equal to a fault-free run."""
-    from megatron_moevement.harness.worker import WorkerSpec
-    from megatron_moevement.launch.local import free_port
-    from tests.conftest import (
-        RESILIENT_ITERATIONS,
-        RESILIENT_LAYOUT,
-        RESILIENT_MODEL,
-        assert_states_bitwise_equal,
-        load_states,
-    )
+    from tests.conftest import assert_states_bitwise_equal, load_states
 
-    out = tmp_path / "out"
-    out.mkdir()
     faults = [
         dict(rank=1, iteration=3, phase="microbatch1"),
         dict(rank=2, iteration=5, phase="microbatch0", generation=1),
         dict(rank=3, iteration=8, phase="microbatch1", generation=2),
     ]
-    spec = WorkerSpec(
-        job="resilient",
-        layout=RESILIENT_LAYOUT,
-        model=RESILIENT_MODEL,
-        iterations=RESILIENT_ITERATIONS,
-        output_dir=str(out),
-        timeout_s=60,
-        moevement=dict(window_size=3, replication_factor=1, faults=faults),
-    )
-    spec_path = spec.save(tmp_path / "spec.json")
-    bin_dir = _fake_slurm(tmp_path, ["n1", "n2", "n3"])
-    log_dir = tmp_path / "logs"
-    values = dict(
-        VALUES,
-        nodes=2,
-        spare_nodes=1,
-        gpus_per_node=2,
-        replication_factor=1,
-        log_dir=str(log_dir),
-        python=sys.executable,
-        master_port=free_port(),
-        program="module:megatron_moevement.harness.worker",
-        extra_args=str(spec_path),
-        job_timeout_s=400,
-    )
-    script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(TEMPLATES[0], **values))
-    code, output = _run_script(script, _env(tmp_path, bin_dir, "93"), timeout=460)
-    logs = log_dir / "93"
-    assert code == 0, output + "".join(
-        f"\n--- {p.name} ---\n" + "\n".join(p.read_text().splitlines()[-20:])
-        for p in sorted(logs.glob("*.log"))
-    )
+    out, logs = _run_resilient_job(tmp_path, faults, "93", job_timeout_s=400)
     coordinator = (logs / "rank0.log").read_text()
     assert "ranks [3] failed; generation 3 with spares [7]" in coordinator, coordinator[-3000:]
     assert "refilling the pool" in (logs / "rank1.log").read_text()
