@@ -20,6 +20,7 @@ import torch
 
 FIXED_PHASES = (
     "before",
+    "build",
     "optimizer_step",
     "after_step",
     "after_snapshot",
@@ -47,7 +48,7 @@ def valid_phases(num_microbatches: int) -> list[str]:
     microbatches = [
         f"{kind}{k}" for kind in ("microbatch", "backward") for k in range(num_microbatches)
     ]
-    return ["before", *microbatches, *FIXED_PHASES[1:]]
+    return [*FIXED_PHASES[:2], *microbatches, *FIXED_PHASES[2:]]
 
 
 def validate_faults(
@@ -80,6 +81,11 @@ def validate_faults(
         phase = fault.get("phase")
         if phase not in phases:
             raise FaultSpecError(f"{where}: phase={phase!r} is unknown; valid: {', '.join(phases)}")
+        if phase == "build" and fault.get("iteration") != 0:
+            raise FaultSpecError(
+                f"{where}: phase 'build' (the end of a generation's build) "
+                f"takes iteration=0, got {fault.get('iteration')!r}"
+            )
         generation = fault.get("generation", 0)
         if not isinstance(generation, int) or generation < 0:
             raise FaultSpecError(f"{where}: generation={generation!r} is invalid; use an int >= 0")

@@ -2,7 +2,8 @@
 
 Faults are injected by the victim process itself sending SIGKILL to its own pid at a precise
 point: ``{"rank": r, "iteration": i, "phase": p, "generation": g}`` with phase one of
-``before`` (start of the iteration), ``microbatch<k>`` (mid-iteration, before microbatch k's
+``before`` (start of the iteration), ``build`` (``iteration`` 0: the generation's trainer and
+strategy are built, the initial state not yet recorded; peers may still be building), ``microbatch<k>`` (mid-iteration, before microbatch k's
 forward; on a pipeline stage > 0 this is also where the upstream-log receive of the activations
 is), ``backward<k>`` (microbatch k's backward reached this stage's output: gradients are being
 computed and sent upstream), ``optimizer_step`` (gradients reduced, step not yet taken),
@@ -152,6 +153,8 @@ def run_resilient(spec) -> None:
         )
         trainer.p2p_communicator = strategy.p2p_communicator
         trainer.pg_collection = strategy.pg_collection
+        # Fault point "build": trainer and strategy built, the initial state not yet recorded.
+        fault_hook(0, "build", driver)
         return trainer, strategy
 
     durable = None

@@ -271,7 +271,19 @@ class RecoveryDriver:
             self._recover_as_spare(started)
         else:
             self.ctx.init_process_group()
-            self.trainer, self.strategy = self.build()
+            try:
+                self.trainer, self.strategy = self.build()
+            except (RuntimeError, ConnectionError) as exc:
+                if isinstance(exc, RecoveryError):
+                    raise
+                # A peer died while this rank was still building (e.g. in a group's rendezvous).
+                # No iteration can have completed anywhere without this rank, and it has nothing
+                # to keep: it recovers like a replacement, and its first completed build records
+                # the initial state (check_initial_state).
+                self._noticed_at = time.time()
+                self.state.has_state = False
+                self.recover(describe(exc))
+                return
             self._record_initial_state()
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
@@ -402,7 +414,9 @@ class RecoveryDriver:
         record_initial_state(self.ctx, self.strategy, self.state.committed + 1)
 
     def _check_initial_state(self) -> int:
-        return check_initial_state(self.ctx, self.strategy, self.collectives)
+        return check_initial_state(
+            self.ctx, self.strategy, self.collectives, max(self.state.committed + 1, 0)
+        )
 
 
 def record_initial_state(ctx: ElasticContext, strategy, first_iteration: int) -> None:
@@ -416,24 +430,34 @@ def record_initial_state(ctx: ElasticContext, strategy, first_iteration: int) ->
     ctx.store.set(StoreKeys.initial_state(ctx.rank), json.dumps(record))
 
 
-def check_initial_state(ctx: ElasticContext, strategy, collectives: Collectives) -> int:
+def check_initial_state(
+    ctx: ElasticContext, strategy, collectives: Collectives, start_iteration: int = 0
+) -> int:
     """Checks on every rank that the fresh build reproduces the recorded initial state; returns
-    the first iteration to replay. Raises :class:`RecoveryError` otherwise."""
+    the first iteration to replay. Raises :class:`RecoveryError` otherwise.
+
+    ``start_iteration``: where this rank's training starts, for the case that no rank recorded
+    an initial state (every first build failed); the job's start elsewhere."""
     key = StoreKeys.initial_state(ctx.rank)
     record = _get_json(ctx.store, key) if _has(ctx.store, key) else None
     problem = ""
-    if record is None:
-        problem = "no initial state was recorded for it (the driver did not start it)"
-    elif state_fingerprint(strategy.registry) != record["fingerprint"]:
+    if record is not None and state_fingerprint(strategy.registry) != record["fingerprint"]:
         problem = (
             "its rebuilt model does not reproduce the weights the job started from (build() "
             "is not seeded identically, or the job started from a loaded checkpoint)"
         )
-    first = -1 if record is None else int(record["first_iteration"])
-    answers = collectives.all_gather((bool(problem), first))
-    bad = [r for r, (flag, _) in enumerate(answers) if flag]
-    low = min(f for _, f in answers)
-    high = max(f for _, f in answers)
+    # No record: this rank's first build never completed (it, or the rank a spare replaces,
+    # failed while the job was still being built). Then no iteration ran anywhere, since none
+    # completes without every rank, and this build is the rank's initial state.
+    first = None if record is None else int(record["first_iteration"])
+    answers = collectives.all_gather((bool(problem), first, int(start_iteration)))
+    bad = [r for r, (flag, _, _) in enumerate(answers) if flag]
+    firsts = {f for _, f, _ in answers if f is not None}
+    start = max(s for _, _, s in answers)
+    low = min(firsts, default=start)
+    high = max(firsts, default=start)
+    if record is None and not bad and low == high:
+        record_initial_state(ctx, strategy, low)
     if bad or low != high:
         detail = f"rank {ctx.rank}: {problem}" if problem else f"ranks {bad} failed it"
         raise RecoveryError(

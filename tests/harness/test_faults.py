@@ -15,6 +15,7 @@ from megatron_moevement.harness.faults import (
 def test_valid_phases_cover_every_point():
     assert valid_phases(2) == [
         "before",
+        "build",
         "microbatch0",
         "microbatch1",
         "backward0",
@@ -41,6 +42,7 @@ def test_valid_phases_cover_every_point():
         (dict(rank=0, iteration=1, phase="before", signal="SIGTERM"), "signal='SIGTERM'"),
         (dict(rank=0, iteration=1, phase="before", when="now"), "unknown field"),
         (dict(iteration=1, phase="before"), "rank=None"),
+        (dict(rank=0, iteration=2, phase="build"), "phase 'build'.*takes iteration=0, got 2"),
     ],
 )
 def test_bad_faults_are_refused_with_the_valid_values(fault, match):

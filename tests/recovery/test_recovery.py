@@ -143,6 +143,12 @@ def test_two_ranks_of_different_stages_killed_at_once(fault_free, tmp_path):
         pytest.param(
             [dict(rank=3, iteration=0, phase="before")], {}, [3], 1, id="before-iteration-0"
         ),
+        # Rank 3 dies as soon as it is built, before it records its initial state; a peer still
+        # building fails in its build. The spare that takes rank 3, and any rank whose first
+        # build failed, record their initial state from their first completed build.
+        pytest.param(
+            [dict(rank=3, iteration=0, phase="build")], {}, [3], 1, id="during-the-first-build"
+        ),
         pytest.param(
             [dict(rank=2, iteration=2, phase="after_step")],
             {},

@@ -58,7 +58,9 @@ CONFIGS = {
 }
 
 TRAINING_PHASES = [
-    p for p in valid_phases(NUM_MICROBATCHES) if p not in ("fetch", "replay", "recovery_wait")
+    p
+    for p in valid_phases(NUM_MICROBATCHES)
+    if p not in ("build", "fetch", "replay", "recovery_wait")
 ]
 
 
