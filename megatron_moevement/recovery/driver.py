@@ -271,20 +271,20 @@ class RecoveryDriver:
             self._recover_as_spare(started)
         else:
             self.ctx.init_process_group()
+            failure = None
             try:
                 self.trainer, self.strategy = self.build()
             except (RuntimeError, ConnectionError) as exc:
-                if isinstance(exc, RecoveryError):
-                    raise
-                # A peer died while this rank was still building (e.g. in a group's rendezvous).
-                # No iteration can have completed anywhere without this rank, and it has nothing
-                # to keep: it recovers like a replacement, and its first completed build records
-                # the initial state (check_initial_state).
-                self._noticed_at = time.time()
-                self.state.has_state = False
-                self.recover(describe(exc))
+                failure = self._peer_failure(exc)
+            if failure is None:
+                self._record_initial_state()
                 return
-            self._record_initial_state()
+            # A peer died while this rank was still building (e.g. in a group's rendezvous). No
+            # iteration can have completed anywhere without this rank, and it has nothing to
+            # keep: it recovers like a replacement, and its first completed build records the
+            # initial state (check_initial_state). Outside the except block, as in train().
+            self.state.has_state = False
+            self.recover(failure)
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
         """Trains until ``iterations`` iterations are committed on every rank and the last
@@ -310,13 +310,18 @@ class RecoveryDriver:
                 dist.barrier()
                 return
             except (RuntimeError, ConnectionError) as exc:
-                if isinstance(exc, RecoveryError):
-                    raise
-                self._noticed_at = time.time()
-                failure = describe(exc)
+                failure = self._peer_failure(exc)
             # Outside the except block: the traceback (and the training frames it keeps alive,
             # with their process groups) must be gone before the teardown.
             self.recover(failure)
+
+    def _peer_failure(self, exc: BaseException) -> str:
+        """Describes a failed collective (``exc``) and notes when this rank noticed it; a
+        :class:`RecoveryError` (the recovery itself cannot go on) is raised again instead."""
+        if isinstance(exc, RecoveryError):
+            raise exc
+        self._noticed_at = time.time()
+        return describe(exc)
 
     def close(self) -> None:
         """Stops the heartbeat (its last beat says this rank finished, so it is not silent)."""
@@ -355,10 +360,7 @@ class RecoveryDriver:
                 )
                 return self._recover_in_generation(fault, info)
             except (RuntimeError, ConnectionError) as exc:
-                if isinstance(exc, RecoveryError):
-                    raise
-                self._noticed_at = time.time()
-                again = describe(exc)
+                again = self._peer_failure(exc)
             logger.warning(
                 "rank %d: failure during recovery (%s); widening and restarting",
                 self.ctx.rank,
@@ -415,7 +417,7 @@ class RecoveryDriver:
 
     def _check_initial_state(self) -> int:
         return check_initial_state(
-            self.ctx, self.strategy, self.collectives, max(self.state.committed + 1, 0)
+            self.ctx, self.strategy, self.collectives, self.state.committed + 1
         )
 
 
