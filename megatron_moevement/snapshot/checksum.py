@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
@@ -141,12 +141,18 @@ def checksum(
         algorithm: ``"crc32c"`` or ``"crc32"`` (8 hex digits), or ``"sha256"`` (64 hex digits).
     """
     data = _host_buffer(buf)
+    return _digest_function(algorithm)(data)
+
+
+def _digest_function(algorithm: str) -> Callable[[Any], str]:
+    """``f(bytes-like) -> hex digest`` for ``algorithm`` (the library looked up once)."""
     if algorithm == "crc32c":
-        return f"{_crc32c()(data) & 0xFFFFFFFF:08x}"
+        crc32c = _crc32c()
+        return lambda data: f"{crc32c(data) & 0xFFFFFFFF:08x}"
     if algorithm == "crc32":
-        return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+        return lambda data: f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
     if algorithm == "sha256":
-        return hashlib.sha256(data).hexdigest()
+        return lambda data: hashlib.sha256(data).hexdigest()
     raise SerializationError(
         f"Unknown checksum algorithm {algorithm!r}. Fix: use one of {CHECKSUM_ALGORITHMS}."
     )
@@ -169,4 +175,5 @@ def checksum_spans(
             f"{tuple(buffer.shape)} on {buffer.device}."
         )
     view = memoryview(buffer.numpy())
-    return [checksum(view[offset : offset + nbytes], algorithm) for offset, nbytes in spans]
+    digest = _digest_function(algorithm)
+    return [digest(view[offset : offset + nbytes]) for offset, nbytes in spans]
