@@ -3,10 +3,11 @@
 Faults are injected by the victim process itself sending SIGKILL to its own pid at a precise
 point: ``{"rank": r, "iteration": i, "phase": p, "generation": g}`` with phase one of
 ``before`` (start of the iteration), ``build`` (``iteration`` 0: the generation's trainer and
-strategy are built, the initial state not yet recorded; peers may still be building), ``microbatch<k>`` (mid-iteration, before microbatch k's
-forward; on a pipeline stage > 0 this is also where the upstream-log receive of the activations
-is), ``backward<k>`` (microbatch k's backward reached this stage's output: gradients are being
-computed and sent upstream), ``optimizer_step`` (gradients reduced, step not yet taken),
+strategy are built, the initial state not yet recorded; peers may still be building),
+``microbatch<k>`` (mid-iteration, before microbatch k's forward; on a pipeline stage > 0 this is
+also where the upstream-log receive of the activations is), ``backward<k>`` (microbatch k's
+backward reached this stage's output: gradients are being computed and sent upstream),
+``optimizer_step`` (gradients reduced, step not yet taken),
 ``after_step`` (optimizer step done, snapshot not yet taken), ``after_snapshot`` (snapshot copy
 and replication just launched, in flight), ``fetch`` (a recovery's exchange of checkpoints and
 logs), ``replay`` (during a recovery's replay, ranks in scope) or ``recovery_wait`` (while a rank
