@@ -43,21 +43,23 @@ def _is_job_peer(address: str, job_hosts: set[str]) -> bool:
     return address in job_hosts
 
 
-def sever_connections(keep_ports: Iterable[int], job_hosts: Iterable[str] = ()) -> int:
-    """Shuts down this process's connected TCP sockets to job hosts, except those to
-    ``keep_ports`` (the store). Returns how many were shut down. Linux only (uses /proc)."""
-    keep = set(keep_ports)
-    hosts = set(job_hosts)
-    severed = 0
+def _connected_tcp_sockets():
+    """Yields ``(fd, peer, sock)`` for each connected TCP socket of this process, ``sock`` being a
+    duplicate of ``fd`` (closed when the caller moves on). Linux only (uses /proc)."""
     try:
         fds = [int(fd) for fd in os.listdir("/proc/self/fd")]
     except FileNotFoundError:  # pragma: no cover - not Linux
         logger.warning("cannot list file descriptors; peers will notice through timeouts")
-        return 0
+        return
     for fd in fds:
         try:
-            sock = socket.socket(fileno=os.dup(fd))
+            dup = os.dup(fd)
         except OSError:
+            continue  # closed since it was listed (or the listing's own descriptor)
+        try:
+            sock = socket.socket(fileno=dup)
+        except OSError:  # not a socket: the duplicate must not leak (listing would double)
+            os.close(dup)
             continue
         try:
             if sock.type != socket.SOCK_STREAM or sock.family not in (
@@ -69,13 +71,43 @@ def sever_connections(keep_ports: Iterable[int], job_hosts: Iterable[str] = ()) 
                 peer = sock.getpeername()
             except OSError:
                 continue  # listening or unconnected
-            if peer[1] in keep or not _is_job_peer(peer[0], hosts):
-                continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                severed += 1
-            except OSError:
-                pass
+            yield fd, peer, sock
         finally:
             sock.close()  # closes only our duplicate descriptor
+
+
+def _shutdown(sock: socket.socket) -> bool:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+        return True
+    except OSError:
+        return False
+
+
+def sever_connections(keep_ports: Iterable[int], job_hosts: Iterable[str] = ()) -> int:
+    """Shuts down this process's connected TCP sockets to job hosts, except those to
+    ``keep_ports`` (the store). Returns how many were shut down. Linux only (uses /proc)."""
+    keep = set(keep_ports)
+    hosts = set(job_hosts)
+    severed = 0
+    for _, peer, sock in _connected_tcp_sockets():
+        if peer[1] not in keep and _is_job_peer(peer[0], hosts):
+            severed += _shutdown(sock)
     return severed
+
+
+def connections_to_port(port: int) -> set[int]:
+    """The file descriptors of this process's TCP connections to ``port`` on any host (taken
+    before and after opening a store client, they name that client's connection)."""
+    return {fd for fd, peer, _ in _connected_tcp_sockets() if peer[1] == port}
+
+
+def sever_fds(fds: Iterable[int], port: int) -> int:
+    """Shuts down the connections ``fds`` that are still TCP connections to ``port`` (a closed
+    descriptor whose number was reused by another socket is left alone). Returns how many."""
+    wanted = set(fds)
+    return sum(
+        _shutdown(sock)
+        for fd, peer, sock in _connected_tcp_sockets()
+        if fd in wanted and peer[1] == port
+    )
