@@ -23,7 +23,7 @@ from megatron_moevement import argtypes, cli
         (["--layout", "pp3"], "num_layers=4 is not divisible by pp=3"),
         (["--layout", "pp2xzz2"], "pp2xzz2"),
         (["--layout", "single"], "at least 2 ranks"),
-        (["--phase", "sideways"], "phase='sideways' is unknown; valid: before, build, microbatch0"),
+        (["--phase", "sideways"], "phase='sideways' is unknown; valid: before, model, build"),
         (["--phase", "microbatch4"], "phase='microbatch4' is unknown"),  # 4 microbatches: 0..3
         (["--kill-rank", "4"], "--kill-rank 4 is not a rank"),
     ],

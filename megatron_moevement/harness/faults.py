@@ -20,6 +20,7 @@ import torch
 
 FIXED_PHASES = (
     "before",
+    "model",
     "build",
     "optimizer_step",
     "after_step",
@@ -29,6 +30,9 @@ FIXED_PHASES = (
     "recovery_wait",
 )
 """Phases without a microbatch index (``microbatch<k>`` and ``backward<k>`` are the others)."""
+
+BUILD_PHASES = ("model", "build")
+"""Phases of a generation's build, not of an iteration (they take ``iteration`` 0)."""
 
 SIGNALS = ("SIGKILL", "SIGSTOP")
 
@@ -48,7 +52,7 @@ def valid_phases(num_microbatches: int) -> list[str]:
     microbatches = [
         f"{kind}{k}" for kind in ("microbatch", "backward") for k in range(num_microbatches)
     ]
-    return [*FIXED_PHASES[:2], *microbatches, *FIXED_PHASES[2:]]
+    return [*FIXED_PHASES[:3], *microbatches, *FIXED_PHASES[3:]]
 
 
 def validate_faults(
@@ -81,9 +85,9 @@ def validate_faults(
         phase = fault.get("phase")
         if phase not in phases:
             raise FaultSpecError(f"{where}: phase={phase!r} is unknown; valid: {', '.join(phases)}")
-        if phase == "build" and fault.get("iteration") != 0:
+        if phase in BUILD_PHASES and fault.get("iteration") != 0:
             raise FaultSpecError(
-                f"{where}: phase 'build' (the end of a generation's build) "
+                f"{where}: phase {phase!r} (during a generation's build) "
                 f"takes iteration=0, got {fault.get('iteration')!r}"
             )
         generation = fault.get("generation", 0)

@@ -2,8 +2,10 @@
 
 Faults are injected by the victim process itself sending SIGKILL to its own pid at a precise
 point: ``{"rank": r, "iteration": i, "phase": p, "generation": g}`` with phase one of
-``before`` (start of the iteration), ``build`` (``iteration`` 0: the generation's trainer and
-strategy are built, the initial state not yet recorded; peers may still be building),
+``before`` (start of the iteration), ``model`` (``iteration`` 0: the generation's trainer is
+built, the strategy and its process group not yet: peers wait for this rank in that group's
+rendezvous), ``build`` (``iteration`` 0: the generation's trainer and strategy are built, the
+initial state not yet recorded; peers may still be building),
 ``microbatch<k>`` (mid-iteration, before microbatch k's forward; on a pipeline stage > 0 this is
 also where the upstream-log receive of the activations is), ``backward<k>`` (microbatch k's
 backward reached this stage's output: gradients are being computed and sent upstream),
@@ -149,6 +151,8 @@ def run_resilient(spec) -> None:
             cfg = dataclasses.replace(model_cfg, seed=model_cfg.seed + rebuild_seed_offset)
         trainer = HarnessTrainer(cfg, layout)
         trainer.fault_point_hook = lambda it, point: fault_hook(it, point, driver)
+        # Fault point "model": the trainer is built, the strategy (and its group) not yet.
+        fault_hook(0, "model", driver)
         strategy = build_strategy(
             strategy_name, trainer.gpt_model, trainer.optimizer, config, baseline
         )

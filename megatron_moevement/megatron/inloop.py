@@ -535,7 +535,14 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
     try:
         ctx.init_process_group()
         session.rejoined_at = time.perf_counter()
-    except GenerationSuperseded as exc:  # a spare: another rank failed meanwhile
+    except GenerationSuperseded as exc:  # another rank failed meanwhile
+        if not ctx.is_spare_join:
+            # A rank died before the job's process group was up. Recovering a pretrain() that
+            # never started in memory is not built: leave now rather than at the group timeout.
+            raise RecoveryError(
+                f"rank {ctx.rank}: a rank failed before the job's process group was up ({exc}); "
+                "there is nothing to recover in memory. Fix: restart the job."
+            ) from None
         logger.warning("rank %d: %s; joining the newer one", ctx.rank, exc)
         session._join_next_generation()
     _session = session

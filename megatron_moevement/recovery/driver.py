@@ -270,20 +270,22 @@ class RecoveryDriver:
                 return
             self._recover_as_spare(started)
         else:
-            self.ctx.init_process_group()
             failure = None
             try:
+                self.ctx.init_process_group()
                 self.trainer, self.strategy = self.build()
             except (RuntimeError, ConnectionError) as exc:
                 failure = self._peer_failure(exc)
             if failure is None:
                 self._record_initial_state()
                 return
-            # A peer died while this rank was still building (e.g. in a group's rendezvous). No
-            # iteration can have completed anywhere without this rank, and it has nothing to
-            # keep: it recovers like a replacement, and its first completed build records the
-            # initial state (check_initial_state). Outside the except block, as in train().
-            self.state.has_state = False
+            # A peer died while this rank was still joining or building (e.g. in a group's
+            # rendezvous, which the heartbeat breaks). No iteration can have completed anywhere
+            # without this rank: it survives with the job's initial state (which its rebuild
+            # reproduces), nothing committed, and its first completed build records that state
+            # (check_initial_state). Ranks whose first build failed are then not mistaken for
+            # ranks that lost their state, which even all of them together have not. Outside the
+            # except block, as in train().
             self.recover(failure)
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:

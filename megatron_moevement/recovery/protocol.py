@@ -28,7 +28,11 @@ import torch.distributed as dist
 from megatron_moevement.logging_utils import get_logger
 from megatron_moevement.recovery.errors import RecoveryError
 from megatron_moevement.recovery.warm_spare import is_spare_process
-from megatron_moevement.runtime.connections import sever_connections
+from megatron_moevement.runtime.connections import (
+    connections_to_port,
+    sever_connections,
+    sever_fds,
+)
 
 logger = get_logger(__name__)
 
@@ -37,6 +41,17 @@ POLL_S = 0.01
 """Seconds between two checks of the job's store while waiting. A check is a ~0.1 ms round trip,
 so 100 Hz costs about 1% of a core and keeps each hand-off of a recovery (the agent sees the
 failure, announces the generation, assigns a spare; ranks see it) to about 10 ms."""
+
+STUCK_CHECK_S = 0.2
+"""Seconds between two checks, by a rank's heartbeat thread, whether a newer generation was
+announced while the rank's main thread still waits in its own (:meth:`ElasticContext.
+break_superseded_wait`): one ~0.1 ms store request, five a second."""
+
+STUCK_GRACE_S = 0.2
+"""How long a rank may take to notice a newer generation itself before its heartbeat thread
+breaks the wait it is in. A failure noticed through a failed collective is noticed in tens of
+milliseconds; a wait on the store (a group's rendezvous with a rank that died before joining it)
+is never noticed."""
 
 
 class StoreKeys:
@@ -98,8 +113,6 @@ class StoreKeys:
 
 def connect_store(timeout_s: float = 300.0):
     """Client connection to the job's store (hosted by the agent at MASTER_ADDR:MASTER_PORT)."""
-    import torch.distributed as dist
-
     return dist.TCPStore(
         os.environ.get("MASTER_ADDR", "127.0.0.1"),
         int(os.environ["MASTER_PORT"]),
@@ -107,6 +120,16 @@ def connect_store(timeout_s: float = 300.0):
         timeout=timedelta(seconds=timeout_s),
         wait_for_workers=False,
     )
+
+
+def connect_store_tracked(timeout_s: float = 300.0) -> tuple[object, frozenset[int]]:
+    """:func:`connect_store`, and the file descriptor of the connection it opened (empty when it
+    cannot be told apart, e.g. another thread connected at the same moment)."""
+    port = int(os.environ["MASTER_PORT"])
+    before = connections_to_port(port)
+    store = connect_store(timeout_s)
+    opened = connections_to_port(port) - before
+    return store, frozenset(opened) if len(opened) == 1 else frozenset()
 
 
 def _get_json(store, key: str):
@@ -135,11 +158,22 @@ class ElasticContext:
     _live_generation: int | None = field(default=None, repr=False)
     """Generation whose process groups are up in this process (None while torn down)."""
     _aborted_generation: int | None = field(default=None, repr=False)
+    store_fds: frozenset = field(default=frozenset(), repr=False)
+    """The file descriptor of ``store``'s connection (:func:`connect_store_tracked`); empty:
+    unknown, and a wait on the store cannot be broken (see :meth:`break_superseded_wait`)."""
+    _recovering: bool = field(default=False, repr=False)
+    """Between the teardown of a generation and joining the next: the main thread waits on the
+    store by polling, and notices newer generations itself."""
+    _severed_for: int | None = field(default=None, repr=False)
+    """The generation whose waits :meth:`break_superseded_wait` broke (its store connection is
+    shut down until :meth:`_reconnect_store`)."""
+    _superseded_seen: tuple[int, float] | None = field(default=None, repr=False)
+    """(generation, monotonic time) when the heartbeat first saw that generation superseded."""
 
     @classmethod
     def from_env(cls, timeout_s: float = 120.0, wait_s: float = 600.0) -> "ElasticContext":
         """Joins as ``RANK`` or, for a spare (``MOEVEMENT_SPARE=1``), waits to be assigned."""
-        store = connect_store()
+        store, store_fds = connect_store_tracked()
         world = int(os.environ["WORLD_SIZE"])
         if is_spare_process():
             spare_id = os.environ["LOCAL_PROC_ID"]
@@ -161,8 +195,15 @@ class ElasticContext:
                 assignment["rank"],
                 assignment["generation"],
             )
-            return cls(store, assignment["rank"], world, assignment["generation"], timeout_s)
-        return cls(store, int(os.environ["RANK"]), world, 0, timeout_s)
+            return cls(
+                store,
+                assignment["rank"],
+                world,
+                assignment["generation"],
+                timeout_s,
+                store_fds=store_fds,
+            )
+        return cls(store, int(os.environ["RANK"]), world, 0, timeout_s, store_fds=store_fds)
 
     @property
     def is_spare_join(self) -> bool:
@@ -183,22 +224,38 @@ class ElasticContext:
 
         Raises:
             GenerationSuperseded: A recovery generation was replaced by a newer one (another rank
-                failed meanwhile) before every rank arrived: join that one instead.
+                failed meanwhile) before every rank arrived, or before every rank joined its
+                rendezvous (the heartbeat broke the wait): join that one instead.
         """
-        import torch.distributed as dist
-
         from megatron_moevement.runtime.connections import local_addresses
 
-        self.store.set(StoreKeys.hosts(self.rank), json.dumps(sorted(local_addresses())))
-        if self.generation > 0:
-            self._wait_for_everyone()
-        dist.init_process_group(
-            backend="gloo",
-            store=dist.PrefixStore(f"gen{self.generation}/", self.store),
-            rank=self.rank,
-            world_size=self.world_size,
-            timeout=timedelta(seconds=self.timeout_s),
-        )
+        with self._lock:
+            self._recovering = False
+        try:
+            self.store.set(StoreKeys.hosts(self.rank), json.dumps(sorted(local_addresses())))
+            if self.generation > 0:
+                self._wait_for_everyone()
+            dist.init_process_group(
+                backend="gloo",
+                store=dist.PrefixStore(f"gen{self.generation}/", self.store),
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=self.timeout_s),
+            )
+        except (RuntimeError, ConnectionError) as exc:
+            broken = self._severed_for == self.generation
+            if isinstance(exc, GenerationSuperseded) or broken:
+                with self._lock:  # the caller joins the newer generation: it recovers
+                    self._recovering = True
+                    self._reconnect_store()
+            if not broken:
+                raise
+            if dist.is_initialized():  # pragma: no cover - the rendezvous failed after it
+                dist.destroy_process_group()
+            raise GenerationSuperseded(
+                f"generation {self.generation} was superseded by generation "
+                f"{self.generation + 1} while this rank waited in its rendezvous ({exc})"
+            ) from None
         with self._lock:
             self._live_generation = self.generation
 
@@ -223,9 +280,62 @@ class ElasticContext:
             )
 
     def mark_torn_down(self) -> None:
-        """The process groups of the current generation are being destroyed (no more aborts)."""
+        """The process groups of the current generation are being destroyed (no more aborts);
+        this rank recovers, and its store connection is whole again if it was broken."""
         with self._lock:
             self._live_generation = None
+            self._recovering = True
+            self._reconnect_store()
+
+    def break_superseded_wait(self, store, now: float) -> bool:
+        """Called by the heartbeat thread: if a newer generation was announced (a peer failed)
+        and, :data:`STUCK_GRACE_S` later, this rank's main thread still has not started
+        recovering, it waits for something the failed rank will never do, such as joining a
+        process group's rendezvous. Then the connections it may wait on are shut down (its
+        gloo connections to job hosts, NCCL communicators, its store connection), so the wait
+        fails now instead of at the group timeout. Returns True if it did."""
+        if not self._lock.acquire(blocking=False):
+            return False  # the main thread is (re)initializing or tearing down groups
+        try:
+            generation = self.generation
+            if self._recovering or self._severed_for == generation:
+                return False
+            if not _has(store, StoreKeys.generation(generation + 1)):
+                self._superseded_seen = None
+                return False
+            if self._superseded_seen is None or self._superseded_seen[0] != generation:
+                self._superseded_seen = (generation, now)
+                return False
+            if now - self._superseded_seen[1] < STUCK_GRACE_S:
+                return False
+            self._severed_for = generation
+            logger.warning(
+                "rank %d: generation %d was superseded (a peer failed) %.2fs ago and this rank "
+                "still waits in it (a rendezvous with the failed rank?); shutting down its "
+                "connections so that the wait fails now",
+                self.rank,
+                generation,
+                now - self._superseded_seen[1],
+            )
+            if dist.is_initialized() and dist.get_backend() != "gloo":
+                self.abort_collectives(store, from_heartbeat=True)
+            port = int(os.environ["MASTER_PORT"])
+            n = sever_connections([port], self.job_hosts(store))
+            n_store = sever_fds(self.store_fds, port)
+            logger.debug("severed %d gloo and %d store connections", n, n_store)
+            return True
+        finally:
+            self._lock.release()
+
+    def _reconnect_store(self) -> None:
+        """Replaces ``store`` by a new connection if :meth:`break_superseded_wait` shut it down
+        (called with the lock held)."""
+        if self._severed_for is None:
+            return
+        self._severed_for = None
+        if self.store_fds:
+            self.store, self.store_fds = connect_store_tracked()
+            logger.debug("rank %d: reconnected to the job's store", self.rank)
 
     def start_heartbeat(self, interval_s: float, timeout_s: float) -> "Heartbeat":
         """Starts (once) this rank's :class:`Heartbeat` thread."""
@@ -317,7 +427,9 @@ class Heartbeat:
 
     Every ``interval_s`` it rewrites ``hb/<rank>`` in the job's store (on a connection of its
     own, so it never waits behind the main thread's store calls) and checks whether the
-    coordinator declared the rank's generation failed (:meth:`ElasticContext.abort_if_requested`).
+    coordinator declared the rank's generation failed (:meth:`ElasticContext.abort_if_requested`);
+    every :data:`STUCK_CHECK_S` it checks whether the main thread waits in a superseded generation
+    (:meth:`ElasticContext.break_superseded_wait`).
     A stopped process (SIGSTOP, a frozen node) stops beating, which is what the coordinator
     watches for; a rank whose main thread is merely busy keeps beating.
 
@@ -370,10 +482,15 @@ class Heartbeat:
         self._store.set(StoreKeys.heartbeat(self.ctx.rank), json.dumps(value))
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        next_beat = time.monotonic() + self.interval_s
+        while not self._stop.wait(min(self.interval_s, STUCK_CHECK_S)):
             try:
-                self._beat()
-                self.ctx.abort_if_requested(self._store)
+                now = time.monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.interval_s
+                    self._beat()
+                    self.ctx.abort_if_requested(self._store)
+                self.ctx.break_superseded_wait(self._store, now)
                 self._failed_writes = 0
             except Exception as exc:  # the store is gone (agent died) or a transient error
                 self._failed_writes += 1

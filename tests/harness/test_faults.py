@@ -15,6 +15,7 @@ from megatron_moevement.harness.faults import (
 def test_valid_phases_cover_every_point():
     assert valid_phases(2) == [
         "before",
+        "model",
         "build",
         "microbatch0",
         "microbatch1",
@@ -43,6 +44,7 @@ def test_valid_phases_cover_every_point():
         (dict(rank=0, iteration=1, phase="before", when="now"), "unknown field"),
         (dict(iteration=1, phase="before"), "rank=None"),
         (dict(rank=0, iteration=2, phase="build"), "phase 'build'.*takes iteration=0, got 2"),
+        (dict(rank=0, iteration="*", phase="model"), "phase 'model'.*takes iteration=0, got '"),
     ],
 )
 def test_bad_faults_are_refused_with_the_valid_values(fault, match):

@@ -206,6 +206,35 @@ def test_kill_in_the_first_window_replays_from_the_initial_state(
         assert all(len(rep["reports"]) == recoveries for rep in survivors)
 
 
+@pytest.mark.parametrize(
+    "faults",
+    [
+        pytest.param([dict(rank=3, iteration=0, phase="model")], id="in-the-first-build"),
+        pytest.param(
+            [
+                dict(rank=1, iteration=1, phase="microbatch2"),
+                dict(rank=2, iteration=0, phase="model", generation=1),
+            ],
+            id="in-a-recovery-rebuild",
+        ),
+    ],
+)
+def test_a_rank_dying_before_a_groups_rendezvous_is_noticed_at_once(fault_free, tmp_path, faults):
+    # The victim dies with its model built, before the strategy's process group: its peers wait
+    # for it in that group's rendezvous on the store, where no socket of theirs closes. Their
+    # heartbeat threads break the wait once the agent announces the next generation, instead of
+    # the group timeout (60 s here) ending it, after which the spare would be gone.
+    agent, reports = _run(tmp_path, faults, spares=len(faults))
+    assert [f["rank"] for f in agent.failures] == [f["rank"] for f in faults]
+    failed = sorted(f["rank"] for f in faults)
+    _check(fault_free, tmp_path, reports, failed, "global", tiers=("initial-state",))
+    killed = json.loads((tmp_path / "faults.jsonl").read_text().splitlines()[-1])["time"]
+    latencies = [
+        rep["reports"][-1]["noticed_at"] - killed for rep in reports if not rep["joined_as_spare"]
+    ]
+    assert latencies and all(0 < lat < 10.0 for lat in latencies), latencies
+
+
 def test_first_window_kill_with_an_irreproducible_build_is_a_clear_error(tmp_path):
     from megatron_moevement.recovery.coordinator import JobFailed
 

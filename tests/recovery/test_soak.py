@@ -60,7 +60,7 @@ CONFIGS = {
 TRAINING_PHASES = [
     p
     for p in valid_phases(NUM_MICROBATCHES)
-    if p not in ("build", "fetch", "replay", "recovery_wait")
+    if p not in ("model", "build", "fetch", "replay", "recovery_wait")
 ]
 
 

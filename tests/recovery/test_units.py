@@ -272,6 +272,63 @@ def test_everyone_arrived_at_a_generation_joins_it(store):
     assert int(store.add("arrived/1", 0)) == 2
 
 
+@pytest.fixture
+def tracked_ctx(store, monkeypatch):
+    """Rank 0 of 2 on its own, tracked connection to ``store`` (as ``from_env`` connects)."""
+    from megatron_moevement.recovery.protocol import connect_store_tracked
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    client, fds = connect_store_tracked()
+    assert len(fds) == 1  # the connection it opened is told apart
+    ctx = ElasticContext(client, rank=0, world_size=2, timeout_s=30, store_fds=fds)
+    yield ctx
+    if ctx.heartbeat is not None:
+        ctx.heartbeat.stop(done=False)
+
+
+def test_a_wait_in_a_superseded_generation_is_broken_and_the_store_reconnected(store, tracked_ctx):
+    # The main thread waits on the store for something a dead rank would have written (a group's
+    # rendezvous); the agent announces generation 1. The heartbeat thread shuts the connection
+    # down, so the wait fails with a network error now, not with a timeout 30 s later.
+    from megatron_moevement.recovery.protocol import StoreKeys
+
+    ctx = tracked_ctx
+    first_store, first_fds = ctx.store, ctx.store_fds
+    ctx.start_heartbeat(interval_s=0.05, timeout_s=1.0)
+    time.sleep(0.5)
+    assert ctx._severed_for is None  # nothing was announced: nothing is broken
+    threading.Timer(0.1, lambda: store.set(StoreKeys.generation(1), "{}")).start()
+    with pytest.raises(dist.DistNetworkError):
+        first_store.wait(["gen0/rank_1"], timedelta(seconds=30))
+    assert ctx._severed_for == 0
+    ctx.mark_torn_down()  # the rank recovers: its store connection is whole again
+    assert ctx.store is not first_store and ctx.store_fds and ctx.store_fds != first_fds
+    assert ctx._severed_for is None
+    time.sleep(0.5)  # recovering: the main thread polls the store itself, nothing is broken
+    ctx.store.set("after", "1")
+    assert ctx.store.get("after") == b"1" and ctx._severed_for is None
+
+
+def test_a_rendezvous_with_a_dead_rank_is_left_for_the_newer_generation(store, tracked_ctx):
+    # Rank 1 arrived at generation 1 and died before joining its gloo rendezvous; rank 0 waits in
+    # init_process_group until the agent announces generation 2, then leaves for it.
+    from megatron_moevement.recovery.protocol import GenerationSuperseded, StoreKeys
+
+    ctx = tracked_ctx
+    ctx.generation = 1
+    store.add(StoreKeys.arrived(1), 1)  # rank 1 arrived
+    first_store = ctx.store
+    ctx.start_heartbeat(interval_s=0.05, timeout_s=1.0)
+    announced = dict(generation=2, failed=[1])
+    threading.Timer(0.3, lambda: store.set(StoreKeys.generation(2), json.dumps(announced))).start()
+    with pytest.raises(GenerationSuperseded, match="while this rank waited in its rendezvous"):
+        ctx.init_process_group()
+    assert not dist.is_initialized()
+    assert ctx.store is not first_store and ctx._recovering  # reconnected, and recovering
+    assert ctx.wait_for_generation(1, wait_s=5) == announced
+
+
 # ----------------------------------------------------------------------------- durable tier
 
 
