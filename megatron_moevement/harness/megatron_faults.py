@@ -4,8 +4,9 @@ Installed through ``MOEVEMENT_WORKER_HOOK=megatron_moevement.harness.megatron_fa
 the faults come from ``MOEVEMENT_FAULT_INJECTION``: a JSON list of
 :mod:`megatron_moevement.harness.faults` specs. The victim kills itself (SIGKILL by default, or
 ``"signal"``) when it reaches its point: ``before``, ``microbatch<k>``, ``after_step`` or
-``after_snapshot`` of a 0-based ``iteration`` (Megatron's ``args.curr_iteration``), or the
-recovery's ``fetch``, ``replay`` and ``recovery_wait``; ``generation`` (default 0) selects which
+``after_snapshot`` of a 0-based ``iteration`` (Megatron's ``args.curr_iteration``), the
+build's ``model`` and ``build`` (``iteration`` 0: before and after the strategy is built in
+``pretrain()``), or the recovery's ``fetch``, ``replay`` and ``recovery_wait``; ``generation`` (default 0) selects which
 incarnation of the rank dies, ``with`` kills other ranks at the same moment (a node failure).
 Every fault that fires is recorded in ``faults.jsonl`` of ``MOEVEMENT_REPORT_DIR``.
 """

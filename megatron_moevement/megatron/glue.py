@@ -404,7 +404,12 @@ def maybe_build_strategy(
             ",".join(spares),
         )
     factory = strategy_factory or _default_factory(name, baseline)
+    session = inloop.current_session()
+    if session is not None:  # fault point "model": model built, the strategy's group not yet
+        session.fault_point(0, "model")
     strategy = factory(gpt_model, optimizer, config)
+    if session is not None:  # fault point "build": the strategy is built, training not begun
+        session.fault_point(0, "build")
     _state.active = strategy
     _state.built_for = (id(gpt_model), id(optimizer))
     if baseline is None:

@@ -35,6 +35,12 @@ How the pieces fit (all glue calls are no-ops outside an elastic session):
   neighbours' upstream logs; everyone meets in a barrier, and ``train()`` continues with the
   next iteration, printing each iteration's line once.
 
+A rank that fails while the job is still being built (before every rank began training, e.g.
+while its peers wait for it in a process group's rendezvous, which their heartbeats break) leaves
+nothing to recover: no iteration ran. Then phase A starts the job over on every rank, from
+Megatron's ``--load`` or the fresh build, checked against the initial weights recorded by the
+ranks that got that far (report path ``job-start``).
+
 Megatron's counters (``iteration``, ``consumed_train_samples``, ``skipped_train_samples``,
 ``num_floating_point_operations_so_far`` and the LR/WD scheduler state) are recorded in host
 memory after every iteration (:meth:`InLoopSession.after_step`) and agreed on in phase A.
@@ -339,9 +345,9 @@ class InLoopSession:
 
     # ---------------------------------------------------------------- faults
     def fault_point(self, iteration: int, phase: str) -> None:
-        """A fault-injection point (``before``, ``microbatch<k>``, ``after_step``,
-        ``after_snapshot``, ``fetch``, ``replay``, ``recovery_wait``): calls the installed
-        :attr:`fault_hook`, if any (:data:`WORKER_HOOK_ENV`)."""
+        """A fault-injection point (``model``, ``build``, ``before``, ``microbatch<k>``,
+        ``after_step``, ``after_snapshot``, ``fetch``, ``replay``, ``recovery_wait``): calls the
+        installed :attr:`fault_hook`, if any (:data:`WORKER_HOOK_ENV`)."""
         if self.fault_hook is not None:
             self.fault_hook(iteration, phase, self)
 
@@ -350,11 +356,16 @@ class InLoopSession:
         """Phase A (see the module docstring); at the job's start: records where it starts."""
         self.scheduler = scheduler
         if self.pending is None:
-            self.record_counters(args.iteration, args, args.num_floating_point_operations_so_far)
-            self.state.committed = int(args.iteration) - 1
-            record_initial_state(self.ctx, strategy, int(args.iteration))
+            self._record_start(args, strategy)
             return
         collectives = ProcessGroupCollectives()
+        # A rank with state but no counters failed in its first pretrain(), before it got here:
+        # then no iteration ran anywhere (none completes without it), and every rank starts the
+        # job over instead of recovering it.
+        never_began = self.state.has_state and not self.counters
+        if any(collectives.all_gather(never_began)):
+            self._start_over(args, strategy, collectives)
+            return
         times = {
             "detect": self.rejoined_at - self.fault_started,
             "rebuild": time.perf_counter() - self.rejoined_at,
@@ -412,6 +423,12 @@ class InLoopSession:
             ),
         )
 
+    def _record_start(self, args: Any, strategy: Any) -> None:
+        """Where the job starts (or starts over): counters, committed iteration, initial state."""
+        self.record_counters(args.iteration, args, args.num_floating_point_operations_so_far)
+        self.state.committed = int(args.iteration) - 1
+        record_initial_state(self.ctx, strategy, int(args.iteration))
+
     def _fall_back_to_load(self, args: Any, strategy: Any, exc: Exception) -> None:
         """No in-memory tier can serve: every rank restores Megatron's checkpoint (``--load``)."""
         logger.error(
@@ -421,23 +438,45 @@ class InLoopSession:
             exc,
             getattr(args, "load", None),
         )
-        # The optimizer already has Adam state (adopt() created it, every step equal), which
-        # Megatron's torch_dist loader of the distributed optimizer needs on the torch-Adam path.
-        args.iteration, args.num_floating_point_operations_so_far = self.load_fallback()
-        strategy.registry.refresh()
+        self._restart_job(args, strategy, "megatron-load", str(exc))
+
+    def _start_over(self, args: Any, strategy: Any, collectives: Any) -> None:
+        """A rank failed while the job was still being built: every rank starts the job over
+        from where it started (Megatron's ``--load``, deferred while recovery was pending, or
+        the fresh build), checked against the initial state the ranks that got that far
+        recorded."""
+        reason = (
+            "a rank failed before every rank had started training: no iteration ran, so the job "
+            "starts over"
+        )
+        logger.warning("rank %d: %s", self.ctx.rank, reason)
+        self._restart_job(args, strategy, "job-start", reason, collectives)
+
+    def _restart_job(
+        self, args: Any, strategy: Any, path: str, reason: str, collectives: Any = None
+    ) -> None:
+        """Every rank restarts from Megatron's checkpoint (``--load``, or the fresh build without
+        one) in this generation; ``collectives``: also check that it reproduces the recorded
+        initial state (:func:`check_initial_state`)."""
+        if self.load_fallback is not None:
+            # The optimizer already has Adam state (adopt() created it, every step equal), which
+            # Megatron's torch_dist loader of the distributed optimizer needs on the torch-Adam
+            # path.
+            args.iteration, args.num_floating_point_operations_so_far = self.load_fallback()
+            strategy.registry.refresh()
+        if collectives is not None:
+            check_initial_state(self.ctx, strategy, collectives, int(args.iteration))
         self.counters = {}
-        self.record_counters(args.iteration, args, args.num_floating_point_operations_so_far)
         self.state = RankRecoveryState()
-        self.state.committed = int(args.iteration) - 1
-        record_initial_state(self.ctx, strategy, int(args.iteration))
+        self._record_start(args, strategy)
         self.ctx.store.add(StoreKeys.stable(self.ctx.generation), 1)
         failed = self.pending["failed"]
         self.pending, self.old, self.load_fallback = None, None, None
         record = dict(
             generation=self.ctx.generation,
             failed_ranks=failed,
-            path="megatron-load",
-            reason=str(exc),
+            path=path,
+            reason=reason,
             committed_iteration=int(args.iteration) - 1,
         )
         self.reports.append(record)
@@ -536,13 +575,8 @@ def start_session(heartbeat_interval_s: float = 1.0, heartbeat_timeout_s: float 
         ctx.init_process_group()
         session.rejoined_at = time.perf_counter()
     except GenerationSuperseded as exc:  # another rank failed meanwhile
-        if not ctx.is_spare_join:
-            # A rank died before the job's process group was up. Recovering a pretrain() that
-            # never started in memory is not built: leave now rather than at the group timeout.
-            raise RecoveryError(
-                f"rank {ctx.rank}: a rank failed before the job's process group was up ({exc}); "
-                "there is nothing to recover in memory. Fix: restart the job."
-            ) from None
+        # (Also a rank of generation 0 whose rendezvous the heartbeat broke: its first
+        # pretrain() then starts the job over, see InLoopSession.begin.)
         logger.warning("rank %d: %s; joining the newer one", ctx.rank, exc)
         session._join_next_generation()
     _session = session

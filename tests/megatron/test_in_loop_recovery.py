@@ -85,6 +85,24 @@ def test_sigkill_recovers_in_memory_bitwise(
     assert "[MoEvement] recovered in memory" in logs  # in Megatron's own log
 
 
+def test_a_rank_dying_in_the_first_build_starts_the_job_over(megatron_lm, fault_free, tmp_path):
+    """Rank 3 dies with its model built, before the strategy's process group: its peers wait for
+    it in that group's rendezvous until their heartbeats break the wait. No iteration ran, so
+    every rank starts the job over in generation 1 (the spare as rank 3), bitwise as if nothing
+    had happened."""
+    fault = {"rank": 3, "iteration": 0, "phase": "model"}
+    failures = run_pretrain(
+        megatron_lm, tmp_path, "moevement", ARGS, spares=1, elastic=True, faults=[fault]
+    )
+    assert [f["rank"] for f in failures] == [3]
+    reports = check_recovered(tmp_path, fault_free)
+    assert sorted(reports) == [0, 1, 2, 3]
+    for rank_reports in reports.values():
+        [report] = rank_reports
+        assert report["path"] == "job-start" and report["failed_ranks"] == [3]
+        assert report["generation"] == 1 and report["committed_iteration"] == -1
+
+
 def test_second_failure_after_the_spare_pool_was_refilled(megatron_lm, tmp_path_factory):
     """One spare: it takes the first failed rank, a new spare is started, and that one takes the
     second failed rank (another stage, in the next generation)."""
