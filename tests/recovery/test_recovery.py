@@ -207,24 +207,33 @@ def test_kill_in_the_first_window_replays_from_the_initial_state(
 
 
 @pytest.mark.parametrize(
-    "faults",
+    "faults, options",
     [
-        pytest.param([dict(rank=3, iteration=0, phase="model")], id="in-the-first-build"),
+        pytest.param([dict(rank=3, iteration=0, phase="model")], {}, id="in-the-first-build"),
         pytest.param(
             [
                 dict(rank=1, iteration=1, phase="microbatch2"),
                 dict(rank=2, iteration=0, phase="model", generation=1),
             ],
+            {},
             id="in-a-recovery-rebuild",
+        ),
+        # Stopped, not killed: the agent notices the silent heartbeat and kills it by pid.
+        pytest.param(
+            [dict(rank=3, iteration=0, phase="model", signal="SIGSTOP")],
+            dict(heartbeat_interval_s=0.25, heartbeat_timeout_s=2.0),
+            id="hung-in-the-first-build",
         ),
     ],
 )
-def test_a_rank_dying_before_a_groups_rendezvous_is_noticed_at_once(fault_free, tmp_path, faults):
+def test_a_rank_dying_before_a_groups_rendezvous_is_noticed_at_once(
+    fault_free, tmp_path, faults, options
+):
     # The victim dies with its model built, before the strategy's process group: its peers wait
     # for it in that group's rendezvous on the store, where no socket of theirs closes. Their
     # heartbeat threads break the wait once the agent announces the next generation, instead of
     # the group timeout (60 s here) ending it, after which the spare would be gone.
-    agent, reports = _run(tmp_path, faults, spares=len(faults))
+    agent, reports = _run(tmp_path, faults, spares=len(faults), **options)
     assert [f["rank"] for f in agent.failures] == [f["rank"] for f in faults]
     failed = sorted(f["rank"] for f in faults)
     _check(fault_free, tmp_path, reports, failed, "global", tiers=("initial-state",))
