@@ -6,8 +6,9 @@ the faults come from ``MOEVEMENT_FAULT_INJECTION``: a JSON list of
 ``"signal"``) when it reaches its point: ``before``, ``microbatch<k>``, ``after_step`` or
 ``after_snapshot`` of a 0-based ``iteration`` (Megatron's ``args.curr_iteration``), the
 build's ``model`` and ``build`` (``iteration`` 0: before and after the strategy is built in
-``pretrain()``), or the recovery's ``fetch``, ``replay`` and ``recovery_wait``; ``generation`` (default 0) selects which
-incarnation of the rank dies, ``with`` kills other ranks at the same moment (a node failure).
+``pretrain()``), or the recovery's ``fetch``, ``replay`` and ``recovery_wait``;
+``generation`` (default 0) selects which incarnation of the rank dies, ``with`` kills other ranks
+at the same moment (a node failure).
 Every fault that fires is recorded in ``faults.jsonl`` of ``MOEVEMENT_REPORT_DIR``.
 """
 

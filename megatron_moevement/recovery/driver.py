@@ -283,9 +283,9 @@ class RecoveryDriver:
             # rendezvous, which the heartbeat breaks). No iteration can have completed anywhere
             # without this rank: it survives with the job's initial state (which its rebuild
             # reproduces), nothing committed, and its first completed build records that state
-            # (check_initial_state). Ranks whose first build failed are then not mistaken for
-            # ranks that lost their state, which even all of them together have not. Outside the
-            # except block, as in train().
+            # (check_initial_state). So even when every rank's first build failed, planning
+            # does not mistake them for ranks that lost their state. Outside the except block, as
+            # in train().
             self.recover(failure)
 
     def train(self, iterations: int, on_iteration: Callable | None = None) -> None:
