@@ -154,6 +154,17 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
             ],
         )
 
+    moe, floor = res.get("moevement", {}), res.get("copy_floor")
+    if floor is not None and "ratio_to_floor" in moe:
+        lo, hi = moe["ratio_to_floor_spread"]
+        text += (
+            f"\nMeasured floor (`copy_floor`: the same bytes per rank copied and checksummed on a "
+            f"background thread, no strategy): **{floor['ratio_to_none']:.3f}x** no "
+            f"checkpointing; MoEvement / floor **{moe['ratio_to_floor']:.3f}** ({lo:.3f}-{hi:.3f} "
+            "over rounds). The floor is what that much memory traffic costs training on this "
+            "host, even with a core free for it.\n"
+        )
+
     def draw(ax):
         modes = list(res)
         ax.bar(modes, [res[m]["ratio_to_none"] for m in modes], color="tab:blue")

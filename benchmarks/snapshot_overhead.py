@@ -5,7 +5,12 @@ reports per mode the median over rounds of its median iteration time (after warm
 and spread (min-max) of its per-round ratio to that round's no-checkpointing run, the load
 average it ran under, and the bytes snapshotted per iteration (summed over ranks). ``--baselines`` adds the Gemini-like (dense
 snapshot every ``--gemini-interval`` iterations) and MoC-like (non-expert state plus
-``--moc-fraction`` of the experts every iteration) strategies. Results go to JSON.
+``--moc-fraction`` of the experts every iteration) strategies. ``copy_floor`` runs after
+``moevement`` in every round: the same model with no strategy, beside a background thread that
+copies and checksums as many bytes per rank per iteration as that round's MoEvement run
+snapshotted (:mod:`megatron_moevement.harness.copy_floor`). Its ratio is the measured floor of
+that much snapshot traffic on this host, which MoEvement's ratio is compared with
+(``ratio_to_floor``). Results go to JSON.
 
     python benchmarks/snapshot_overhead.py --layout ep2 --output results/snapshot_overhead.json
 """
@@ -25,7 +30,7 @@ from megatron_moevement.harness.launcher import run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
 from megatron_moevement.harness.worker import WorkerSpec
 
-MODES = ("none", "dense", "moevement")
+MODES = ("none", "dense", "moevement", "copy_floor")
 BASELINE_MODES = ("gemini", "moc")
 
 
@@ -106,6 +111,11 @@ def main() -> None:
             moe = dict(mode=mode, window_size=window, replication_factor=args.replication_factor)
             if mode in baselines:
                 moe["baseline"] = baselines[mode]
+            if mode == "copy_floor":
+                # The bytes this round's MoEvement run snapshotted, per rank.
+                moe["floor_bytes"] = int(
+                    rounds["moevement"][-1]["snapshot_bytes_per_iteration"] / layout.world_size
+                )
             if args.d2h_bandwidth:
                 moe["d2h_bandwidth_bytes_per_s"] = args.d2h_bandwidth
             spec = WorkerSpec(
@@ -153,6 +163,7 @@ def main() -> None:
                     idle_core_for_snapshots=data["idle_core_for_snapshots"],
                     host_memory_bytes=data.get("host_memory_bytes"),
                     training_state_bytes=data.get("training_state_bytes"),
+                    floor_seconds_per_rank=data.get("floor_seconds_per_rank"),
                 )
             )
     for mode in modes:
@@ -182,6 +193,14 @@ def main() -> None:
                 for k in per_round[0]["stages"]
             },
         )
+    # MoEvement against the floor of its own traffic, round by round.
+    to_floor = [
+        m["median_iteration_s"] / f["median_iteration_s"]
+        for m, f in zip(rounds["moevement"], rounds["copy_floor"])
+    ]
+    results["moevement"]["ratio_to_floor"] = statistics.median(to_floor)
+    results["moevement"]["ratio_to_floor_per_round"] = to_floor
+    results["moevement"]["ratio_to_floor_spread"] = (min(to_floor), max(to_floor))
     none_s = results["none"]["median_iteration_s"]
     for mode in modes:
         r = results[mode]
@@ -246,6 +265,13 @@ def main() -> None:
             f"{min(results[mode]['steady_iterations']):>7} "
             f"{results[mode]['first_touch_s']:>21.3f}"
         )
+    m = results["moevement"]
+    print(
+        f"\ncopy floor (the same bytes copied + checksummed, nothing else): "
+        f"{results['copy_floor']['ratio_to_none']:.3f}x no-ckpt; MoEvement / floor "
+        f"{m['ratio_to_floor']:.3f} ({m['ratio_to_floor_spread'][0]:.3f}-"
+        f"{m['ratio_to_floor_spread'][1]:.3f})"
+    )
     compute = results["moevement"]["compute_weight_bytes"]
     print(
         f"compute weights (all ranks, as stored: FP8 ones as data + scales): {compute / 1e6:.2f} MB"

@@ -3,7 +3,10 @@
 Modes: ``none`` (no checkpointing), ``dense`` (a full in-memory snapshot of every operator every
 iteration through the same engine: window size 1, Gemini-style), ``moevement`` (sparse snapshots
 with the configured window), ``gemini`` and ``moc`` (the baselines of
-:mod:`megatron_moevement.baselines`, policy fields under ``baseline``). Every rank times each iteration end to end (forward/backward,
+:mod:`megatron_moevement.baselines`, policy fields under ``baseline``), ``copy_floor`` (no
+strategy: :class:`~megatron_moevement.harness.copy_floor.BareCopyLoad` copies and checksums
+``floor_bytes`` bytes per rank per iteration in the background, the host's floor for that much
+snapshot traffic). Every rank times each iteration end to end (forward/backward,
 optimizer step including any wait for a pending copy, and the snapshot call); rank 0 writes the
 job-wide maximum per iteration, which is what the slowest rank imposes on everyone.
 """
@@ -32,7 +35,8 @@ def run_overhead(spec) -> None:
     layout = ParallelLayout(**spec.layout)
     trainer = HarnessTrainer(TinyMoEConfig.from_dict(spec.model), layout)
     strategy = None
-    if mode != "none":
+    floor = None  # the copy_floor mode's BareCopyLoad, built once the optimizer has state
+    if mode not in ("none", "copy_floor"):
         fields = {k: v for k, v in spec.moevement.items() if k not in ("mode", "baseline")}
         if mode == "dense":
             fields["window_size"] = 1
@@ -61,6 +65,13 @@ def run_overhead(spec) -> None:
             expert_bytes.append(
                 strategy.snapshot_bytes_by_part.get("expert_full", 0) - before_expert
             )
+        elif mode == "copy_floor":
+            if floor is None:
+                from megatron_moevement.harness.copy_floor import BareCopyLoad
+
+                floor = BareCopyLoad(trainer.optimizer, int(spec.moevement["floor_bytes"]))
+            snap_bytes.append(floor.after_optimizer_step())
+            expert_bytes.append(0)
         else:
             snap_bytes.append(0)
             expert_bytes.append(0)
@@ -73,6 +84,12 @@ def run_overhead(spec) -> None:
             last = now
     if strategy is not None:
         strategy.flush()
+    floor_seconds = torch.zeros(2, dtype=torch.float64)
+    if floor is not None:
+        floor.shutdown()
+        floor_seconds = torch.tensor([floor.stall_s, floor.background_s], dtype=torch.float64)
+    floor_gathered = [torch.zeros_like(floor_seconds) for _ in range(dist.get_world_size())]
+    dist.all_gather(floor_gathered, floor_seconds)
     t = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     b = torch.tensor([snap_bytes, expert_bytes], dtype=torch.float64)
@@ -146,6 +163,10 @@ def run_overhead(spec) -> None:
                     ],
                     probe_bandwidth_per_rank=[r[0].item() for r in all_rates],
                     idle_core_for_snapshots=bool(all_rates[0][1].item()),
+                    # copy_floor: per rank, the whole run's stall and background seconds.
+                    floor_seconds_per_rank=[
+                        dict(stall=g[0].item(), background=g[1].item()) for g in floor_gathered
+                    ],
                     host_memory_bytes=dict(
                         snapshots=totals[3].item(),
                         replicas=totals[4].item(),
