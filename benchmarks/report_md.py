@@ -162,7 +162,7 @@ def overhead_section(data: Optional[dict], plot: Plotter, name: str = "overhead"
             f"background thread, no strategy): **{floor['ratio_to_none']:.3f}x** no "
             f"checkpointing; MoEvement / floor **{moe['ratio_to_floor']:.3f}** ({lo:.3f}-{hi:.3f} "
             "over rounds). The floor is what that much memory traffic costs training on this "
-            "host, even with a core free for it.\n"
+            "host (replication not included).\n"
         )
 
     def draw(ax):
