@@ -21,18 +21,16 @@ import torch
 
 from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.snapshot.checksum import checksum_spans
-from megatron_moevement.state.optim_view import iter_optimizers
+from megatron_moevement.state.optim_view import iter_stepped_params
 
 
 def _state_tensors(optimizer) -> list[torch.Tensor]:
     """The optimizer's FP32 main parameters and tensor state, as flat uint8 views."""
     out = []
-    for leaf in iter_optimizers(optimizer):
-        for group in leaf.optimizer.param_groups:
-            for p in group["params"]:
-                state = leaf.optimizer.state.get(p, {})
-                for t in [p] + [v for v in state.values() if torch.is_tensor(v) and v.dim()]:
-                    out.append(t.detach().reshape(-1).view(torch.uint8))
+    for leaf, p in iter_stepped_params(optimizer):
+        state = leaf.optimizer.state.get(p, {})
+        for t in [p] + [v for v in state.values() if torch.is_tensor(v) and v.dim()]:
+            out.append(t.detach().reshape(-1).view(torch.uint8))
     return out
 
 

@@ -490,7 +490,7 @@ def _canonical_key(op: Operator) -> tuple:
 def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Totals counted directly from the model and the inner optimizers (independently of the
     registry), to check that the registry accounts for every byte."""
-    from megatron_moevement.state.optim_view import iter_optimizers
+    from megatron_moevement.state.optim_view import iter_stepped_params
 
     compute = sum(
         sum(_nbytes(t) for _, t in quantized_components(p)) if is_quantized(p) else _nbytes(p)
@@ -498,12 +498,10 @@ def model_and_optimizer_bytes(gpt_model: torch.nn.Module, optimizer) -> dict[str
     )
     main = 0
     optim = 0
-    for leaf in iter_optimizers(optimizer):
-        for group in leaf.optimizer.param_groups:
-            for p in group["params"]:
-                main += _nbytes(p)
-                state = leaf.optimizer.state.get(p, {})
-                optim += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
+    for leaf, p in iter_stepped_params(optimizer):
+        main += _nbytes(p)
+        state = leaf.optimizer.state.get(p, {})
+        optim += sum(_nbytes(v) for v in state.values() if torch.is_tensor(v))
     return {"compute": compute, "main": main, "optimizer": optim}
 
 

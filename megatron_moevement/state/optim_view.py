@@ -11,7 +11,7 @@ operator registry, the snapshot engine and the replay engine see one mapping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -58,18 +58,26 @@ def first_leaf(optimizer):
     return iter_optimizers(optimizer)[0]
 
 
-def ensure_optimizer_state(optimizer) -> None:
-    """Creates Adam state (step, moments) for parameters that have none yet, as torch's Adam does
-    at its first step, so a rebuilt optimizer has tensors to restore into."""
+def iter_stepped_params(optimizer) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(leaf, param)`` for every parameter the inner torch optimizers step (the FP32 main
+    parameters, or the model's own where it trains in FP32), leaf by leaf; the param's state is
+    ``leaf.optimizer.state``."""
     for leaf in iter_optimizers(optimizer):
         for group in leaf.optimizer.param_groups:
             for p in group["params"]:
-                state = leaf.optimizer.state[p]
-                if state:
-                    continue
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                yield leaf, p
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Creates Adam state (step, moments) for parameters that have none yet, as torch's Adam does
+    at its first step, so a rebuilt optimizer has tensors to restore into."""
+    for leaf, p in iter_stepped_params(optimizer):
+        state = leaf.optimizer.state[p]
+        if state:
+            continue
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class OptimizerView:
