@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
+
+SlotLayout = Sequence[tuple[int, int, torch.dtype, tuple[int, ...]]]
+"""Where a slot's tensors lie in its buffer: ``(offset, nbytes, dtype, shape)`` per tensor."""
 
 
 def allocate_host_buffer(nbytes: int) -> torch.Tensor:
@@ -27,6 +32,10 @@ class HostBufferPool:
         self.keep = keep
         """Windows whose buffers coexist (keyed by ``window % keep``)."""
         self._buffers: dict[tuple[int, int], torch.Tensor] = {}
+        # Per key, the typed views of its buffer for the last layout copied into it: a slot's
+        # layout recurs every ``keep`` windows until the schedule changes, and building ~100
+        # views per slot per iteration on the training thread is what a cache saves.
+        self._views: dict[tuple[int, int], tuple[tuple, list[torch.Tensor]]] = {}
         self.allocations = 0
 
     def get(self, window: int, slot: int, nbytes: int) -> torch.Tensor:
@@ -39,13 +48,36 @@ class HostBufferPool:
             grow = buf is not None and not oversized
             buf = allocate_host_buffer(int(nbytes * (1 + GROWTH_HEADROOM)) if grow else nbytes)
             self._buffers[key] = buf
+            self._views.pop(key, None)
             self.allocations += 1
         return buf
+
+    def typed_views(self, window: int, slot: int, layout: SlotLayout) -> list[torch.Tensor]:
+        """Views of the buffer of (``window``, ``slot``) with each tensor's dtype and shape, in
+        ``layout`` order: the destinations of one multi-tensor copy (see
+        :meth:`SnapshotEngine.capture`). Call after :meth:`get` for the same slot.
+
+        Raises:
+            KeyError: No buffer was handed out for that slot.
+        """
+        key = (window % self.keep, slot)
+        buf = self._buffers[key]
+        layout = tuple(layout)
+        cached = self._views.get(key)
+        if cached is not None and cached[0] == layout:
+            return cached[1]
+        views = [
+            buf[offset : offset + nbytes].view(dtype).view(shape)
+            for offset, nbytes, dtype, shape in layout
+        ]
+        self._views[key] = (layout, views)
+        return views
 
     def release_slots_from(self, window_size: int) -> None:
         """Frees buffers of slot indices that a smaller window no longer uses."""
         for key in [k for k in self._buffers if k[1] >= window_size]:
             del self._buffers[key]
+            self._views.pop(key, None)
 
     @property
     def nbytes(self) -> int:

@@ -17,9 +17,9 @@ checkpoint use different halves, so a window never overwrites the checkpoint it 
 
 The copy is asynchronous. On CUDA it runs on a dedicated stream, ordered after the optimizer step
 by an event, and the next optimizer step waits for it on the device (``wait_stream``), so the host
-never blocks. On CPU it runs on a background thread (torch releases the GIL while copying) and the
-next optimizer step waits for the thread only if it is not done. Either way a slot holds exactly
-the state of its iteration although training continues."""
+never blocks. On CPU it runs on a background thread as one multi-tensor copy (torch releases the
+GIL for all of it) and the next optimizer step waits for the thread only if it is not done. Either
+way a slot holds exactly the state of its iteration although training continues."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ import torch
 
 from megatron_moevement.constants import DEFAULT_CHECKSUM
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.runtime.cpu_compat import outside_device_mode
 from megatron_moevement.snapshot.buffers import HostBufferPool, allocate_host_buffer
 from megatron_moevement.snapshot.checksum import checksum, checksum_spans, dtype_name
 from megatron_moevement.snapshot.slots import (
@@ -69,20 +70,33 @@ class _Copier:
         slot: SlotSnapshot,
         pairs: list[tuple[TensorRecord, torch.Tensor]],
         first_touch: bool = False,
+        destinations: list[torch.Tensor] | None = None,
     ) -> None:
         """Starts copying ``pairs`` into ``slot``'s buffer (``first_touch``: a buffer allocated
-        for this slot, whose pages are faulted in first, timed apart as a one-time cost)."""
+        for this slot, whose pages are faulted in first, timed apart as a one-time cost).
+
+        ``destinations`` are views of the buffer at each record with the source's dtype and
+        shape (:meth:`HostBufferPool.typed_views`); built here when not given.
+        """
         self.wait_host()
+        if destinations is None:
+            destinations = [
+                slot.buffer[rec.offset : rec.offset + rec.nbytes].view(src.dtype).view(src.shape)
+                for rec, src in pairs
+            ]
+        if len(destinations) != len(pairs):
+            raise SnapshotError(
+                f"{len(destinations)} destination views for {len(pairs)} tensors of slot "
+                f"{slot.slot} of window {slot.window}; pass one view per record"
+            )
+        sources = [src for _, src in pairs]
         if not self.asynchronous:
             if self.use_cuda:
-                for rec, src in pairs:
-                    slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
-                        src.reshape(-1).view(torch.uint8)
-                    )
+                torch._foreach_copy_(destinations, sources)
                 torch.cuda.current_stream().synchronize()
                 self._finish_sync(slot)
             else:
-                self._copy_host(slot, pairs, first_touch)
+                self._copy_host(slot, sources, destinations, first_touch)
             slot.wait()  # re-raises a copy failure on the training thread
             return
         if self.use_cuda:
@@ -90,18 +104,27 @@ class _Copier:
             # compute stream continue; the next step waits on this stream (wait_for_copies).
             self._stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self._stream):
-                for rec, src in pairs:
-                    dst = slot.buffer[rec.offset : rec.offset + rec.nbytes]
-                    dst.copy_(src.reshape(-1).view(torch.uint8), non_blocking=True)
+                # One call queues every device->pinned-host copy (no per-tensor Python on the
+                # training thread beyond marking each source as used by the copy stream).
+                torch._foreach_copy_(destinations, sources, non_blocking=True)
+                for src in sources:
                     src.record_stream(self._stream)
                 self._event = torch.cuda.Event()
                 self._event.record(self._stream)
             event = self._event
             self._pending = self._executor.submit(self._finish_cuda, slot, event)
         else:
-            self._pending = self._executor.submit(self._copy_host, slot, pairs, first_touch)
+            self._pending = self._executor.submit(
+                self._copy_host, slot, sources, destinations, first_touch
+            )
 
-    def _copy_host(self, slot: SlotSnapshot, pairs, first_touch: bool = False) -> None:
+    def _copy_host(
+        self,
+        slot: SlotSnapshot,
+        sources: list[torch.Tensor],
+        destinations: list[torch.Tensor],
+        first_touch: bool = False,
+    ) -> None:
         try:
             if first_touch:
                 # Every page of a new buffer faulted in at once, so that no later copy (also one
@@ -109,10 +132,10 @@ class _Copier:
                 with self.times.measure("first_touch"):
                     slot.buffer.zero_()
             with self.times.measure("copy"):
-                for rec, src in pairs:
-                    slot.buffer[rec.offset : rec.offset + rec.nbytes].copy_(
-                        src.reshape(-1).view(torch.uint8)
-                    )
+                # One multi-tensor copy between same-dtype tensors (a byte copy per tensor): a
+                # single call that releases the GIL for all of them, where a Python loop over a
+                # few hundred small tensors held the GIL the training thread needs between each.
+                torch._foreach_copy_(destinations, sources)
             self._seal(slot)
         except BaseException as exc:  # surfaced by SlotSnapshot.wait()
             slot.error = exc
@@ -240,7 +263,9 @@ class SnapshotEngine:
             rank_state: Per-rank tensors every slot carries besides the operators' (the RNG
                 states, ``{record key: tensor}``); they must not change while being copied.
         """
-        with self.times.measure("capture"):
+        # The slot's walk reads a few hundred tensors' metadata and makes views of them: nothing
+        # the CPU device-redirect mode has to see, and it would multiply the walk's cost.
+        with self.times.measure("capture"), outside_device_mode():
             return self._capture(ckpt, slot_index, iteration, rank_state)
 
     def _capture(self, ckpt, slot_index, iteration, rank_state) -> SlotSnapshot:
@@ -268,16 +293,18 @@ class SnapshotEngine:
 
         parts = dict.fromkeys(("expert_full", "non_expert_full", "compute", "rank"), 0)
         records: list[TensorRecord] = []
+        layout: list[tuple[int, int, torch.dtype, tuple[int, ...]]] = []
         offset = 0
         for part, key, tensor in live:
-            nbytes = tensor.numel() * tensor.element_size()
+            dtype, shape = tensor.dtype, tuple(tensor.shape)
+            nbytes = tensor.nbytes
             parts[part] += nbytes
-            records.append(
-                TensorRecord(key, dtype_name(tensor.dtype), tuple(tensor.shape), offset, nbytes)
-            )
+            records.append(TensorRecord(key, dtype_name(dtype), shape, offset, nbytes))
+            layout.append((offset, nbytes, dtype, shape))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         allocations = self.pool.allocations
         buffer = self.pool.get(ckpt.window, slot_index, offset)
+        destinations = self.pool.typed_views(ckpt.window, slot_index, layout)
         slot = SlotSnapshot(
             window=ckpt.window,
             slot=slot_index,
@@ -298,6 +325,7 @@ class SnapshotEngine:
             slot,
             [(r, t) for r, (_, _, t) in zip(records, live)],
             first_touch=self.pool.allocations != allocations,
+            destinations=destinations,
         )
         return slot
 

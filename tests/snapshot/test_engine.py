@@ -33,9 +33,9 @@ def test_synchronous_capture_is_complete_when_it_returns():
     calling = threading.current_thread()
     seen = []
     original = engine._copier._copy_host
-    engine._copier._copy_host = lambda slot, pairs, first_touch: (
+    engine._copier._copy_host = lambda slot, sources, destinations, first_touch: (
         seen.append(threading.current_thread()),
-        original(slot, pairs, first_touch),
+        original(slot, sources, destinations, first_touch),
     )
     slot = engine.capture(ckpt, 0, 0)
     assert slot.ready.is_set() and slot.error is None and seen == [calling]
