@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,9 +13,12 @@ def write_results(path: Path, payload: Mapping[str, Any], indent: int = 1) -> No
 
     Args:
         path: Output file.
-        payload: JSON-serializable results; numpy scalars are written as floats.
+        payload: JSON-serializable results; numpy scalars are written as floats. A
+            ``written_at`` field (local time, ISO 8601) is added so the report can say when the
+            numbers were measured: a file's mtime says only when it was checked out.
         indent: JSON indentation.
     """
+    stamped = {**payload, "written_at": datetime.datetime.now().isoformat(timespec="seconds")}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=indent, default=float) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(stamped, indent=indent, default=float) + "\n", encoding="utf-8")
     print(f"\nwrote {path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -556,6 +557,43 @@ SECTIONS = [
 """Report sections in order: title, JSON file, renderer."""
 
 
+def _written_at(path: Path) -> str:
+    """When a result file's numbers were measured, to the minute.
+
+    The ``written_at`` stamp the benchmark put in the JSON when there is one; else the time of
+    the last commit that touched the file; else its mtime (which, after a fresh checkout, is only
+    the checkout time).
+    """
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8")).get("written_at")
+    except (OSError, ValueError, AttributeError):
+        stamp = None
+    if isinstance(stamp, str) and stamp:
+        return stamp[:16]
+    try:
+        committed = subprocess.run(
+            [
+                "git",
+                "log",
+                "-1",
+                "--format=%cd",
+                "--date=format-local:%Y-%m-%dT%H:%M",
+                "--",
+                path.name,
+            ],
+            cwd=path.parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        committed = ""
+    if committed:
+        return f"{committed} (last commit)"
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="minutes")
+
+
 def render_report(results: Path, header: str) -> str:
     """The whole Markdown report from the JSON files in ``results`` (plots in
     ``results/plots``)."""
@@ -567,7 +605,6 @@ def render_report(results: Path, header: str) -> str:
         parts.append(f"\n## {title}\n\n")
         path = results / name
         if path.exists():
-            written = datetime.datetime.fromtimestamp(path.stat().st_mtime)
-            parts.append(f"_`{name}`, written {written.isoformat(timespec='minutes')}._\n\n")
+            parts.append(f"_`{name}`, written {_written_at(path)}._\n\n")
         parts.append(render(_load(path), plot))
     return "".join(parts)
