@@ -58,6 +58,7 @@ def _elastic(
     # When the SIGKILL was sent (the fault plugin's record) and when each survivor noticed.
     killed_at = [json.loads(line)["time"] for line in (tmp / name / "faults.jsonl").open()][0]
     survivors = [r for r in reports if not r["spare"]]
+    slowest_rebuild = max(reports, key=lambda r: r["times_s"]["rebuild"])
     return dict(
         detect_s_per_rank=[r["times_s"]["detect"] for r in reports],
         noticed_after_kill_s=max(r["noticed_at"] - killed_at for r in survivors),
@@ -65,6 +66,8 @@ def _elastic(
         scope_ranks=reports[0]["scope_ranks"],
         recovery_s=total,
         phases_s={k: max(r["times_s"][k] for r in reports) for k in reports[0]["times_s"]},
+        # The rank whose rebuild was slowest (the one the others wait for), step by step.
+        rebuild_steps_s=slowest_rebuild.get("rebuild_steps_s", {}),
         microbatches_recomputed=sum(r["microbatches_replayed"] for r in reports),
         iterations_replayed=reports[0]["iterations_replayed"] or reports[-1]["iterations_replayed"],
         # Per replayed iteration, the slowest rank in scope: the spare's first iterations run
@@ -186,7 +189,8 @@ def main() -> None:
             f"{mode}: detect per rank {[round(d, 3) for d in r['detect_s_per_rank']]} s (failure "
             f"noticed {r['noticed_after_kill_s']:.3f} s after the SIGKILL); phases "
             f"{ {k: round(v, 3) for k, v in r['phases_s'].items()} }; replayed iterations "
-            f"{[round(t, 3) for t in r['replay_iteration_s']]} s"
+            f"{[round(t, 3) for t in r['replay_iteration_s']]} s; slowest rebuild "
+            f"{ {k: round(v, 3) for k, v in r['rebuild_steps_s'].items()} }"
         )
     base = results["scoped"]["recovery_s"]
     print(

@@ -255,6 +255,13 @@ def recovery_section(data: Optional[dict], plot: Plotter, name: str = "recovery_
                 for m, r in phased
             ],
         )
+    stepped = [(m, r) for m, r in res.items() if r.get("rebuild_steps_s")]
+    if stepped:
+        steps = list(stepped[0][1]["rebuild_steps_s"])
+        text += "\nRebuild steps (s, the rank with the slowest rebuild):\n\n" + _table(
+            ["mode"] + steps,
+            [[m] + [f"{r['rebuild_steps_s'].get(k, 0.0):.3f}" for k in steps] for m, r in stepped],
+        )
     timed = [(m, r) for m, r in res.items() if r.get("replay_iteration_s")]
     if timed:
         text += "\nEach replayed iteration (s, slowest rank in scope):\n\n" + "\n".join(

@@ -74,6 +74,7 @@ from megatron_moevement.recovery.procedure import (
     RecoveryProcedure,
     RecoveryReport,
     describe,
+    rebuild_breakdown,
 )
 from megatron_moevement.recovery.protocol import (
     ElasticContext,
@@ -393,8 +394,12 @@ class RecoveryDriver:
         times = {"detect": time.perf_counter() - fault.started}
         t = time.perf_counter()
         gc.collect()  # frees the failed generation's trainer before its successor is built
+        collected = time.perf_counter()
         self.trainer, self.strategy = self.build()
         times["rebuild"] = time.perf_counter() - t
+        rebuild_steps = rebuild_breakdown(
+            times["rebuild"], collected - t, getattr(self.trainer, "setup_times", None)
+        )
         procedure = RecoveryProcedure(
             self.ctx.rank,
             self.ctx.world_size,
@@ -409,6 +414,7 @@ class RecoveryDriver:
             initial_state=self._check_initial_state,
         )
         report = procedure.run_through(fault.old, info["failed"], times, self._noticed_at)
+        report.rebuild_steps_s = rebuild_steps
         self.ctx.store.add(StoreKeys.stable(self.ctx.generation), 1)
         self.reports.append(report)
         return report

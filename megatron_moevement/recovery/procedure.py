@@ -92,9 +92,23 @@ class RecoveryReport:
     replay_iteration_s: list[float] = field(default_factory=list)
     """Seconds of each replayed iteration, in order (empty outside the scope): a fresh spare's
     first iterations run cold (allocator, kernels), which the later ones show by contrast."""
+    rebuild_steps_s: dict = field(default_factory=dict)
+    """Where ``times_s["rebuild"]`` went (:func:`rebuild_breakdown`); empty where the recovery
+    path does not time its rebuild."""
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def rebuild_breakdown(total_s: float, gc_s: float, trainer_steps: dict | None) -> dict:
+    """Splits a rebuild's ``total_s`` into its steps: ``gc`` (freeing the failed generation's
+    trainer), the trainer's own timed setup steps (``HarnessTrainer.setup_times``: process
+    groups, model, DDP + optimizer; absent for a trainer that does not time them) and
+    ``strategy_and_rest``, the remainder: building the checkpointing strategy, whose replica
+    check is a collective and so also holds this rank's wait for the slowest rank's build."""
+    steps = {"gc": gc_s, **(trainer_steps or {})}
+    steps["strategy_and_rest"] = max(0.0, total_s - sum(steps.values()))
+    return steps
 
 
 @dataclass

@@ -72,6 +72,15 @@ def _check(
             assert last["iterations_replayed"] == list(range(last["committed_iteration"] + 1))
         assert last["path"] == last["scope"]  # in memory: "scoped" or "global"
         assert set(last["times_s"]) == {"detect", "rebuild", "fetch", "replay"}
+        steps = last["rebuild_steps_s"]
+        assert set(steps) == {
+            "gc",
+            "process_groups",
+            "model",
+            "ddp_and_optimizer",
+            "strategy_and_rest",
+        }
+        assert sum(steps.values()) == pytest.approx(last["times_s"]["rebuild"], abs=1e-6)
         if expected_scope is not None:
             assert last["scope"] == expected_scope, last["reason"]
         stages = {STAGE[r] for r in last["failed_ranks"]}

@@ -16,7 +16,11 @@ from megatron_moevement.durable.recovery_loader import DurableTierLoader
 from megatron_moevement.recovery.coordinator import JobCoordinator, JobFailed, JobTimeout
 from megatron_moevement.recovery.driver import RecoveryDriver
 from megatron_moevement.recovery.errors import RecoveryError
-from megatron_moevement.recovery.procedure import RankRecoveryState, RecoveryProcedure
+from megatron_moevement.recovery.procedure import (
+    RankRecoveryState,
+    RecoveryProcedure,
+    rebuild_breakdown,
+)
 from megatron_moevement.recovery.protocol import ElasticContext
 from megatron_moevement.recovery.scope import RankStatus
 from megatron_moevement.recovery.tiers import Survey, plan_recovery, resolve_durable
@@ -468,3 +472,14 @@ def test_replay_from_durable_needs_the_scalar_log():
         driver.check_scalar_coverage(4, 9, ckpt(1))  # window start 3: needs 4..9
     with pytest.raises(RecoveryError, match=r"initial state starts at iteration 0.*lacks \[0, 1"):
         driver.check_scalar_coverage(0, 9)  # the initial-state tier replays 0..9
+
+
+def test_rebuild_breakdown_splits_the_total_and_names_the_remainder():
+    steps = rebuild_breakdown(0.5, 0.1, {"process_groups": 0.15, "model": 0.05})
+    assert steps == pytest.approx(
+        {"gc": 0.1, "process_groups": 0.15, "model": 0.05, "strategy_and_rest": 0.2}
+    )
+    # A trainer that does not time its setup: everything after gc is the remainder.
+    assert rebuild_breakdown(0.3, 0.1, None) == pytest.approx({"gc": 0.1, "strategy_and_rest": 0.2})
+    # Clock granularity never yields a negative remainder.
+    assert rebuild_breakdown(0.1, 0.1, {"model": 0.01})["strategy_and_rest"] == 0.0
