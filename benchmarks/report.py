@@ -167,7 +167,8 @@ def main() -> None:
     header = (
         "# megatron-moevement benchmark report\n\n"
         f"Generated {datetime.datetime.now().isoformat(timespec='seconds')} by "
-        f"`python benchmarks/report.py{' --quick' if args.quick else ''}` on {platform.node()} "
+        f"`python benchmarks/report.py{' --quick' if args.quick else ''}"
+        f"{' --render-only' if args.render_only else ''}` on {platform.node()} "
         f"({os.cpu_count()} CPU cores, Python {platform.python_version()}, "
         f"load average {os.getloadavg()[0]:.1f} at the end). Timings on a shared CPU machine "
         "vary by 10-30% between runs; rerun for your numbers.\n"
