@@ -10,6 +10,8 @@ prefix so long runs show progress):
 * ``replay_cost.py`` — replayed iterations with frozen operators,
 * ``recovery_time.py`` (PP2 x DP2 x EP2, and ``--layout pp4``) — scoped vs global rollback vs
   full restart,
+* ``megatron_lm_recovery.py`` — recovery inside Megatron-LM's ``pretrain_gpt.py``, warm vs cold
+  spare,
 * ``baselines.py`` — MoEvement, Gemini-like and MoC-like under the same real SIGKILL,
 * ``ettr_real_vs_sim.py`` — measured vs simulated ETTR with real SIGKILLs,
 * ``sim_paper_table3.py`` and ``sim_scaling.py`` — the simulator against the paper,
@@ -93,6 +95,12 @@ BENCHMARKS = {
         "recovery_time_pp4.json",
         ["--layout", "pp4"],
         ["--layout", "pp4"],
+    ),
+    "megatron_lm_recovery": (
+        "megatron_lm_recovery.py",
+        "megatron_lm_recovery.json",
+        ["--rounds", "3"],
+        ["--rounds", "1"],
     ),
     "baselines": (
         "baselines.py",

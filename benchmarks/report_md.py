@@ -282,6 +282,47 @@ def recovery_section(data: Optional[dict], plot: Plotter, name: str = "recovery_
     return text + plot.save(name, draw)
 
 
+def megatron_lm_recovery_section(data: Optional[dict], plot: Plotter) -> str:
+    if data is None:
+        return MISSING.format(name="megatron_lm_recovery.json")
+    res = data["results"]
+    phases = ("detect", "rebuild", "fetch", "replay")
+    text = (
+        f"{data['layout']}, fault {data['fault']}, one spare. {data['rounds']} interleaved rounds, "
+        "the median run of each mode shown (phases on the slowest rank; rebuild = the second "
+        "`pretrain()` up to the strategy, replay = data iterators + replayed iterations).\n\n"
+    )
+    text += _table(
+        ["spare", "recovery (s)", *phases, "slowest replayed iteration (s)", "per round (s)"],
+        [
+            [
+                mode,
+                f"{r['recovery_s']:.2f}",
+                *(f"{r['phases_s'][k]:.3f}" for k in phases),
+                f"{r['replay_iteration_s']:.3f}",
+                ", ".join(f"{t:.2f}" for t in r["recovery_s_per_round"]),
+            ]
+            for mode, r in res.items()
+        ],
+    )
+    text += (
+        f"\nwarm / cold: whole recovery {data['warm_to_cold']:.2f} (rounds "
+        + ", ".join(f"{r:.2f}" for r in data["warm_to_cold_per_round"])
+        + f"), rebuild {data['rebuild_warm_to_cold']:.2f}.\n"
+    )
+
+    def draw(ax):
+        bottom = [0.0] * len(res)
+        for k in phases:
+            values = [r["phases_s"][k] for r in res.values()]
+            ax.bar(list(res), values, bottom=bottom, label=k)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_ylabel("seconds (slowest rank)")
+        ax.legend()
+
+    return text + plot.save("megatron_lm_recovery", draw)
+
+
 def baselines_section(data: Optional[dict], plot: Plotter) -> str:
     if data is None:
         return MISSING.format(name="baselines.json")
@@ -555,6 +596,11 @@ SECTIONS = [
         "Recovery time, PP4",
         "recovery_time_pp4.json",
         lambda data, plot: recovery_section(data, plot, "recovery_time_pp4"),
+    ),
+    (
+        "Recovery in Megatron-LM's pretrain_gpt.py: warm vs cold spare",
+        "megatron_lm_recovery.json",
+        megatron_lm_recovery_section,
     ),
     ("Baselines under a real failure", "baselines.json", baselines_section),
     ("Measured vs simulated ETTR", "ettr_real_vs_sim.json", ettr_section),

@@ -48,6 +48,7 @@ from megatron_moevement.logging_utils import configure_logging, get_logger
 from megatron_moevement.megatron.args import parse_byte_size
 from megatron_moevement.megatron.pretrain import TREE_ENV, exec_in_main, prepare
 from megatron_moevement.recovery.coordinator import JobFailed, JobTimeout
+from megatron_moevement.recovery.warm_spare import is_spare_process
 
 __all__ = ["RANK_COMMAND", "build_job", "main", "moevement_flags", "run_job", "run_rank"]
 
@@ -248,6 +249,12 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
         # imports megatron (the elastic session does). Spawned children re-import this module,
         # which re-applies them (megatron/pretrain.py).
         prepare(Path(script).resolve().parent)
+        if elastic and is_spare_process():
+            # While it has nothing to do: compile what the first pretrain() of the rank it takes
+            # would compile on the recovery's critical path (spare_warm_up.py).
+            from megatron_moevement.megatron.spare_warm_up import warm_up_megatron_spare
+
+            warm_up_megatron_spare(script, script_args)
         if elastic:
             from megatron_moevement.megatron.inloop import start_session
 

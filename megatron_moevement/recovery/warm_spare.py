@@ -10,18 +10,23 @@ iteration took 2.8x its last one, and its rebuild about twice a warm one's.
 :func:`warm_up_spare` runs a caller's throwaway iteration in a private single-process group
 while the spare has nothing else to do, then removes every trace of it from the process-global
 state that a later build reads (the default process group, Megatron's parallel state and its MoE
-logging tracker), so that the spare's real build is exactly what it would have been cold.
+logging tracker), so that the spare's real build is exactly what it would have been cold. It runs
+in a thread of its own at the lowest CPU priority: a spare started beside training (the refill
+after a recovery) must not slow the ranks that train or replay.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
+import threading
 import time
 from datetime import timedelta
 from typing import Callable
 
 from megatron_moevement.logging_utils import get_logger
+from megatron_moevement.runtime.cpu_compat import device_mode_for_thread
 
 logger = get_logger(__name__)
 
@@ -53,6 +58,25 @@ def warm_up_spare(iteration: Callable[[], None]) -> float | None:
     if dist.is_initialized():
         logger.warning("warm spare: a process group is already initialized; not warming up")
         return None
+    outcome: list = [None]
+    # Its own thread at the lowest CPU priority: a spare started beside training (the refill
+    # after a recovery, on the failed rank's node) must not take cores from the ranks that
+    # train or replay. While the job waits for this spare nothing else competes, so it runs at
+    # full speed then. The main thread only waits.
+    worker = threading.Thread(
+        target=lambda: outcome.__setitem__(0, _warm_up_at_low_priority(iteration)),
+        name="moevement-spare-warm-up",
+        daemon=True,
+    )
+    worker.start()
+    worker.join()
+    return outcome[0]
+
+
+def _warm_up_at_low_priority(iteration: Callable[[], None]) -> float | None:
+    import torch.distributed as dist
+
+    _lower_this_threads_priority()
     started = time.perf_counter()
     try:
         dist.init_process_group(
@@ -62,7 +86,8 @@ def warm_up_spare(iteration: Callable[[], None]) -> float | None:
             world_size=1,
             timeout=timedelta(seconds=60),
         )
-        iteration()
+        with device_mode_for_thread():
+            iteration()
     except Exception as exc:  # the warm-up is an optimization: a cold spare still works
         logger.warning(
             "warm spare: warm-up failed (%s: %s); the spare starts cold", type(exc).__name__, exc
@@ -71,8 +96,19 @@ def warm_up_spare(iteration: Callable[[], None]) -> float | None:
     finally:
         _forget_warm_up()
     seconds = time.perf_counter() - started
-    logger.info("warm spare: one throwaway iteration in %.3f s", seconds)
+    logger.info("warm spare: warmed up in %.3f s", seconds)
     return seconds
+
+
+def _lower_this_threads_priority() -> None:
+    """Nice 19 for the calling thread only (Linux: a thread id is a ``PRIO_PROCESS`` target;
+    threads and processes it starts inherit it). Elsewhere the warm-up runs at normal priority."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except OSError as exc:  # pragma: no cover - a sandbox may refuse it
+        logger.debug("warm spare: could not lower the warm-up's priority (%s)", exc)
 
 
 def _forget_warm_up() -> None:

@@ -458,6 +458,16 @@ def outside_device_mode():
     return torch._C.DisableTorchFunction()
 
 
+def device_mode_for_thread():
+    """The device-redirect mode for a thread other than the one :func:`apply_cpu_compat` ran on
+    (torch function modes are per thread), as a context; a no-op context where the CPU
+    redirections are not applied (e.g. on CUDA). For work that runs Megatron-Core code off the
+    main thread (the spare's warm-up)."""
+    if _DEVICE_MODE is None:
+        return contextlib.nullcontext()
+    return CudaToCpuDeviceMode()
+
+
 def apply_cpu_compat() -> bool:
     """Applies the CPU redirections once per process (a no-op when CUDA is available).
 
