@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import write_results
+from _results import median_runs, write_results
 
 from megatron_moevement.harness.megatron_lm import (
     model_args,
@@ -39,7 +39,6 @@ from megatron_moevement.megatron.spare_warm_up import WARM_SPARE_ENV
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TREE = Path(os.environ.get("MEGATRON_LM_DIR", ROOT.parent / "shared" / "megatron-lm"))
 PHASES = ("detect", "rebuild", "fetch", "replay")
-STAGE_RANKS = 2  # ranks per pipeline stage (PP2 x DP2)
 
 
 def _run(tree: Path, out: Path, mode: str, fault: dict, iterations: int) -> dict:
@@ -102,10 +101,7 @@ def main() -> None:
                     flush=True,
                 )
     os.environ.pop(WARM_SPARE_ENV, None)
-    results = {}
-    for mode, mode_runs in runs.items():
-        median = sorted(mode_runs, key=lambda r: r["recovery_s"])[len(mode_runs) // 2]
-        results[mode] = dict(median, recovery_s_per_round=[r["recovery_s"] for r in mode_runs])
+    results = median_runs(runs)
     per_round = [
         w["recovery_s"] / c["recovery_s"] for w, c in zip(runs["warm"], runs["cold"], strict=True)
     ]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import write_results
+from _results import median_runs, write_results
 
 from megatron_moevement.harness.launcher import run_elastic_job, run_worker_job
 from megatron_moevement.harness.layout import ParallelLayout
@@ -134,13 +134,8 @@ def main() -> None:
                         warm_spare=warm,
                     )
                 )
-        for mode, mode_runs in runs.items():
-            # The median run (by whole recovery time) represents its mode.
-            ordered = sorted(mode_runs, key=lambda r: r["recovery_s"])
-            results[mode] = dict(
-                ordered[(len(ordered) - 1) // 2],
-                recovery_s_per_round=[r["recovery_s"] for r in mode_runs],
-            )
+        # The median run (by whole recovery time) represents its mode.
+        results.update(median_runs(runs))
         # Restart: relaunch everything, load the dense on-disk checkpoint taken at the persisted
         # window start, recompute up to the last committed iteration; time the whole relaunch.
         start_it = results["global"]["iterations_replayed"][0] - 1

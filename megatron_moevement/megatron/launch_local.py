@@ -230,7 +230,7 @@ def run_rank(script: str, script_args: Sequence[str]) -> int:
         The process exit status (0, or the script's ``SystemExit`` code).
     """
     elastic = os.environ.get(ELASTIC_ENV) == "1"
-    if os.environ.get("MOEVEMENT_SPARE") == "1" and not elastic:
+    if is_spare_process() and not elastic:
         logger.warning(
             "spare process %d: this job has no elastic agent (it runs a baseline or "
             "--no-moevement), so no spare is used",
@@ -364,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == RANK_COMMAND:
         if len(argv) < 2:
             raise SystemExit(f"usage: {RANK_COMMAND} SCRIPT [ARGS...]")
-        if os.environ.get("MOEVEMENT_SPARE") == "1":
+        if is_spare_process():
             configure_logging()  # a rank's training script configures logging itself
         code = run_rank(argv[1], argv[2:])
         if code == 0 and os.environ.get(ELASTIC_ENV) == "1":

@@ -58,19 +58,19 @@ def warm_up_spare(iteration: Callable[[], None]) -> float | None:
     if dist.is_initialized():
         logger.warning("warm spare: a process group is already initialized; not warming up")
         return None
-    outcome: list = [None]
+    seconds: list[float | None] = []
+
+    def run() -> None:
+        seconds.append(_warm_up_at_low_priority(iteration))
+
     # Its own thread at the lowest CPU priority: a spare started beside training (the refill
     # after a recovery, on the failed rank's node) must not take cores from the ranks that
     # train or replay. While the job waits for this spare nothing else competes, so it runs at
     # full speed then. The main thread only waits.
-    worker = threading.Thread(
-        target=lambda: outcome.__setitem__(0, _warm_up_at_low_priority(iteration)),
-        name="moevement-spare-warm-up",
-        daemon=True,
-    )
+    worker = threading.Thread(target=run, name="moevement-spare-warm-up", daemon=True)
     worker.start()
     worker.join()
-    return outcome[0]
+    return seconds[0] if seconds else None
 
 
 def _warm_up_at_low_priority(iteration: Callable[[], None]) -> float | None:
