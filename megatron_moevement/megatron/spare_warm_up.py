@@ -3,8 +3,8 @@
 ``pretrain()`` calls ``set_jit_fusion_options()``, whose warm-up runs Megatron's fused
 bias-GeLU/SwiGLU and bias-dropout-add functions a few times. They are ``torch.compile``\\ d
 (``megatron.core.jit.jit_fuser``), so a process's first ``pretrain()`` traces and compiles them:
-3.7 s of a 5.4 s rebuild on the CPU harness, measured with cProfile on the spare that took a
-killed rank's place. Every survivor compiled them when the job started and skips it in its
+3.7 s of a 5.4 s rebuild on CPU (PP2 x DP2 x EP2), measured with cProfile on the spare that
+took a killed rank's place. Every survivor compiled them when the job started and skips it in its
 second ``pretrain()``, so the whole job waited for the spare in the next collective.
 
 :func:`warm_up_megatron_spare` runs that same warm-up in the spare process before it waits for a

@@ -88,7 +88,9 @@ def _warm_up_at_low_priority(iteration: Callable[[], None]) -> float | None:
         )
         with device_mode_for_thread():
             iteration()
-    except Exception as exc:  # the warm-up is an optimization: a cold spare still works
+    # The warm-up is an optimization: a cold spare still works. SystemExit too (Megatron's
+    # argument parser exits on a bad value), which would otherwise end the thread unlogged.
+    except (Exception, SystemExit) as exc:
         logger.warning(
             "warm spare: warm-up failed (%s: %s); the spare starts cold", type(exc).__name__, exc
         )

@@ -88,6 +88,20 @@ def test_a_failed_warm_up_is_logged_and_cleaned_up(caplog):
     assert "no memory for the throwaway model" in caplog.text and "starts cold" in caplog.text
 
 
+def test_a_warm_up_that_exits_is_logged_and_cleaned_up(caplog):
+    import torch.distributed as dist
+
+    from megatron_moevement.recovery.warm_spare import warm_up_spare
+
+    def exits():
+        raise SystemExit(2)  # what Megatron's argument parser does on a bad value
+
+    with caplog.at_level("WARNING", logger="megatron_moevement"):
+        assert warm_up_spare(exits) is None
+    assert not dist.is_initialized()
+    assert "SystemExit" in caplog.text and "starts cold" in caplog.text
+
+
 def test_warm_up_never_replaces_an_existing_process_group(caplog):
     import torch.distributed as dist
 
